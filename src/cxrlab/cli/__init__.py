@@ -1,0 +1,68 @@
+"""The `cxrlab` command line. Thin: parse, load config, call one stage function, print its result.
+
+Each command group lives in its own module with a ``register(app)`` function.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from cxrlab.errors import CxrlabError
+
+app = typer.Typer(
+    name="cxrlab",
+    help="Chest X-ray classification from a folder of images to a trained, evaluated, explained, served model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+
+
+def _register_all() -> None:
+    from cxrlab.cli import data, evaluate, explain, serve, sweep, train
+
+    for mod in (data, train, evaluate, explain, sweep, serve):
+        mod.register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point. Known errors print one clear message and exit 2."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    _register_all()
+    try:
+        app(args=argv, standalone_mode=False)
+    except CxrlabError as e:
+        err_console.print(f"[bold red]error:[/] {e}")
+        return 2
+    except FileNotFoundError as e:
+        err_console.print(f"[bold red]error:[/] file not found: {e.filename or e}")
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        return 130
+    except SystemExit as e:  # typer/click exits (--help, usage errors) pass through with their code
+        return int(e.code or 0) if not isinstance(e.code, str) else 1
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return e.exit_code
+        if isinstance(e, click.exceptions.Abort):
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def run() -> None:
+    """Console-script wrapper: exit with main()'s status."""
+    sys.exit(main())

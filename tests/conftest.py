@@ -1,0 +1,83 @@
+"""Shared fixtures: real data from ../shared/data (skipped when absent), synthetic phantoms, tiny models,
+and an offline W&B sandbox so no test writes outside its temp directories."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CXRLAB_SHARED_DATA", REPO.parent / "shared" / "data"))
+TEST_MODEL = "test_efficientnet"  # timm's tiny test model: fast on 2 cores
+
+
+@pytest.fixture(autouse=True)
+def _wandb_sandbox(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """W&B offline with every directory it touches inside a temp dir."""
+    d = tmp_path_factory.getbasetemp() / "wandb-home"
+    d.mkdir(exist_ok=True)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(var, str(d))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not available at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def cxr_tiny(shared_data: Path) -> Path:
+    p = shared_data / "cxr-tiny"
+    if not p.is_dir():
+        pytest.skip(f"{p} not available")
+    return p
+
+
+@pytest.fixture(scope="session")
+def cxr_full(shared_data: Path) -> Path:
+    p = shared_data / "cxr-full"
+    if not p.is_dir():
+        pytest.skip(f"{p} not available")
+    return p
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 classes x 24 phantoms of 96 px, one folder per class (no marker)."""
+    from cxrlab.data.synth import SynthConfig, generate
+
+    out = tmp_path_factory.mktemp("phantoms")
+    generate(SynthConfig(out=out, n_per_class=24, size=96, seed=1))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained bundle of timm's tiny test model (3 classes, 64x64): for I/O contracts, not accuracy."""
+    import timm
+    import torch
+
+    from cxrlab.augment import norm_constants
+    from cxrlab.bundle import BundleMeta, save_bundle
+
+    torch.manual_seed(0)
+    model = timm.create_model(TEST_MODEL, pretrained=False, num_classes=3, in_chans=3)
+    mean, std = norm_constants(3)
+    meta = BundleMeta(
+        model_name=TEST_MODEL,
+        class_names=["COVID19", "NORMAL", "PNEUMONIA"],
+        img_size=(64, 64),
+        in_chans=3,
+        mean=mean,
+        std=std,
+        dataset_version="test",
+    )
+    return save_bundle(model, meta, tmp_path_factory.mktemp("bundle"))
