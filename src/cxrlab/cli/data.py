@@ -1,9 +1,187 @@
-"""CLI commands: data (placeholder until its stage lands)."""
+"""CLI commands of the data stage: ``cxrlab data ingest | synth | split | audit``.
+
+Each command is one function on ``data_app``: parse options, build the stage's typed config, call the stage
+function, print a rich summary. Stage modules are imported inside the commands so ``--help`` stays fast.
+To add a command, decorate a new function with ``@data_app.command("name")`` below the others.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from cxrlab.config import build_config
+
+data_app = typer.Typer(
+    name="data",
+    help="Data stage: ingest a folder/CSV of X-rays into a manifest, split it, audit it, or make phantoms.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    """Add the ``data`` group to the root app (idempotent: main() may be called more than once)."""
+    if any(g.typer_instance is data_app for g in app.registered_groups):
+        return
+    app.add_typer(data_app, name="data")
+
+
+def _warn(lines: list[str]) -> None:
+    for line in lines:
+        err_console.print(f"[yellow]warning:[/] {line}")
+
+
+def _kv_table(title: str, rows: list[tuple[str, Any]]) -> Table:
+    t = Table(title=title, show_header=False, title_justify="left")
+    t.add_column("key", style="bold")
+    t.add_column("value")
+    for k, v in rows:
+        t.add_row(k, str(v))
+    return t
+
+
+# --------------------------------------------------------------------------------------------------- ingest
+
+
+@data_app.command("ingest")
+def ingest_cmd(
+    src: Path = typer.Argument(
+        ...,
+        help="Folder with one sub-folder per class, a Kaggle folder (train/ + test/ with class folders), "
+        "or a CSV of path,label[,patient_id] (relative paths are resolved against the CSV's folder).",
+        show_default=False,
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Output folder: manifest.csv, rejects.csv, ingest.json.", show_default=False
+    ),
+    patient_regex: str | None = typer.Option(
+        None,
+        "--patient-regex",
+        help=r"Regex on the file name giving the patient id (first group, else the whole match), "
+        r"e.g. '(person\d+)_' for Kermany names. Default: CSV column, SOURCES.csv, else the file stem.",
+    ),
+    csv: bool = typer.Option(
+        False, "--csv", help="Read SRC as a CSV listing even without a .csv suffix (automatic for *.csv)."
+    ),
+    strict: bool = typer.Option(
+        False, "--strict", help="Exit with an error when any file is rejected (the outputs are still written)."
+    ),
+    workers: int = typer.Option(2, "--workers", min=0, help="Decoder processes (0 or 1 = in-process)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Decode every image once and write a manifest (path, label, sha256, size, mode, bit depth, patient id,
+    original split, perceptual hash) plus rejects.csv with a reason for every file that could not be read."""
+    from cxrlab.data.ingest import IngestConfig, IngestRejectsError, ingest
+
+    cfg = build_config(
+        IngestConfig,
+        {
+            "src": src,
+            "out": out,
+            "patient_regex": patient_regex,
+            "csv": True if csv else None,
+            "strict": strict,
+            "workers": workers,
+            "progress": progress,
+        },
+        source="cxrlab data ingest",
+    )
+    try:
+        res = ingest(cfg)
+    except IngestRejectsError as e:  # --strict: show what was found, then fail
+        _print_ingest(e.result)
+        raise
+    _print_ingest(res)
+    _warn(res.warnings)
+
+
+def _print_ingest(res: Any) -> None:
+    t = Table(title=f"ingest: {res.layout} layout, {res.n_images} images", title_justify="left")
+    t.add_column("class", style="bold")
+    splits = sorted(res.counts_by_split) if len(res.counts_by_split) > 1 or "" not in res.counts_by_split else []
+    for s in splits:
+        t.add_column(s, justify="right")
+    t.add_column("images", justify="right")
+    for label in res.classes:
+        cells = [str(res.counts_by_split.get(s, {}).get(label, 0)) for s in splits]
+        t.add_row(label, *cells, str(res.counts.get(label, 0)))
+    t.add_section()
+    totals = [str(sum(res.counts_by_split.get(s, {}).values())) for s in splits]
+    t.add_row("total", *totals, str(res.n_images))
+    console.print(t)
+    rows: list[tuple[str, Any]] = [
+        ("rejected", f"{res.n_rejected}" + (f"  (see {res.rejects_path})" if res.n_rejected else "")),
+        ("duplicate groups (sha256)", f"{res.n_duplicate} ({res.n_duplicate_files} files)"),
+        ("ignored non-image files", res.n_ignored),
+        ("patients", res.n_patients),
+        ("patient id from", ", ".join(f"{k}: {v}" for k, v in res.patient_id_sources.items() if v)),
+        ("time", f"{res.elapsed_s:.1f} s ({res.n_candidates / max(res.elapsed_s, 1e-9):.0f} files/s)"),
+        ("manifest", res.manifest_path),
+        ("rejects", res.rejects_path),
+        ("summary", res.summary_path),
+    ]
+    console.print(_kv_table("", rows))
+    if res.n_rejected:
+        rt = Table(title="rejected files (first 10)", title_justify="left")
+        rt.add_column("path")
+        rt.add_column("reason")
+        for r in res.rejects[:10]:
+            rt.add_row(str(r["path"]), str(r["reason"]))
+        console.print(rt)
+
+
+# ---------------------------------------------------------------------------------------------------- synth
+
+
+@data_app.command("synth")
+def synth_cmd(
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Output folder; phantoms are written to OUT/<class>/*.png.", show_default=False
+    ),
+    n_per_class: int = typer.Option(100, "--n-per-class", "-n", min=1, help="Phantoms per class."),
+    size: int = typer.Option(256, "--size", min=32, help="Image side in pixels (square)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed -> same images)."),
+    shortcut_class: str | None = typer.Option(
+        None,
+        "--shortcut-class",
+        help="Plant a burned-in text marker in this class only: a known shortcut for testing audit/explain.",
+    ),
+    shortcut_prob: float = typer.Option(
+        1.0, "--shortcut-prob", min=0.0, max=1.0, help="Share of the shortcut class's images that get the marker."
+    ),
+    marker_all: bool = typer.Option(False, "--marker-all", help="Put markers on every class (no shortcut)."),
+) -> None:
+    """Write synthetic chest radiograph phantoms (COVID19 / NORMAL / PNEUMONIA), one folder per class:
+    the embedded default data set (nothing is downloaded)."""
+    from cxrlab.data.manifest import DataError
+    from cxrlab.data.synth import CLASSES, SynthConfig, generate
+
+    if shortcut_class is not None and shortcut_class not in CLASSES:
+        raise DataError(f"--shortcut-class {shortcut_class!r} is not a phantom class; valid: {', '.join(CLASSES)}")
+    res = generate(
+        SynthConfig(
+            out=out,
+            n_per_class=n_per_class,
+            size=size,
+            seed=seed,
+            shortcut_class=shortcut_class,
+            shortcut_prob=shortcut_prob,
+            marker_all=marker_all,
+        )
+    )
+    t = Table(title=f"synth: {sum(res.counts.values())} phantoms of {size} px in {res.out}", title_justify="left")
+    t.add_column("class", style="bold")
+    t.add_column("images", justify="right")
+    t.add_column("with marker", justify="right")
+    for label, n in res.counts.items():
+        t.add_row(label, str(n), str(res.marked.get(label, 0)))
+    console.print(t)
+    console.print(f"next: cxrlab data ingest {res.out} --out <DIR>")
