@@ -43,12 +43,15 @@ def to_channels(gray: np.ndarray, in_chans: int) -> np.ndarray:
 
 
 def resize_gray(gray: np.ndarray, img_size: tuple[int, int]) -> np.ndarray:
-    """Resize a 2-D image to (height, width) exactly as the transforms' Resize does (area for shrinking)."""
+    """Resize a 2-D image to (height, width) exactly as the transforms' Resize does (INTER_AREA both ways).
+
+    Must stay bit-identical to ``eval_transform``'s Resize: training caches images resized by this function
+    while inference resizes with the transform, so any difference here is train/inference drift.
+    """
     h, w = img_size
     if gray.shape[:2] == (h, w):
         return gray
-    interp = cv2.INTER_AREA if gray.shape[0] * gray.shape[1] > h * w else cv2.INTER_LINEAR
-    return cv2.resize(gray, (w, h), interpolation=interp)
+    return cv2.resize(gray, (w, h), interpolation=cv2.INTER_AREA)
 
 
 def _deterministic(
