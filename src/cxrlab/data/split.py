@@ -1,0 +1,603 @@
+"""Grouped, stratified, seeded train/val/test split of a manifest (``cxrlab data split``).
+
+Grouping: images are joined into one group when they share a patient id, a sha256 (exact duplicates) or a
+near-identical perceptual hash (Hamming distance <= ``near_dup_threshold`` on the 64-bit pHash); groups are
+the connected components of those links, and a group always lands in one split whole, so no patient and no
+duplicate crosses splits.
+
+Why the near-duplicate threshold defaults to 2 bits: chest radiographs from one source look alike at pHash's
+32x32 scale. Measured on cxr-full (6,378 images): no two different images are at distance 0, 15 pairs of
+different patients are at 2, 212 at 4 and 1,876 at 6; linking at 4 chains 137 images of unrelated patients
+(20 groups mixing classes) into one group, at 6 one group of 1,739. Re-encoding (JPEG q50) and downscaling
+move pHash by <= 2 bits, so 2 catches copies that differ by compression or size; cropped copies (4-18 bits)
+are beyond any safe pHash threshold and stay separate.
+
+Stratification: every group gets the majority label of its images; target counts per class and split are
+the fractions rounded by largest remainder; groups are placed largest first (seeded order among equal
+sizes) into the split that most reduces the squared distance to the per-class targets. Singletons go last
+and fill the targets exactly, so with enough small groups each class is within one image of its fractions.
+
+Determinism: the rows are put in a canonical order (sha256, path) before anything random happens, all
+randomness comes from ``np.random.default_rng(seed)``, and the files carry no timestamps or output paths,
+so the same manifest content and seed give byte-identical ``split.csv`` / ``split.json`` and the same
+``dataset_version`` (independent of the manifest's row order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field, field_validator
+
+from cxrlab.config import StrictModel
+from cxrlab.data.manifest import (
+    MANIFEST_COLUMNS,
+    SPLIT_COLUMNS,
+    SPLIT_FILE,
+    SPLIT_META_FILE,
+    SPLITS,
+    DataError,
+    read_manifest,
+)
+
+EXCLUDED_FILE = "excluded.csv"  # columns: path, label, reason
+AUDIT_FEATURES_FILE = "audit_features.csv"  # written by cxrlab.data.audit
+# Flag names a split can exclude on (columns ``flag_<name>`` of audit_features.csv); "exposure" = either side.
+FLAG_ALIASES: dict[str, tuple[str, ...]] = {
+    "blur": ("blur",),
+    "exposure": ("underexposed", "overexposed"),
+    "underexposed": ("underexposed",),
+    "overexposed": ("overexposed",),
+    "text": ("text",),
+    "unreadable": ("unreadable",),
+}
+DEFAULT_NEAR_DUP_THRESHOLD = 2
+
+
+class SplitConfig(StrictModel):
+    """What ``split`` reads and how it splits. ``manifest`` is a manifest.csv or the folder holding it."""
+
+    manifest: Path
+    out: Path
+    fractions: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/val/test shares, sum 1")
+    seed: int = 42
+    per_class: int | None = Field(None, ge=1, description="draw a balanced subset of N images per class first")
+    exclude_flagged: tuple[str, ...] = Field(
+        (), description=f"leave out images the audit flagged: {', '.join(FLAG_ALIASES)}"
+    )
+    audit: Path | None = Field(None, description="audit folder or audit_features.csv (for exclude_flagged)")
+    near_dup_threshold: int = Field(
+        DEFAULT_NEAR_DUP_THRESHOLD, ge=-1, le=64, description="max pHash Hamming distance of near duplicates; -1 off"
+    )
+    name: str | None = Field(None, description="dataset name for the W&B artifact data-<name>-split")
+    wandb: Literal["auto", "online", "offline", "off"] = "off"
+    wandb_project: str = "cxrlab"
+    wandb_entity: str | None = None
+    table_rows: int = Field(300, ge=0, description="rows (thumbnails) in the W&B split table, stratified sample")
+    progress: bool = True
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f < 0 for f in v) or v[0] <= 0 or not math.isclose(sum(v), 1.0, abs_tol=1e-6):
+            raise ValueError(f"fractions (train, val, test) must be >= 0, train > 0, and sum to 1; got {v}")
+        return v
+
+    @field_validator("exclude_flagged")
+    @classmethod
+    def _flags(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [f for f in v if f not in FLAG_ALIASES]
+        if bad:
+            raise ValueError(f"unknown flag(s) {bad}; valid: {', '.join(FLAG_ALIASES)}")
+        return tuple(dict.fromkeys(v))
+
+
+@dataclass
+class SplitResult:
+    out: Path
+    split_path: Path
+    meta_path: Path
+    excluded_path: Path
+    dataset_version: str
+    classes: list[str]
+    counts: dict[str, dict[str, int]]  # class -> split -> images
+    targets: dict[str, dict[str, int]]  # class -> split -> the fractions' rounded share
+    n_images: int
+    n_groups: int
+    n_near_dup_pairs: int
+    excluded: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    warnings: list[str] = field(default_factory=list)
+    wandb_artifact: str | None = None
+    wandb_dir: Path | None = None
+
+
+# ------------------------------------------------------------------------------------------ building blocks
+
+
+def phash_to_int(values: pd.Series | list[str]) -> np.ndarray:
+    """16-hex-char pHash strings -> uint64 array (invalid or empty -> raises ValueError)."""
+    return np.array([int(str(h), 16) for h in values], dtype=np.uint64)
+
+
+def image_phash(gray: np.ndarray) -> str:
+    """64-bit pHash (imagehash, 16 hex chars) of a 2-D uint8 image, the manifest's ``phash`` format."""
+    import imagehash
+    from PIL import Image
+
+    return str(imagehash.phash(Image.fromarray(np.ascontiguousarray(gray))))
+
+
+def near_duplicate_pairs(hashes: np.ndarray, threshold: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """All index pairs (i < j) whose 64-bit hashes differ in at most ``threshold`` bits.
+
+    Exact all-pairs comparison with a vectorised popcount, in row blocks so memory stays ~``block * n * 8``
+    bytes: ~0.1 s for 6k hashes, O(n^2) beyond (100k hashes take tens of seconds).
+    """
+    h = np.ascontiguousarray(hashes, dtype=np.uint64)
+    n = len(h)
+    if threshold < 0 or n < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    out_i, out_j = [], []
+    for a in range(0, n, block):
+        b = min(n, a + block)
+        d = np.bitwise_count(h[a:b, None] ^ h[None, a:])  # rows a..b vs columns a..n
+        ii, jj = np.nonzero(d <= threshold)
+        jj = jj + a
+        ii = ii + a
+        keep = jj > ii
+        out_i.append(ii[keep])
+        out_j.append(jj[keep])
+    return np.concatenate(out_i).astype(np.int64), np.concatenate(out_j).astype(np.int64)
+
+
+def _connected_groups(n: int, edges_i: list[np.ndarray], edges_j: list[np.ndarray]) -> np.ndarray:
+    """Component label per node (numbered by the smallest member index, so the numbering is canonical)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    ii = np.concatenate([np.arange(n), *edges_i]) if edges_i else np.arange(n)
+    jj = np.concatenate([np.arange(n), *edges_j]) if edges_j else np.arange(n)
+    graph = coo_matrix((np.ones(len(ii), np.int8), (ii, jj)), shape=(n, n))
+    _, lab = connected_components(graph, directed=False)
+    # renumber by first occurrence in canonical row order
+    _, first = np.unique(lab, return_index=True)
+    order = np.argsort(first)
+    remap = np.empty_like(order)
+    remap[order] = np.arange(len(order))
+    return remap[lab]
+
+
+def _key_edges(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Edges linking each row to the first row with the same (non-empty) key."""
+    s = pd.Series(keys)
+    valid = s.astype(str).str.len() > 0
+    idx = np.arange(len(s))
+    first = pd.Series(idx[valid.to_numpy()]).groupby(s[valid].to_numpy()).transform("min").to_numpy()
+    return idx[valid.to_numpy()], first
+
+
+def build_groups(df: pd.DataFrame, near_dup_threshold: int) -> tuple[np.ndarray, int]:
+    """Group index per row of ``df`` (patient id, sha256 and pHash near-duplicate links) and the number of
+    near-duplicate pairs found. ``df`` needs sha256, phash and patient_id columns (phash may be empty)."""
+    n = len(df)
+    ei, ej = [], []
+    for col in ("patient_id", "sha256"):
+        if col in df.columns:
+            a, b = _key_edges(df[col].astype(str).to_numpy(dtype=object))
+            ei.append(a)
+            ej.append(b)
+    n_pairs = 0
+    if near_dup_threshold >= 0 and "phash" in df.columns:
+        ph = df["phash"].astype(str)
+        ok = ph.str.fullmatch(r"[0-9a-fA-F]{16}").to_numpy()
+        rows = np.nonzero(ok)[0]
+        pi, pj = near_duplicate_pairs(phash_to_int(ph[ok]), near_dup_threshold)
+        n_pairs = len(pi)
+        ei.append(rows[pi])
+        ej.append(rows[pj])
+    return _connected_groups(n, ei, ej), n_pairs
+
+
+def largest_remainder(n: int, fractions: tuple[float, ...]) -> list[int]:
+    """Integer shares of ``n`` proportional to ``fractions`` that sum to ``n`` (ties go to earlier splits)."""
+    raw = [n * f for f in fractions]
+    base = [math.floor(x + 1e-9) for x in raw]
+    rest = n - sum(base)
+    order = sorted(range(len(raw)), key=lambda k: (-(raw[k] - base[k]), k))
+    for k in order[:rest]:
+        base[k] += 1
+    return base
+
+
+def _group_matrix(groups: np.ndarray, labels: np.ndarray, classes: list[str]) -> np.ndarray:
+    """(n_groups, n_classes) image counts."""
+    cidx = np.searchsorted(np.array(classes, dtype=object), labels)
+    m = np.zeros((groups.max() + 1 if len(groups) else 0, len(classes)), np.int64)
+    np.add.at(m, (groups, cidx), 1)
+    return m
+
+
+def _majority(gm: np.ndarray) -> np.ndarray:
+    return np.argmax(gm, axis=1)  # ties -> first class in sorted order (deterministic)
+
+
+def balanced_subset(gm: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask of groups forming a subset with at most ``per_class`` images of every class.
+
+    Groups are visited in a seeded random order and taken whole while no class would overflow; small groups
+    visited later fill the remaining room, so every class with enough images gets exactly ``per_class``.
+    """
+    take = np.zeros(len(gm), bool)
+    have = np.zeros(gm.shape[1], np.int64)
+    for g in rng.permutation(len(gm)):
+        if np.all(have + gm[g] <= per_class):
+            take[g] = True
+            have += gm[g]
+            if np.all(have == per_class):
+                break
+    return take
+
+
+def assign_groups(gm: np.ndarray, targets: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Split index per group: largest groups first, each to the split that most reduces the squared error
+    between per-class counts and ``targets`` (n_classes, n_splits); then single-group moves that still help."""
+    n_groups = len(gm)
+    cur = np.zeros_like(targets)
+    sizes = gm.sum(axis=1)
+    order = rng.permutation(n_groups)
+    order = order[np.argsort(-sizes[order], kind="stable")]
+    assign = np.empty(n_groups, np.int64)
+    open_splits = targets.sum(axis=0) > 0
+    for g in order:
+        v = gm[g][:, None]  # (n_classes, 1)
+        delta = (v * (2 * (cur - targets) + v)).sum(axis=0).astype(float)
+        delta[~open_splits] = np.inf
+        s = int(np.argmin(delta))
+        assign[g] = s
+        cur[:, s] += gm[g]
+    # refinement: move a group when it lowers the error (rarely needed; bounded passes)
+    for _ in range(3):
+        moved = False
+        for g in order:
+            s = assign[g]
+            v = gm[g]
+            if not v.any():
+                continue
+            remove = (v * (-2 * (cur[:, s] - targets[:, s]) + v)).sum()
+            add = (v[:, None] * (2 * (cur - targets) + v[:, None])).sum(axis=0).astype(float)
+            add[s] = np.inf
+            add[~open_splits] = np.inf
+            t = int(np.argmin(add))
+            if add[t] + remove < 0:
+                cur[:, s] -= v
+                cur[:, t] += v
+                assign[g] = t
+                moved = True
+        if not moved:
+            break
+    return assign
+
+
+def dataset_version(sha: list[str], labels: list[str], splits: list[str], seed: int, fractions: tuple) -> str:
+    """``xray-<12 hex>``: hash of the sorted (sha256, label, split) rows + seed + fractions."""
+    h = hashlib.sha256()
+    for row in sorted(zip(sha, labels, splits, strict=True)):
+        h.update(("\t".join(row) + "\n").encode())
+    h.update(json.dumps({"seed": seed, "fractions": list(fractions)}, sort_keys=True).encode())
+    return "xray-" + h.hexdigest()[:12]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def read_gray(path: str | Path) -> np.ndarray:
+    """Decode one X-ray to 2-D uint8 (``cxrlab.data.io.read_xray``)."""
+    try:
+        from cxrlab.data.io import read_xray
+    except ImportError:  # TEMPORARY until cxrlab.data.io lands
+        import cv2
+
+        g = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if g is None:
+            raise OSError(f"cannot decode {path}") from None
+        return g
+    return read_xray(path, dtype="uint8")
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fill_missing_hashes(df: pd.DataFrame, progress: bool) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """Compute sha256 / phash where the manifest lacks them; rows that cannot be read are returned as
+    (path, reason) and dropped."""
+    from tqdm.auto import tqdm
+
+    df = df.copy()
+    for col in ("sha256", "phash", "patient_id"):
+        if col not in df.columns:
+            df[col] = ""
+        df[col] = df[col].astype(str).replace({"nan": ""})
+    bad: list[tuple[str, str]] = []
+    need = df.index[(df["sha256"] == "") | ~df["phash"].str.fullmatch(r"[0-9a-fA-F]{16}")]
+    for i in tqdm(need, desc="hashing images", disable=not progress or len(need) == 0, unit="img"):
+        p = str(df.at[i, "path"])
+        try:
+            if df.at[i, "sha256"] == "":
+                df.at[i, "sha256"] = _file_sha256(p)
+            if not pd.Series([df.at[i, "phash"]]).str.fullmatch(r"[0-9a-fA-F]{16}").iloc[0]:
+                df.at[i, "phash"] = image_phash(read_gray(p))
+        except (OSError, ValueError) as e:  # ImageReadError is a ValueError
+            bad.append((p, f"unreadable: {getattr(e, 'reason', None) or e}"))
+    if bad:
+        df = df[~df["path"].isin({p for p, _ in bad})]
+    return df, bad
+
+
+def load_audit_flags(audit: Path) -> pd.DataFrame:
+    """audit_features.csv (or the audit folder holding it) -> DataFrame indexed by path with flag_* columns."""
+    p = Path(audit)
+    if p.is_dir():
+        p = p / AUDIT_FEATURES_FILE
+    if not p.is_file():
+        raise DataError(f"audit features not found: {p} (run `cxrlab data audit MANIFEST --out DIR` first)")
+    feats = pd.read_csv(p, keep_default_na=False)
+    if "path" not in feats.columns:
+        raise DataError(f"{p} has no 'path' column; is it an audit_features.csv written by `cxrlab data audit`?")
+    return feats.drop_duplicates("path").set_index("path")
+
+
+def _flag_reasons(df: pd.DataFrame, feats: pd.DataFrame, flags: tuple[str, ...], src: Path) -> pd.Series:
+    """Per manifest row: ';'-joined flag names that exclude it ('' = keep)."""
+    names = [n for f in flags for n in FLAG_ALIASES[f]]
+    names = list(dict.fromkeys(names))
+    missing = [n for n in names if f"flag_{n}" not in feats.columns]
+    if missing:
+        raise DataError(f"{src} has no column(s) {['flag_' + n for n in missing]}; re-run `cxrlab data audit`")
+    sub = feats.reindex(df["path"].astype(str))
+    reasons = pd.Series([""] * len(df), index=df.index, dtype=object)
+    for n in names:
+        col = sub[f"flag_{n}"].astype(str).str.lower().isin(["true", "1", "1.0"]).to_numpy()
+        reasons[col] = reasons[col].map(lambda r, n=n: f"{r};{n}" if r else n)
+    return reasons
+
+
+# ---------------------------------------------------------------------------------------------------- split
+
+
+def split(cfg: SplitConfig) -> SplitResult:
+    """Split ``cfg.manifest`` into train/val/test; write split.csv, split.json and excluded.csv into ``cfg.out``.
+
+    Raises DataError for an empty manifest, an audit that is missing when ``exclude_flagged`` is given, and a
+    class with fewer groups than splits it must appear in.
+    """
+    manifest_path = Path(cfg.manifest)
+    df = read_manifest(manifest_path)
+    if len(df) == 0:
+        raise DataError(f"manifest {manifest_path} has no images; check the ingest output (rejects.csv)")
+    if df["path"].duplicated().any():
+        dup = df.loc[df["path"].duplicated(), "path"].iloc[0]
+        raise DataError(f"manifest {manifest_path} lists {dup} more than once; re-run ingest")
+    df["label"] = df["label"].astype(str)
+    label_of = dict(zip(df["path"].astype(str), df["label"], strict=True))
+    warnings: list[str] = []
+    excluded: list[tuple[str, str]] = []
+
+    # 1. audit exclusions
+    if cfg.exclude_flagged:
+        if cfg.audit is None:
+            raise DataError("exclude_flagged needs the audit: pass --audit AUDIT_DIR (from `cxrlab data audit`)")
+        feats = load_audit_flags(cfg.audit)
+        covered = df["path"].astype(str).isin(feats.index)
+        if not covered.any():
+            raise DataError(f"the audit at {cfg.audit} covers none of the manifest's images; audit this manifest")
+        if not covered.all():
+            warnings.append(f"{int((~covered).sum())} images are not in the audit and were kept unchecked")
+        reasons = _flag_reasons(df, feats, cfg.exclude_flagged, Path(cfg.audit))
+        drop = reasons != ""
+        excluded += [(str(p), f"audit flag: {r}") for p, r in zip(df.loc[drop, "path"], reasons[drop], strict=True)]
+        df = df[~drop]
+
+    # 2. hashes (only computed where the manifest lacks them) and canonical order
+    df, bad = _fill_missing_hashes(df, cfg.progress)
+    excluded += bad
+    if len(df) == 0:
+        raise DataError("no images left to split after exclusions; see excluded.csv")
+    df = df.sort_values(["sha256", "path"], kind="stable").reset_index(drop=True)
+    classes = sorted(df["label"].unique())
+    labels = df["label"].to_numpy(dtype=object)
+
+    # 3. groups, balanced subset
+    rng = np.random.default_rng(cfg.seed)
+    groups, n_pairs = build_groups(df, cfg.near_dup_threshold)
+    gm = _group_matrix(groups, labels, classes)
+    if cfg.per_class is not None:
+        take = balanced_subset(gm, cfg.per_class, rng)
+        keep = take[groups]
+        df, groups = df[keep].reset_index(drop=True), groups[keep]
+        _, groups = np.unique(groups, return_inverse=True)  # renumber, keeps canonical order
+        labels = df["label"].to_numpy(dtype=object)
+        gm = _group_matrix(groups, labels, classes)
+        got = gm.sum(axis=0)
+        for c, k in zip(classes, got, strict=True):
+            if k < cfg.per_class:
+                warnings.append(f"class {c} has only {k} images in whole groups for per_class={cfg.per_class}")
+
+    # 4. targets and the group-count check
+    per_class_n = gm.sum(axis=0)
+    targets = np.array([largest_remainder(int(n), cfg.fractions) for n in per_class_n], np.int64)
+    major = _majority(gm)
+    for ci, c in enumerate(classes):
+        need = int((targets[ci] > 0).sum())
+        have = int((major == ci).sum())
+        if have < need:
+            raise DataError(
+                f"class {c} has {int(per_class_n[ci])} images in only {have} patient/duplicate group(s), fewer "
+                f"than the {need} splits it must appear in with fractions {cfg.fractions}; add images of {c} "
+                "or set its val/test fraction to 0"
+            )
+    mixed = int(((gm > 0).sum(axis=1) > 1).sum())
+    if mixed:
+        warnings.append(
+            f"{mixed} group(s) hold images of more than one class (same patient or duplicate image with different "
+            "labels); each went to one split as a whole - see the group column of split.csv"
+        )
+
+    # 5. assignment
+    assign = assign_groups(gm, targets, rng)
+    split_names = np.array(SPLITS, dtype=object)[assign[groups]]
+    df["split"] = split_names
+    width = max(4, len(str(len(gm) - 1)))
+    df["group"] = [f"g{g:0{width}d}" for g in groups]
+    counts = {c: {s: int(((labels == c) & (split_names == s)).sum()) for s in SPLITS} for c in classes}
+    tgt = {c: {s: int(targets[ci, si]) for si, s in enumerate(SPLITS)} for ci, c in enumerate(classes)}
+    for c in classes:
+        for s in SPLITS:
+            if tgt[c][s] > 0 and counts[c][s] == 0:
+                warnings.append(f"class {c} has no images in {s} (its groups are too large for the fractions)")
+    version = dataset_version(
+        df["sha256"].astype(str).tolist(), df["label"].tolist(), df["split"].tolist(), cfg.seed, cfg.fractions
+    )
+
+    # 6. write (manifest order for readability: canonical order is sha-sorted, so sort by split then path)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lead = [c for c in MANIFEST_COLUMNS if c in df.columns]
+    rest = [c for c in df.columns if c not in lead and c not in SPLIT_COLUMNS]
+    df["_s"] = df["split"].map({s: i for i, s in enumerate(SPLITS)})
+    table = df.sort_values(["_s", "label", "path"], kind="stable")[lead + rest + SPLIT_COLUMNS]
+    split_path = out / SPLIT_FILE
+    table.to_csv(split_path, index=False, lineterminator="\n")
+    excluded_path = out / EXCLUDED_FILE
+    ex = pd.DataFrame(excluded, columns=["path", "reason"])
+    ex.insert(1, "label", [label_of.get(p, "") for p in ex["path"]])
+    ex.sort_values("path").to_csv(excluded_path, index=False, lineterminator="\n")
+    meta = {
+        "dataset_version": version,
+        "classes": classes,
+        "seed": cfg.seed,
+        "fractions": dict(zip(SPLITS, cfg.fractions, strict=True)),
+        "per_class": cfg.per_class,
+        "near_dup_threshold": cfg.near_dup_threshold,
+        "exclude_flagged": list(cfg.exclude_flagged),
+        "n_images": len(df),
+        "n_groups": len(gm),
+        "n_mixed_label_groups": mixed,
+        "n_near_dup_pairs": n_pairs,
+        "n_excluded": len(excluded),
+        "counts": counts,
+        "targets": tgt,
+        "totals": {s: int((split_names == s).sum()) for s in SPLITS},
+        "manifest": str(manifest_path.resolve()),
+        "warnings": warnings,
+    }
+    meta_path = out / SPLIT_META_FILE
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    res = SplitResult(
+        out=out,
+        split_path=split_path,
+        meta_path=meta_path,
+        excluded_path=excluded_path,
+        dataset_version=version,
+        classes=classes,
+        counts=counts,
+        targets=tgt,
+        n_images=len(df),
+        n_groups=len(gm),
+        n_near_dup_pairs=n_pairs,
+        excluded=excluded,
+        warnings=warnings,
+    )
+    _log_wandb(cfg, res, table)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------- W&B
+
+
+def artifact_name(cfg: SplitConfig) -> str:
+    """``data-<name>-split``; the name defaults to ``xray-tiny`` for a per-class subset, else ``xray``."""
+    name = cfg.name or ("xray-tiny" if cfg.per_class else "xray")
+    return f"data-{name}-split"
+
+
+def _table_sample(table: pd.DataFrame, rows: int, seed: int) -> pd.DataFrame:
+    if len(table) <= rows:
+        return table
+    rng = np.random.default_rng(seed)
+    keys = table["label"].astype(str) + "/" + table["split"].astype(str)
+    per = max(1, rows // max(1, keys.nunique()))
+    picks = []
+    for _, idx in table.groupby(keys, sort=True).groups.items():
+        idx = np.array(sorted(idx))
+        picks.extend(rng.choice(idx, size=min(per, len(idx)), replace=False).tolist())
+    return table.loc[sorted(picks)]
+
+
+def _log_wandb(cfg: SplitConfig, res: SplitResult, table: pd.DataFrame) -> None:
+    """Log split.csv/split.json as a dataset artifact and a thumbnail table when tracking is on."""
+    from cxrlab.tracking import point_wandb_dirs, resolve_wandb_mode
+
+    mode = resolve_wandb_mode(cfg.wandb)
+    if mode == "disabled":
+        return
+    import cv2
+    import wandb
+
+    wdir = point_wandb_dirs(res.out)
+    run = wandb.init(
+        project=cfg.wandb_project,
+        entity=cfg.wandb_entity,
+        job_type="split",
+        mode=mode,
+        dir=str(wdir),
+        config={
+            "seed": cfg.seed,
+            "fractions": list(cfg.fractions),
+            "per_class": cfg.per_class,
+            "exclude_flagged": list(cfg.exclude_flagged),
+            "near_dup_threshold": cfg.near_dup_threshold,
+            "dataset_version": res.dataset_version,
+        },
+        reinit="finish_previous",
+    )
+    try:
+        name = artifact_name(cfg)
+        art = wandb.Artifact(
+            name,
+            type="dataset",
+            description=f"grouped stratified split {res.dataset_version}",
+            metadata={"dataset_version": res.dataset_version, "counts": res.counts, "classes": res.classes},
+        )
+        art.add_file(str(res.split_path))
+        art.add_file(str(res.meta_path))
+        run.log_artifact(art, aliases=[res.dataset_version])
+        if cfg.table_rows > 0:
+            wt = wandb.Table(columns=["thumbnail", "label", "split", "width", "height", "group", "path"])
+            for _, r in _table_sample(table, cfg.table_rows, cfg.seed).iterrows():
+                try:
+                    g = read_gray(r["path"])
+                except (OSError, ValueError):
+                    continue
+                s = 128 / max(g.shape)
+                thumb = cv2.resize(g, (max(1, round(g.shape[1] * s)), max(1, round(g.shape[0] * s))), cv2.INTER_AREA)
+                wt.add_data(
+                    wandb.Image(thumb), r["label"], r["split"], int(g.shape[1]), int(g.shape[0]), r["group"], r["path"]
+                )
+            run.log({"split_table": wt})
+        run.summary["dataset_version"] = res.dataset_version
+        res.wandb_artifact = name
+        res.wandb_dir = wdir
+    finally:
+        run.finish()
