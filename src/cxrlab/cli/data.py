@@ -39,7 +39,7 @@ def _warn(lines: list[str]) -> None:
         err_console.print(f"[yellow]warning:[/] {line}")
 
 
-def _kv_table(title: str, rows: list[tuple[str, Any]]) -> Table:
+def _kv_table(title: str | None, rows: list[tuple[str, Any]]) -> Table:
     t = Table(title=title, show_header=False, title_justify="left")
     t.add_column("key", style="bold")
     t.add_column("value")
@@ -104,7 +104,8 @@ def ingest_cmd(
 
 
 def _print_ingest(res: Any) -> None:
-    t = Table(title=f"ingest: {res.layout} layout, {res.n_images} images", title_justify="left")
+    console.print(f"[bold]ingest[/]: {res.layout} layout, {res.n_images} images from {res.n_candidates} candidates")
+    t = Table()
     t.add_column("class", style="bold")
     splits = sorted(res.counts_by_split) if len(res.counts_by_split) > 1 or "" not in res.counts_by_split else []
     for s in splits:
@@ -128,7 +129,7 @@ def _print_ingest(res: Any) -> None:
         ("rejects", res.rejects_path),
         ("summary", res.summary_path),
     ]
-    console.print(_kv_table("", rows))
+    console.print(_kv_table(None, rows))
     if res.n_rejected:
         rt = Table(title="rejected files (first 10)", title_justify="left")
         rt.add_column("path")
@@ -177,7 +178,8 @@ def synth_cmd(
             marker_all=marker_all,
         )
     )
-    t = Table(title=f"synth: {sum(res.counts.values())} phantoms of {size} px in {res.out}", title_justify="left")
+    console.print(f"[bold]synth[/]: {sum(res.counts.values())} phantoms of {size} px in {res.out}")
+    t = Table()
     t.add_column("class", style="bold")
     t.add_column("images", justify="right")
     t.add_column("with marker", justify="right")

@@ -1,0 +1,579 @@
+"""Ingest: a folder (or CSV) of X-rays -> ``manifest.csv`` + ``rejects.csv`` + ``ingest.json``.
+
+Accepted layouts (detected from SRC):
+
+- ``class-folders``: ``SRC/<class>/**/<image>``; the label is the top-level folder name.
+- ``kaggle``: ``SRC/train/<class>/...`` + ``SRC/test/<class>/...`` (also ``val``/``valid``/``validation``);
+  the original split is kept in the ``source_split`` column. A single wrapper folder holding that layout
+  (Kaggle's ``Data/``) is descended into.
+- ``csv``: SRC is a CSV of ``path,label[,patient_id]`` (a header naming those columns, or exactly that order
+  without a header; optional ``source_split``/``split`` column). Relative paths resolve against the CSV's folder.
+
+Which files are candidates: files whose extension is in :data:`cxrlab.data.io.IMAGE_EXTENSIONS` (any case),
+and extension-less files whose content sniffs as an image or DICOM. Every candidate ends up either in the
+manifest or in ``rejects.csv`` with its reason (a ``.png`` that holds text is a reject, not skipped). Other files
+(``SOURCES.csv``, ``README.md``, hidden files such as ``.DS_Store``) are not images: they are listed under
+``ignored`` in ``ingest.json`` and counted in the summary, never dropped silently. Images outside any class
+folder cannot be labelled and are rejects.
+
+Each candidate is read once: sha256 of the bytes, then one decode (:func:`cxrlab.data.io.decode_xray`) gives
+size / mode / bit depth and the 8-bit image for the perceptual hash (``imagehash.phash``, 16 hex chars). Work
+runs in a process pool (``workers``, default 2) with a progress bar.
+
+Patient id, first that applies: the CSV's ``patient_id`` column; ``patient_regex`` on the file name (first
+group, else the whole match); a ``SOURCES.csv`` (in SRC, a split folder or a class folder) with a
+``patient_id`` column and a ``file``/``path``/``filename`` column naming the image (relative to that CSV's
+folder, or by file name when unique); else the file stem (each image its own patient, unless stems repeat).
+"""
+
+from __future__ import annotations
+
+import csv as csvlib
+import hashlib
+import json
+import os
+import re
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from cxrlab.config import StrictModel
+from cxrlab.data.io import IMAGE_EXTENSIONS, ImageReadError, decode_xray, sniff_format
+from cxrlab.data.manifest import MANIFEST_COLUMNS, MANIFEST_FILE, REJECTS_FILE, DataError
+
+INGEST_META_FILE = "ingest.json"
+REJECT_COLUMNS = ["path", "reason", "kind", "label"]
+SPLIT_DIR_NAMES = {"train": "train", "test": "test", "val": "val", "valid": "val", "validation": "val"}
+SOURCES_NAMES = {"sources.csv"}
+_CSV_PATH_KEYS = ("path", "file", "filename", "file_name", "image", "image_path", "filepath")
+_CSV_LABEL_KEYS = ("label", "class", "target", "finding_label")
+_CSV_PATIENT_KEYS = ("patient_id", "patientid", "patient")
+_CSV_SPLIT_KEYS = ("source_split", "split")
+POOL_MIN_FILES = 32  # below this a process pool costs more than it saves
+
+
+class IngestConfig(StrictModel):
+    """What to ingest and where to write. ``src`` is a folder or a CSV listing; see the module doc."""
+
+    src: Path = Field(description="class folders, Kaggle train/+test/ folder, or CSV of path,label[,patient_id]")
+    out: Path = Field(description="output folder for manifest.csv, rejects.csv, ingest.json")
+    patient_regex: str | None = Field(None, description="regex on the file name: first group (or match) = patient")
+    strict: bool = Field(False, description="raise IngestRejectsError when any file is rejected (files still written)")
+    csv: bool | None = Field(None, description="True: SRC is a CSV; False: SRC must be a folder; None: auto (*.csv)")
+    use_sources_csv: bool = Field(True, description="take patient ids from a SOURCES.csv beside the images")
+    workers: int = Field(2, ge=0, description="decoder processes; 0 or 1 = in-process")
+    progress: bool = Field(True, description="show a progress bar")
+
+    @field_validator("patient_regex")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"patient_regex {v!r} is not a valid regular expression: {e}") from None
+        return v
+
+
+@dataclass
+class IngestResult:
+    """Counts and paths of one ingest run (the same numbers are in ``ingest.json``)."""
+
+    out: Path
+    layout: str  # "class-folders" | "kaggle" | "csv"
+    classes: list[str]
+    counts: dict[str, int]  # images per class
+    counts_by_split: dict[str, dict[str, int]]  # source_split ("" when none) -> class -> images
+    n_candidates: int
+    n_images: int
+    n_rejected: int
+    n_duplicate: int  # sha256 groups holding more than one file
+    n_duplicate_files: int  # files in those groups
+    n_ignored: int  # non-image files seen and not ingested (listed in ingest.json)
+    n_patients: int
+    patient_id_sources: dict[str, int]  # csv / regex / SOURCES.csv / stem -> images
+    manifest_path: Path
+    rejects_path: Path
+    summary_path: Path
+    rejects: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.manifest_path, self.rejects_path, self.summary_path]
+
+
+class IngestRejectsError(DataError):
+    """``strict`` ingest found rejected files; ``.result`` holds the (already written) result."""
+
+    def __init__(self, message: str, result: IngestResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+# ------------------------------------------------------------------------------------------ discovering files
+
+
+@dataclass
+class _Candidate:
+    path: Path  # absolute
+    label: str
+    source_split: str = ""
+    patient_id: str = ""  # from a CSV column
+
+
+@dataclass
+class _Scan:
+    layout: str
+    root: Path | None = None  # folder whose sub-folders were read (SRC, or the wrapper folder inside it)
+    candidates: list[_Candidate] = field(default_factory=list)
+    rejects: list[dict[str, str]] = field(default_factory=list)  # found before decoding (missing, unlabelled)
+    ignored: list[dict[str, str]] = field(default_factory=list)
+    class_dirs: list[Path] = field(default_factory=list)
+    sources_csvs: list[Path] = field(default_factory=list)
+    empty_classes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _classify_file(path: Path) -> str | None:
+    """None when ``path`` is an image candidate, else the reason it is not one."""
+    if _is_hidden(path.name):
+        return "hidden file"
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return None
+    if suffix == "" or not suffix[1:].isalpha():  # no real extension: decide by content
+        try:
+            with open(path, "rb") as f:
+                head = f.read(132)
+        except OSError as e:
+            return f"unreadable: {e.strerror or e}"
+        return None if head and sniff_format(head, path.name) else "no image extension and not an image by content"
+    return f"not an image extension ({suffix})"
+
+
+def _walk_files(root: Path, skip: Path | None) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        dirnames[:] = sorted(n for n in dirnames if not _is_hidden(n) and (skip is None or d / n != skip))
+        for n in sorted(filenames):
+            yield d / n
+
+
+def _scan_class_dir(scan: _Scan, class_dir: Path, label: str, split: str, skip: Path | None) -> None:
+    n = 0
+    for f in _walk_files(class_dir, skip):
+        why = _classify_file(f)
+        if why is None:
+            scan.candidates.append(_Candidate(f, label, split))
+            n += 1
+        else:
+            scan.ignored.append({"path": str(f), "reason": why})
+            if f.name.lower() in SOURCES_NAMES:
+                scan.sources_csvs.append(f)
+    if n == 0:
+        scan.empty_classes.append(f"{split}/{label}" if split else label)
+
+
+def _scan_loose_files(scan: _Scan, folder: Path, where: str) -> None:
+    """Files directly in SRC (or a split folder): images there have no class; the rest is ignored."""
+    for f in sorted(p for p in folder.iterdir() if p.is_file()):
+        why = _classify_file(f)
+        if why is None:
+            scan.rejects.append(
+                {"path": str(f), "reason": f"image outside any class folder ({where}): no label", "kind": "no_label"}
+            )
+        else:
+            scan.ignored.append({"path": str(f), "reason": why})
+            if f.name.lower() in SOURCES_NAMES:
+                scan.sources_csvs.append(f)
+
+
+def _subdirs(folder: Path, skip: Path | None) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not _is_hidden(d.name) and d != skip)
+
+
+def _split_dirs(folder: Path, skip: Path | None) -> list[Path]:
+    return [d for d in _subdirs(folder, skip) if d.name.lower() in SPLIT_DIR_NAMES and _subdirs(d, skip)]
+
+
+def _scan_folder(src: Path, skip: Path | None) -> _Scan:
+    subdirs = _subdirs(src, skip)
+    if not subdirs:
+        what = "holds only files" if any(p.is_file() for p in src.iterdir()) else "is empty"
+        raise DataError(
+            f"{src} {what}: expected one sub-folder per class (e.g. {src}/NORMAL/*.png), a Kaggle folder with "
+            "train/ and test/ holding class folders, or a CSV of path,label (pass the CSV file as SRC)"
+        )
+    scan = _Scan("class-folders")
+    _scan_loose_files(scan, src, "top level")
+    root = src
+    if len(subdirs) == 1 and not _split_dirs(src, skip) and _split_dirs(subdirs[0], skip):
+        root = subdirs[0]  # a wrapper folder around the Kaggle layout (its Data/)
+        subdirs = _subdirs(root, skip)
+        _scan_loose_files(scan, root, f"{root.name}/")
+    scan.root = root
+    splits = _split_dirs(root, skip)
+    if not splits:
+        for cd in subdirs:
+            scan.class_dirs.append(cd)
+            _scan_class_dir(scan, cd, cd.name, "", skip)
+        return scan
+    scan.layout = "kaggle"
+    for other in (d for d in subdirs if d not in splits):
+        scan.warnings.append(f"{other} sits beside the split folders of a Kaggle layout; its images are rejects")
+        for f in _walk_files(other, skip):
+            why = _classify_file(f)
+            if why is None:
+                reason = f"image in {other.name}/, not in a class folder under {'/'.join(d.name for d in splits)}"
+                scan.rejects.append({"path": str(f), "reason": reason, "kind": "no_label"})
+            else:
+                scan.ignored.append({"path": str(f), "reason": why})
+    for sd in splits:
+        split = SPLIT_DIR_NAMES[sd.name.lower()]
+        _scan_loose_files(scan, sd, f"{sd.name}/")
+        for cd in _subdirs(sd, skip):
+            scan.class_dirs.append(cd)
+            _scan_class_dir(scan, cd, cd.name, split, skip)
+    return scan
+
+
+def _pick(header: list[str], keys: Iterable[str]) -> int | None:
+    low = [h.strip().lower() for h in header]
+    for k in keys:
+        if k in low:
+            return low.index(k)
+    return None
+
+
+def _scan_csv(src: Path) -> _Scan:
+    scan = _Scan("csv")
+    try:
+        with open(src, newline="", encoding="utf-8-sig") as f:
+            sample = f.read(4096)
+            f.seek(0)
+            try:
+                dialect: Any = csvlib.Sniffer().sniff(sample, delimiters=",;\t")
+            except csvlib.Error:
+                dialect = csvlib.excel
+            rows = [r for r in csvlib.reader(f, dialect) if any(c.strip() for c in r)]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read CSV {src}: {e}") from None
+    if not rows:
+        raise DataError(f"CSV {src} is empty: expected rows of path,label[,patient_id]")
+    header = rows[0]
+    ip, il = _pick(header, _CSV_PATH_KEYS), _pick(header, _CSV_LABEL_KEYS)
+    if ip is not None and il is not None:
+        ipat, isplit, body = _pick(header, _CSV_PATIENT_KEYS), _pick(header, _CSV_SPLIT_KEYS), rows[1:]
+        first_line = 2
+    elif ip is not None or il is not None:
+        raise DataError(
+            f"CSV {src} has a header {header} without both a path column ({'/'.join(_CSV_PATH_KEYS)}) "
+            f"and a label column ({'/'.join(_CSV_LABEL_KEYS)})"
+        )
+    else:  # no header: path,label[,patient_id]
+        if len(header) < 2:
+            raise DataError(f"CSV {src}: expected at least two columns path,label, got {header}")
+        ip, il, ipat, isplit, body, first_line = 0, 1, (2 if len(header) > 2 else None), None, rows, 1
+    base = src.parent
+    for i, r in enumerate(body, start=first_line):
+
+        def cell(j: int | None, r: list[str] = r) -> str:
+            return r[j].strip() if j is not None and j < len(r) else ""
+
+        raw, label = cell(ip), cell(il)
+        if not raw:
+            scan.rejects.append({"path": f"{src}:{i}", "reason": "CSV row without a path", "kind": "no_path"})
+            continue
+        p = Path(raw).expanduser()
+        p = p if p.is_absolute() else base / p
+        p = Path(os.path.abspath(p))
+        if not label:
+            scan.rejects.append({"path": str(p), "reason": f"CSV row {i} has no label", "kind": "no_label"})
+            continue
+        if not p.is_file():
+            why = "is a directory, not an image file" if p.is_dir() else "file not found"
+            scan.rejects.append({"path": str(p), "reason": f"{why} (CSV row {i})", "kind": "not_found", "label": label})
+            continue
+        split = cell(isplit).lower()
+        scan.candidates.append(_Candidate(p, label, SPLIT_DIR_NAMES.get(split, split), cell(ipat)))
+    if not scan.candidates and not scan.rejects:
+        raise DataError(f"CSV {src} lists no images: expected rows of path,label[,patient_id]")
+    return scan
+
+
+# ----------------------------------------------------------------------------------------------- patient ids
+
+
+def _load_sources(paths: list[Path]) -> tuple[dict[str, str], dict[str, str]]:
+    """(absolute path -> patient id, file name -> patient id for names that are unique) from SOURCES.csv."""
+    by_path: dict[str, str] = {}
+    by_name: dict[str, str | None] = {}
+    for p in paths:
+        try:
+            with open(p, newline="", encoding="utf-8-sig") as f:
+                reader = csvlib.DictReader(f)
+                fields = [c.strip().lower() for c in reader.fieldnames or []]
+                if "patient_id" not in fields:
+                    continue
+                orig = {c.strip().lower(): c for c in reader.fieldnames or []}
+                key = next((orig[k] for k in ("file", "path", "filename", "file_name", "image") if k in orig), None)
+                if key is None:
+                    continue
+                pid_key = orig["patient_id"]
+                for row in reader:
+                    name, pid = (row.get(key) or "").strip(), (row.get(pid_key) or "").strip()
+                    if not name or not pid:
+                        continue
+                    by_path[os.path.normpath(os.path.join(p.parent, name))] = pid
+                    base = os.path.basename(name)
+                    by_name[base] = pid if by_name.get(base, pid) == pid else None
+        except (OSError, UnicodeDecodeError, csvlib.Error):
+            continue  # it stays listed under "ignored"; patient ids fall back to the next rule
+    return by_path, {k: v for k, v in by_name.items() if v is not None}
+
+
+def _patient_ids(
+    cands: list[_Candidate], regex: str | None, sources: tuple[dict[str, str], dict[str, str]]
+) -> tuple[list[str], Counter[str]]:
+    rx = re.compile(regex) if regex else None
+    by_path, by_name = sources
+    out: list[str] = []
+    used: Counter[str] = Counter()
+    for c in cands:
+        pid, src = c.patient_id, "csv"
+        if not pid and rx is not None:
+            m = rx.search(c.path.name)
+            if m:
+                pid = next((g for g in m.groups() if g), None) or m.group(0)
+                src = "regex"
+        if not pid and (by_path or by_name):
+            pid = by_path.get(str(c.path)) or by_name.get(c.path.name, "")
+            src = "SOURCES.csv"
+        if not pid:
+            pid, src = c.path.stem, "stem"
+        out.append(pid)
+        used[src] += 1
+    return out, used
+
+
+# --------------------------------------------------------------------------------------------------- decoding
+
+
+def _inspect(path: str) -> tuple[str, ...]:
+    """Worker: one file -> ("ok", sha256, width, height, mode, bit_depth, phash) or ("reject", kind, reason)."""
+    import imagehash
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return ("reject", "unreadable", f"cannot open: {e.strerror or e}")
+    try:
+        img, info = decode_xray(data, path, "uint8")
+    except ImageReadError as e:
+        return ("reject", e.kind, e.reason)
+    sha = hashlib.sha256(data).hexdigest()
+    phash = str(imagehash.phash(Image.fromarray(img)))
+    return ("ok", sha, str(info.width), str(info.height), info.mode, str(info.bit_depth), phash)
+
+
+def _run_all(paths: list[str], workers: int, progress: bool) -> list[tuple[str, ...]]:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    workers = max(1, min(workers, os.cpu_count() or 1, len(paths)))
+    columns = (TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=False) as bar:
+        task = bar.add_task("ingest", total=len(paths))
+        results: list[tuple[str, ...]] = []
+        if workers <= 1 or len(paths) < POOL_MIN_FILES:
+            for p in paths:
+                results.append(_inspect(p))
+                bar.advance(task)
+            return results
+        chunk = max(1, min(64, len(paths) // (workers * 8)))
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for r in pool.map(_inspect, paths, chunksize=chunk):
+                results.append(r)
+                bar.advance(task)
+        return results
+
+
+# ------------------------------------------------------------------------------------------------------ ingest
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csvlib.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in columns})
+    tmp.replace(path)
+
+
+def ingest(cfg: IngestConfig) -> IngestResult:
+    """Read every candidate image under ``cfg.src`` once and write manifest.csv, rejects.csv and ingest.json
+    to ``cfg.out``. Rejected files are listed with reasons (a warning; an error with ``strict``); a missing or
+    empty source, or a source with no class folders, raises :class:`DataError`."""
+    t0 = time.perf_counter()
+    src = Path(os.path.abspath(Path(cfg.src).expanduser()))
+    out = Path(os.path.abspath(Path(cfg.out).expanduser()))
+    if not src.exists():
+        raise DataError(f"ingest source not found: {src} (give a folder of class folders or a CSV of path,label)")
+    as_csv = cfg.csv if cfg.csv is not None else (src.is_file() and src.suffix.lower() in (".csv", ".tsv"))
+    if as_csv:
+        if not src.is_file():
+            raise DataError(f"--csv was given but {src} is not a file")
+        scan = _scan_csv(src)
+    elif src.is_file():
+        raise DataError(
+            f"{src} is a file: give a folder of class folders, or a CSV of path,label (a *.csv, or add --csv)"
+        )
+    else:
+        scan = _scan_folder(src, skip=out)
+    if not scan.candidates and not scan.rejects:
+        raise DataError(f"no images found under {src}: the class folders {[d.name for d in scan.class_dirs]} are empty")
+
+    results = _run_all([str(c.path) for c in scan.candidates], cfg.workers, cfg.progress)
+
+    sources: tuple[dict[str, str], dict[str, str]] = ({}, {})
+    if cfg.use_sources_csv and scan.sources_csvs:
+        sources = _load_sources(scan.sources_csvs)
+    good = [(c, r) for c, r in zip(scan.candidates, results, strict=True) if r[0] == "ok"]
+    pids, pid_used = _patient_ids([c for c, _ in good], cfg.patient_regex, sources)
+    rows: list[dict[str, Any]] = []
+    for (c, r), pid in zip(good, pids, strict=True):
+        _, sha, w, h, mode, bits, phash = r
+        rows.append(
+            {
+                "path": str(c.path),
+                "label": c.label,
+                "sha256": sha,
+                "width": int(w),
+                "height": int(h),
+                "mode": mode,
+                "bit_depth": int(bits),
+                "patient_id": pid,
+                "source_split": c.source_split,
+                "phash": phash,
+            }
+        )
+    rows.sort(key=lambda r: (r["label"], r["source_split"], r["path"]))
+    rejects = list(scan.rejects)
+    for c, r in zip(scan.candidates, results, strict=True):
+        if r[0] != "ok":
+            rejects.append({"path": str(c.path), "reason": r[2], "kind": r[1], "label": c.label})
+    rejects.sort(key=lambda r: r["path"])
+
+    # summary numbers
+    classes = sorted({r["label"] for r in rows} | {c.label for c in scan.candidates})
+    counts = {k: 0 for k in classes}
+    by_split: dict[str, dict[str, int]] = defaultdict(lambda: {k: 0 for k in classes})
+    for r in rows:
+        counts[r["label"]] += 1
+        by_split[r["source_split"]][r["label"]] += 1
+    sha_groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        sha_groups[r["sha256"]].append(r)
+    dups = [g for g in sha_groups.values() if len(g) > 1]
+    conflicts = [g for g in dups if len({r["label"] for r in g}) > 1]
+
+    warnings: list[str] = list(scan.warnings)
+    if rejects:
+        kinds = Counter(r.get("kind", "") for r in rejects)
+        warnings.append(
+            f"{len(rejects)} file(s) rejected ({', '.join(f'{k}: {n}' for k, n in kinds.most_common())}); "
+            f"reasons in {out / REJECTS_FILE}"
+        )
+    if scan.empty_classes:
+        warnings.append(f"class folder(s) without images: {', '.join(scan.empty_classes)}")
+    if conflicts:
+        warnings.append(
+            f"{len(conflicts)} identical file(s) (same sha256) carry different labels, e.g. "
+            f"{', '.join(r['path'] for r in conflicts[0])}"
+        )
+    if cfg.patient_regex and pid_used["regex"] < len(rows):
+        warnings.append(
+            f"--patient-regex matched {pid_used['regex']} of {len(rows)} file names; the others use "
+            "SOURCES.csv or the file stem"
+        )
+    if rows and len(classes) < 2:
+        warnings.append(f"only one class ({classes[0]}): a classifier needs at least two")
+
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path, rejects_path, summary_path = out / MANIFEST_FILE, out / REJECTS_FILE, out / INGEST_META_FILE
+    _write_csv(manifest_path, MANIFEST_COLUMNS, rows)
+    _write_csv(rejects_path, REJECT_COLUMNS, rejects)
+    elapsed = time.perf_counter() - t0
+    res = IngestResult(
+        out=out,
+        layout=scan.layout,
+        classes=classes,
+        counts=counts,
+        counts_by_split={k: dict(v) for k, v in sorted(by_split.items())},
+        n_candidates=len(scan.candidates) + len(scan.rejects),
+        n_images=len(rows),
+        n_rejected=len(rejects),
+        n_duplicate=len(dups),
+        n_duplicate_files=sum(len(g) for g in dups),
+        n_ignored=len(scan.ignored),
+        n_patients=len({r["patient_id"] for r in rows}),
+        patient_id_sources={k: pid_used.get(k, 0) for k in ("csv", "regex", "SOURCES.csv", "stem")},
+        manifest_path=manifest_path,
+        rejects_path=rejects_path,
+        summary_path=summary_path,
+        rejects=rejects,
+        warnings=warnings,
+        elapsed_s=elapsed,
+    )
+    summary = {
+        "src": str(src),
+        "out": str(out),
+        "layout": res.layout,
+        "root": str(scan.root or src),
+        "classes": classes,
+        "counts": counts,
+        "counts_by_source_split": res.counts_by_split,
+        "n_candidates": res.n_candidates,
+        "n_images": res.n_images,
+        "n_rejected": res.n_rejected,
+        "rejects_by_kind": dict(Counter(r.get("kind", "") for r in rejects)),
+        "n_duplicate_groups": res.n_duplicate,
+        "n_duplicate_files": res.n_duplicate_files,
+        "label_conflicts": [[r["path"] for r in g] for g in conflicts[:50]],
+        "n_patients": res.n_patients,
+        "patient_id_sources": res.patient_id_sources,
+        "patient_regex": cfg.patient_regex,
+        "sources_csv": [str(p) for p in scan.sources_csvs],
+        "n_ignored": res.n_ignored,
+        "ignored": scan.ignored,
+        "warnings": warnings,
+        "strict": cfg.strict,
+        "workers": cfg.workers,
+        "elapsed_s": round(elapsed, 3),
+        "files": {"manifest": str(manifest_path), "rejects": str(rejects_path)},
+    }
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    if not rows:
+        raise DataError(f"all {len(rejects)} candidate file(s) under {src} were rejected; reasons in {rejects_path}")
+    if cfg.strict and rejects:
+        raise IngestRejectsError(
+            f"--strict: {len(rejects)} file(s) rejected; reasons in {rejects_path} "
+            "(fix or remove them, or run without --strict to ingest the rest)",
+            res,
+        )
+    return res
