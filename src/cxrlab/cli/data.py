@@ -66,7 +66,7 @@ def ingest_cmd(
         None,
         "--patient-regex",
         help=r"Regex on the file name giving the patient id (first group, else the whole match), "
-        r"e.g. '(person\d+)_' for Kermany names. Default: CSV column, SOURCES.csv, else the file stem.",
+        r"e.g. '(person\d+)_' for Kermany names. Default: CSV column, SOURCES.csv, else one patient per image.",
     ),
     csv: bool = typer.Option(
         False, "--csv", help="Read SRC as a CSV listing even without a .csv suffix (automatic for *.csv)."

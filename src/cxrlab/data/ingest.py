@@ -23,7 +23,9 @@ runs in a process pool (``workers``, default 2) with a progress bar.
 Patient id, first that applies: the CSV's ``patient_id`` column; ``patient_regex`` on the file name (first
 group, else the whole match); a ``SOURCES.csv`` (in SRC, a split folder or a class folder) with a
 ``patient_id`` column and a ``file``/``path``/``filename`` column naming the image (relative to that CSV's
-folder, or by file name when unique); else the file stem (each image its own patient, unless stems repeat).
+folder, or by file name when unique); else the image's path relative to SRC (the CSV's folder for a CSV) without
+its extension, e.g. ``NORMAL/img1``: each image its own patient. Not the bare file stem, which repeats across
+class folders (``A/1.png``, ``B/1.png``) and would wrongly group unrelated images.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ class IngestResult:
     n_duplicate_files: int  # files in those groups
     n_ignored: int  # non-image files seen and not ingested (listed in ingest.json)
     n_patients: int
-    patient_id_sources: dict[str, int]  # csv / regex / SOURCES.csv / stem -> images
+    patient_id_sources: dict[str, int]  # csv / regex / SOURCES.csv / path -> images
     manifest_path: Path
     rejects_path: Path
     summary_path: Path
@@ -344,8 +346,16 @@ def _load_sources(paths: list[Path]) -> tuple[dict[str, str], dict[str, str]]:
     return by_path, {k: v for k, v in by_name.items() if v is not None}
 
 
+def _path_id(path: Path, root: Path) -> str:
+    try:
+        rel = path.relative_to(root)
+    except ValueError:  # a CSV may list files outside its folder
+        rel = path
+    return rel.with_suffix("").as_posix()
+
+
 def _patient_ids(
-    cands: list[_Candidate], regex: str | None, sources: tuple[dict[str, str], dict[str, str]]
+    cands: list[_Candidate], regex: str | None, sources: tuple[dict[str, str], dict[str, str]], root: Path
 ) -> tuple[list[str], Counter[str]]:
     rx = re.compile(regex) if regex else None
     by_path, by_name = sources
@@ -362,7 +372,7 @@ def _patient_ids(
             pid = by_path.get(str(c.path)) or by_name.get(c.path.name, "")
             src = "SOURCES.csv"
         if not pid:
-            pid, src = c.path.stem, "stem"
+            pid, src = _path_id(c.path, root), "path"
         out.append(pid)
         used[src] += 1
     return out, used
@@ -454,7 +464,8 @@ def ingest(cfg: IngestConfig) -> IngestResult:
     if cfg.use_sources_csv and scan.sources_csvs:
         sources = _load_sources(scan.sources_csvs)
     good = [(c, r) for c, r in zip(scan.candidates, results, strict=True) if r[0] == "ok"]
-    pids, pid_used = _patient_ids([c for c, _ in good], cfg.patient_regex, sources)
+    id_root = src.parent if scan.layout == "csv" else src
+    pids, pid_used = _patient_ids([c for c, _ in good], cfg.patient_regex, sources, id_root)
     rows: list[dict[str, Any]] = []
     for (c, r), pid in zip(good, pids, strict=True):
         _, sha, w, h, mode, bits, phash = r
@@ -509,7 +520,7 @@ def ingest(cfg: IngestConfig) -> IngestResult:
     if cfg.patient_regex and pid_used["regex"] < len(rows):
         warnings.append(
             f"--patient-regex matched {pid_used['regex']} of {len(rows)} file names; the others use "
-            "SOURCES.csv or the file stem"
+            "SOURCES.csv or their own path (one patient per image)"
         )
     if rows and len(classes) < 2:
         warnings.append(f"only one class ({classes[0]}): a classifier needs at least two")
@@ -532,7 +543,7 @@ def ingest(cfg: IngestConfig) -> IngestResult:
         n_duplicate_files=sum(len(g) for g in dups),
         n_ignored=len(scan.ignored),
         n_patients=len({r["patient_id"] for r in rows}),
-        patient_id_sources={k: pid_used.get(k, 0) for k in ("csv", "regex", "SOURCES.csv", "stem")},
+        patient_id_sources={k: pid_used.get(k, 0) for k in ("csv", "regex", "SOURCES.csv", "path")},
         manifest_path=manifest_path,
         rejects_path=rejects_path,
         summary_path=summary_path,
