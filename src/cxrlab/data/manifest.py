@@ -23,7 +23,7 @@ MANIFEST_COLUMNS = [
     "height",
     "mode",  # PIL mode of the original (L, I;16, RGB, RGBA, P) or DICOM photometric interpretation
     "bit_depth",  # bits per sample of the original (8, 16, 12 ...)
-    "patient_id",  # from a CSV column or --patient-regex; else the file stem (each image its own patient)
+    "patient_id",  # CSV column, --patient-regex or SOURCES.csv; else path below SRC sans suffix (own patient)
     "source_split",  # original split of the source layout (Kaggle train/test) or ""
     "phash",  # 64-bit perceptual hash as 16 hex chars (near-duplicate detection)
 ]
