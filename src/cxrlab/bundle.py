@@ -112,6 +112,7 @@ class Bundle:
     meta: BundleMeta
     model: torch.nn.Module
     path: Path
+    weights_path: Path | None = None  # where the weights came from: path/model.safetensors, or a .ckpt/.pt
 
     def transform(self):  # -> albumentations.Compose
         from cxrlab.augment import eval_transform
@@ -137,18 +138,73 @@ class Bundle:
         return np.concatenate(out) if out else np.zeros((0, self.meta.num_classes), dtype=np.float32)
 
 
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
+
+
+class UntrustedCheckpointError(BundleError):
+    """A .ckpt/.pt file holds pickled objects that ``torch.load(weights_only=True)`` refuses to run."""
+
+
+def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model weights of a Lightning ``.ckpt`` or a plain ``.pt``/``.pth`` state dict, read with
+    ``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary pickled code.
+
+    A file that needs more than that is refused with ``UntrustedCheckpointError``. Lightning's ``model.`` prefix
+    (``CXRClassifier.model``) is removed.
+    """
+    import pickle
+
+    p = Path(path)
+    if not p.is_file():
+        raise BundleError(f"checkpoint not found: {p}")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UntrustedCheckpointError(
+            f"refusing to load {p}: it contains pickled Python objects other than tensors ({first}). Unpickling "
+            "them could run arbitrary code. Use the run's bundle/ (safetensors + JSON) instead; only for a file "
+            "you trust, re-save its state_dict with torch.save(model.state_dict(), ...)"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise BundleError(f"{p} is not a readable PyTorch checkpoint: {e}") from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BundleError(f"{p} holds no model state_dict (expected a Lightning .ckpt or a dict of tensors)")
+    if all(k.startswith("model.") for k in state):
+        state = {k[len("model.") :]: v for k, v in state.items()}
+    return state
+
+
+def _bundle_dir_for_checkpoint(ckpt: Path) -> Path:
+    """The bundle whose metadata describes a run's checkpoint (``runs/<id>/checkpoints/x.ckpt`` -> ``runs/<id>``)."""
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    try:
+        return resolve_bundle_dir(run_dir)
+    except BundleError:
+        raise BundleError(
+            f"{ckpt} has no bundle.json beside it (looked in {run_dir} and {run_dir / 'bundle'}): a checkpoint "
+            "needs its run's bundle metadata (model, classes, preprocessing); pass the run's bundle/ instead"
+        ) from None
+
+
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
-    """Load a bundle (no pickle). Mismatched weights raise BundleError naming the keys."""
-    d = resolve_bundle_dir(path)
+    """Load a bundle (no pickle). Mismatched weights raise BundleError naming the keys.
+
+    ``path`` may also be a run's ``.ckpt``/``.pt`` checkpoint: its weights are read with ``weights_only=True``
+    (see ``load_checkpoint_state``) and the metadata comes from the run's bundle.
+    """
+    ckpt = Path(path) if Path(path).suffix.lower() in CHECKPOINT_SUFFIXES else None
+    d = _bundle_dir_for_checkpoint(ckpt) if ckpt is not None else resolve_bundle_dir(path)
     try:
         meta = BundleMeta.from_json(json.loads((d / META_FILE).read_text()))
     except json.JSONDecodeError as e:
         raise BundleError(f"{d / META_FILE} is not valid JSON: {e}") from e
-    wpath = d / WEIGHTS_FILE
+    wpath = ckpt if ckpt is not None else d / WEIGHTS_FILE
     if not wpath.is_file():
         raise BundleError(f"bundle {d} has no {WEIGHTS_FILE}")
     model = create_model(meta)
-    state = load_file(str(wpath))
+    state = load_checkpoint_state(wpath) if ckpt is not None else load_file(str(wpath))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise BundleError(
@@ -156,4 +212,4 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
             f"unexpected {list(unexpected)[:5]}"
         )
     model.eval().to(device)
-    return Bundle(meta=meta, model=model, path=d)
+    return Bundle(meta=meta, model=model, path=d, weights_path=wpath)

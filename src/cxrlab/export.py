@@ -45,18 +45,26 @@ class ExportError(CxrlabError):
     """An export failed or does not reproduce the PyTorch model."""
 
 
+def _weights_file(bundle: Bundle) -> Path:
+    return bundle.weights_path or bundle.path / WEIGHTS_FILE
+
+
 def weights_digest(bundle: Bundle) -> str:
-    """SHA-256 of the bundle's ``model.safetensors`` (identifies the weights an export was made from)."""
+    """SHA-256 of the file the bundle's weights came from (identifies the weights an export was made from)."""
     h = hashlib.sha256()
-    with open(bundle.path / WEIGHTS_FILE, "rb") as f:
+    with open(_weights_file(bundle), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
 def default_path(bundle: Bundle, format: ExportFormat) -> Path:
-    """Where ``export`` writes by default: next to the weights in the bundle directory."""
-    return bundle.path / FORMATS[format]
+    """Where ``export`` writes by default: ``model.onnx`` / ``model.torchscript.pt`` in the bundle directory, or
+    ``<checkpoint>.onnx`` / ``<checkpoint>.torchscript.pt`` beside a checkpoint the weights were loaded from."""
+    w = _weights_file(bundle)
+    if w.name == WEIGHTS_FILE:
+        return w.parent / FORMATS[format]
+    return w.with_name(f"{w.stem}.{FORMATS[format].split('.', 1)[1]}")
 
 
 def probe_batch(bundle: Bundle, n: int = 2, seed: int = 0) -> torch.Tensor:
@@ -91,6 +99,7 @@ def export(
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {sorted(FORMATS)}")
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, device="cpu")
+    cpu = b
     target = Path(out) if out is not None else default_path(b, format)
     if target.is_dir() or (out is not None and str(out).endswith(os.sep)):
         target = target / FORMATS[format]
@@ -99,9 +108,10 @@ def export(
     model = b.model
     if next(model.parameters()).device.type != "cpu":
         # export from a CPU copy so the caller's (GPU) model is untouched
-        model = load_bundle(b.path, device="cpu").model
+        cpu = load_bundle(b.weights_path or b.path, device="cpu")
+        model = cpu.model
     model.eval()
-    x = probe_batch(b)
+    x = probe_batch(cpu)
     meta_json = json.dumps(b.meta.to_json())
     digest = weights_digest(b)
 
@@ -226,7 +236,7 @@ def ensure_onnx(bundle: Bundle) -> Path:
     path = default_path(bundle, "onnx")
     if onnx_is_current(path, bundle):
         return path
-    if os.access(bundle.path, os.W_OK):
+    if os.access(path.parent, os.W_OK):
         return export(bundle, "onnx", path)
     return export(bundle, "onnx", Path(tempfile.mkdtemp(prefix="cxrlab-onnx-")) / FORMATS["onnx"])
 

@@ -10,7 +10,8 @@ Backends:
 - ``onnx``: ONNX Runtime on the bundle's ONNX export. The export is made on first use and cached as
   ``<bundle>/model.onnx`` (what ``cxrlab export BUNDLE --format onnx`` writes); it is reused while the weights
   digest it records matches ``model.safetensors`` and re-exported otherwise, so it can never serve stale
-  weights. A read-only bundle directory gets a per-process export in a temp directory. Preprocessing is the
+  weights (a run checkpoint passed as the bundle caches ``<checkpoint>.onnx`` beside it). A read-only
+  directory gets a per-process export in a temp directory. Preprocessing is the
   bundle's in both backends; only the network runs elsewhere.
 
 Grad-CAM overlays (``cam_dir`` / ``cam_overlays``) always use the PyTorch model, whatever the backend.
@@ -187,7 +188,8 @@ class Predictor:
         ]
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
 
-    def _to_prediction(self, name: str, probs: np.ndarray) -> Prediction:
+    def to_prediction(self, name: str, probs: np.ndarray) -> Prediction:
+        """A successful ``Prediction`` for ``name`` from one row of class probabilities."""
         return Prediction(
             path=name,
             label=self.classes[int(np.argmax(probs))],
@@ -200,7 +202,7 @@ class Predictor:
         if len(names) != len(grays):
             raise PredictError(f"{len(names)} names for {len(grays)} images")
         probs = self.predict_proba(list(grays))
-        return [self._to_prediction(n, p) for n, p in zip(names, probs, strict=True)]
+        return [self.to_prediction(n, p) for n, p in zip(names, probs, strict=True)]
 
     def predict(self, paths: Iterable[str | Path], cam_dir: str | Path | None = None) -> list[Prediction]:
         """Classify files and folders (recursive). Unreadable files come back with ``error`` set, in order.
@@ -249,7 +251,7 @@ class Predictor:
                         results.append(Prediction(path=str(path), label=None, probabilities={}, error=err))
                         continue
                     k = good.index(i)
-                    pred = self._to_prediction(str(path), probs[k])
+                    pred = self.to_prediction(str(path), probs[k])
                     if cams is not None:
                         out = _unique(cam_out, path, cam_names)
                         out.write_bytes(encode_png(cams[k]))

@@ -1,9 +1,250 @@
-"""CLI commands: serve (placeholder until its stage lands)."""
+"""CLI commands for using a trained model: ``cxrlab predict``, ``cxrlab export``, ``cxrlab serve``.
+
+Every output carries ``cxrlab.RESEARCH_NOTICE``: the table's caption, a top-level ``notice`` field in JSON, and
+a ``notice`` column on every CSV row (a comment line would break plain CSV readers; a column keeps the file
+parseable by ``csv``/pandas/spreadsheets and the notice travels with any row copied out of it).
+"""
 
 from __future__ import annotations
 
+import csv
+import io
+import ipaddress
+import json
+import sys
+from enum import StrEnum
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+import cxrlab
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class OutputFormat(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+class BackendName(StrEnum):
+    torch = "torch"
+    onnx = "onnx"
+
+
+class ExportFormatName(StrEnum):
+    onnx = "onnx"
+    torchscript = "torchscript"
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    """Add ``predict``, ``export`` and ``serve`` to the root app (idempotent: main() may run more than once)."""
+    have = {c.name for c in app.registered_commands}
+    for name, fn in (("predict", predict_cmd), ("export", export_cmd), ("serve", serve_cmd)):
+        if name not in have:
+            app.command(name)(fn)
+
+
+# -------------------------------------------------------------------------------------------------- predict
+
+
+def format_csv(preds, classes: list[str]) -> str:
+    """CSV text: path, label, prob_<class>..., error, cam_path, notice (the notice on every row)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "label", *[f"prob_{c}" for c in classes], "error", "cam_path", "notice"])
+    for p in preds:
+        probs = [f"{p.probabilities[c]:.6f}" if p.ok else "" for c in classes]
+        w.writerow([p.path, p.label or "", *probs, p.error or "", p.cam_path or "", cxrlab.RESEARCH_NOTICE])
+    return buf.getvalue()
+
+
+def format_json(preds, model_info: dict) -> str:
+    """JSON text: {notice, model, summary, predictions: [...]}."""
+    doc = {
+        "notice": cxrlab.RESEARCH_NOTICE,
+        "model": model_info,
+        "summary": {"images": len(preds), "errors": sum(not p.ok for p in preds)},
+        "predictions": [p.to_dict() for p in preds],
+    }
+    return json.dumps(doc, indent=2)
+
+
+def _common_root(preds) -> Path | None:
+    import os
+
+    try:
+        root = Path(os.path.commonpath([str(Path(p.path).resolve().parent) for p in preds]))
+    except ValueError:
+        return None
+    return root if len(preds) > 1 and str(root) != root.anchor else None
+
+
+def format_table(preds, classes: list[str]) -> Table:
+    """A rich table (file names relative to the inputs' common folder) with the notice as its caption."""
+    root = _common_root(preds)
+    title = f"files under {root}" if root is not None else None
+    t = Table(title=title, title_justify="left", caption=f"[bold yellow]{cxrlab.RESEARCH_NOTICE}[/]")
+    t.caption_justify = "left"
+    t.add_column("file", overflow="fold", min_width=20)
+    t.add_column("label", style="bold")
+    for c in classes:
+        t.add_column(c, justify="right")
+    t.add_column("error / cam", overflow="fold")
+    for p in preds:
+        name = str(Path(p.path).resolve().relative_to(root)) if root is not None else p.path
+        if p.ok:
+            probs = [f"{p.probabilities[c]:.3f}" for c in classes]
+            t.add_row(name, p.label, *probs, p.cam_path or "")
+        else:
+            t.add_row(name, "[red]-[/]", *["" for _ in classes], f"[red]{p.error}[/]")
+    return t
+
+
+def predict_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle directory, run directory (uses its bundle/) or bundle.json."),
+    paths: list[Path] = typer.Argument(..., help="Image files (PNG/JPEG/TIFF/DICOM ...) and folders (recursive)."),
+    cam: Path | None = typer.Option(None, "--cam", help="Write a Grad-CAM overlay PNG per image into this folder."),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="Output format."),
+    backend: BackendName = typer.Option(
+        BackendName.torch, "--backend", help="torch, or onnx (ONNX Runtime; exports to <bundle>/model.onnx once)."
+    ),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the output here instead of stdout."),
+    strict: bool = typer.Option(
+        False, "--strict", help="Exit 1 when any input could not be read (default: only when none could)."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar (on a terminal)."),
+) -> None:
+    """Classify X-ray images with a trained bundle, using the bundle's own preprocessing.
+
+    Unreadable files are reported with their reason (error column) and the rest go on.
+    """
+    from cxrlab.predict import Predictor
+
+    predictor = Predictor(
+        bundle, backend=backend.value, device=device, batch_size=batch_size, progress=None if progress else False
+    )
+    preds = predictor.predict(paths, cam_dir=cam)
+    n_err = sum(not p.ok for p in preds)
+    if fmt is OutputFormat.table:
+        table = format_table(preds, predictor.classes)
+        if out is not None:
+            with open(out, "w") as f:
+                Console(file=f, width=200).print(table)
+        else:
+            console.print(table)
+    else:
+        text = (
+            format_csv(preds, predictor.classes)
+            if fmt is OutputFormat.csv
+            else format_json(preds, predictor.model_info)
+        )
+        if out is not None:
+            Path(out).write_text(text)
+        else:
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    summary = f"{len(preds) - n_err} of {len(preds)} images classified with {predictor.meta.model_name}"
+    if n_err:
+        summary += f"; [red]{n_err} could not be read[/] (see the error column)"
+    if out is not None:
+        summary += f"; written to {out}"
+    err_console.print(summary)
+    if fmt is not OutputFormat.table or out is not None:
+        err_console.print(f"[yellow]{cxrlab.RESEARCH_NOTICE}[/]")
+    if n_err and (strict or n_err == len(preds)):
+        raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------------------------------- export
+
+
+def export_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle directory, run directory (uses its bundle/) or bundle.json."),
+    fmt: ExportFormatName = typer.Option(..., "--format", "-f", help="onnx or torchscript."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Output file or folder (default: model.onnx / model.torchscript.pt in the bundle)."
+    ),
+    opset: int = typer.Option(17, "--opset", min=11, help="ONNX opset."),
+    exporter: str = typer.Option("torchscript", "--exporter", help="ONNX exporter: torchscript (fast) or dynamo."),
+) -> None:
+    """Export the bundle's network (input: the preprocessed batch, dynamic batch axis; output: logits).
+
+    The export is checked against PyTorch (max |difference| <= 1e-4) before it is written.
+    """
+    from cxrlab.bundle import load_bundle
+    from cxrlab.export import ExportError, export, max_abs_diff, probe_batch
+
+    if exporter not in ("torchscript", "dynamo"):
+        raise ExportError(f"unknown --exporter {exporter!r}; choose torchscript or dynamo")
+    b = load_bundle(bundle, device="cpu")
+    path = export(b, fmt.value, out, opset=opset, exporter=exporter)  # type: ignore[arg-type]
+    diff = max_abs_diff(path, fmt.value, b.model, probe_batch(b, n=4, seed=1))  # type: ignore[arg-type]
+    console.print(f"[bold]export[/]: {b.meta.model_name} -> {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    console.print(
+        f"input 'input' N x {b.meta.in_chans} x {b.meta.img_size[0]} x {b.meta.img_size[1]} (preprocessed, "
+        f"dynamic N) -> output 'logits' N x {b.meta.num_classes} ({', '.join(b.meta.class_names)}); "
+        f"max |diff| vs PyTorch {diff:.1e}"
+    )
+    console.print(f"[yellow]{cxrlab.RESEARCH_NOTICE}[/]")
+
+
+# ---------------------------------------------------------------------------------------------------- serve
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle directory, run directory (uses its bundle/) or bundle.json."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback by default)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    token: str | None = typer.Option(
+        None, "--token", envvar="CXRLAB_TOKEN", help="Require 'Authorization: Bearer TOKEN' (or set CXRLAB_TOKEN)."
+    ),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest upload in MiB (413 above)."),
+    max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest width*height (413 above)."),
+    backend: BackendName = typer.Option(BackendName.torch, "--backend", help="torch or onnx (ONNX Runtime)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help="Most queued requests merged into one forward."),
+) -> None:
+    """Serve the model over HTTP: web page at /, POST /predict, GET /health, OpenAPI docs at /docs."""
+    import uvicorn
+
+    from cxrlab.config import build_config
+    from cxrlab.serve.app import ServeSettings, create_app
+
+    settings = build_config(
+        ServeSettings,
+        {
+            "host": host,
+            "port": port,
+            "token": token,
+            "max_upload_mb": max_upload_mb,
+            "max_pixels": max_pixels,
+            "backend": backend.value,
+            "device": device,
+            "max_batch": max_batch,
+        },
+        source="cxrlab serve options",
+    )
+    if not _is_loopback(host) and token is None:
+        err_console.print(
+            f"[yellow]warning:[/] serving on {host} without --token: anyone who can reach this port can use the model"
+        )
+    app = create_app(bundle, settings)
+    info = app.state.predictor.model_info
+    console.print(f"[bold]serve[/]: {info['name']} ({', '.join(info['classes'])}) on http://{host}:{port}/")
+    console.print(f"[yellow]{cxrlab.RESEARCH_NOTICE}[/]")
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,397 @@
+"""HTTP service: one model, loaded once, behind ``POST /predict``, ``GET /health`` and a single offline web page.
+
+Endpoints:
+
+- ``GET /``: the web page (``static/index.html``; no CDN, no external request: its Content-Security-Policy
+  only allows this origin). Drop or pick an X-ray; it shows the label, probability bars, the Grad-CAM overlay
+  and the research notice.
+- ``POST /predict[?cam=true]``: multipart form with one ``file`` field (PNG, JPEG or DICOM) -> JSON
+  ``{label, probabilities, model, dataset_version, notice, width, height, format[, cam_png_base64]}``.
+- ``GET /health``: liveness plus model, classes, limits and whether a token is required.
+- ``GET /docs``: OpenAPI docs (FastAPI's default page, which loads Swagger UI from a CDN; only that page does).
+
+Every bad input gets a 4xx JSON ``{"detail": "<what is wrong and what to do>"}``:
+401 missing/wrong bearer token; 413 upload above ``max_upload_mb`` (rejected from ``Content-Length`` before the
+body is read, and by counting bytes while reading when there is none) or image above ``max_pixels`` (checked
+from the header before any pixel is decoded); 415 not multipart, or content that does not sniff as an accepted
+image format (the extension and declared content type are ignored); 422 no ``file`` field, empty, corrupt or
+undecodable image. Uploads are decoded from memory; the only thing that may touch disk is Starlette's
+multipart spooling (a ``SpooledTemporaryFile`` in the system temp dir above 1 MB, deleted on close).
+
+Concurrency on CPU: a single inference thread owns the model and takes every job from a queue. PyTorch and
+ONNX Runtime already spread one forward pass over all cores, so two concurrent forward passes would only
+oversubscribe them; instead requests that arrive while a forward pass runs are merged into the next batch
+(greedy batching up to ``max_batch``, no waiting timer, so an idle server adds no latency). Decoding and
+preprocessing (PIL/pydicom/OpenCV, which release the GIL) run concurrently in a bounded threadpool. Grad-CAM
+jobs go through the same thread because they register hooks on the shared model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import queue
+import re
+import secrets
+import threading
+import warnings
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+import numpy as np
+import torch
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import Field
+
+import cxrlab
+from cxrlab.config import StrictModel
+from cxrlab.predict import Predictor, encode_png
+
+ImageFormat = Literal["PNG", "JPEG", "DICOM", "TIFF", "BMP"]
+_MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file in a multipart body
+
+
+class ServeSettings(StrictModel):
+    """Settings of ``cxrlab serve`` (also accepted by ``create_app``)."""
+
+    host: str = Field("127.0.0.1", description="interface to bind; keep loopback unless behind a proxy with TLS")
+    port: int = Field(8000, ge=0, le=65535)
+    token: str | None = Field(None, description="require 'Authorization: Bearer <token>' on /predict")
+    max_upload_mb: float = Field(20.0, gt=0, description="largest accepted upload in MiB (413 above)")
+    max_pixels: int = Field(40_000_000, gt=0, description="largest accepted width*height (413 above)")
+    formats: tuple[ImageFormat, ...] = Field(("PNG", "JPEG", "DICOM"), description="accepted sniffed formats")
+    backend: Literal["torch", "onnx"] = "torch"
+    device: str = "auto"
+    max_batch: int = Field(8, ge=1, le=256, description="most queued requests merged into one forward pass")
+    decode_workers: int = Field(4, ge=1, le=64, description="concurrent decodes (bounds memory under load)")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+# --------------------------------------------------------------------------------------- inference worker
+
+
+class _Job:
+    __slots__ = ("kind", "payload", "future")
+
+    def __init__(self, kind: str, payload: Any) -> None:
+        self.kind, self.payload, self.future = kind, payload, Future()
+
+
+class InferenceWorker:
+    """One thread that owns the model: greedy batching of ``predict`` jobs, ``cam`` jobs one at a time."""
+
+    def __init__(self, predictor: Predictor, max_batch: int = 8) -> None:
+        self.predictor, self.max_batch = predictor, max_batch
+        self._q: queue.Queue[_Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="cxrlab-inference", daemon=True)
+        self._thread.start()
+        self.batches = 0  # forward passes run (a batch may hold several requests)
+        self.requests = 0
+
+    async def probabilities(self, x: torch.Tensor) -> np.ndarray:
+        """Class probabilities for one preprocessed image (C x H x W)."""
+        return await self._submit("predict", x)
+
+    async def cam(self, gray: np.ndarray) -> np.ndarray:
+        """Grad-CAM overlay (H x W x 3 uint8) of the predicted class."""
+        return await self._submit("cam", gray)
+
+    async def _submit(self, kind: str, payload: Any) -> Any:
+        if not self._thread.is_alive():
+            raise RuntimeError("the inference thread has stopped")
+        job = _Job(kind, payload)
+        self._q.put(job)
+        return await asyncio.wrap_future(job.future)
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            if job.kind == "cam":
+                self._do(lambda j=job: self.predictor.cam_overlays([j.payload])[0], [job], single=True)
+                continue
+            batch = [job]
+            deferred: list[_Job | None] = []
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is not None and nxt.kind == "predict":
+                    batch.append(nxt)
+                else:
+                    deferred.append(nxt)
+                    break
+            self._do(lambda b=batch: self.predictor.forward(torch.stack([j.payload for j in b])), batch)
+            for d in deferred:  # a cam job or the stop signal that interrupted the batch
+                if d is None:
+                    return
+                self._do(lambda j=d: self.predictor.cam_overlays([j.payload])[0], [d], single=True)
+
+    def _do(self, fn, jobs: list[_Job], single: bool = False) -> None:
+        try:
+            out = fn()
+        except Exception as e:  # a failed forward pass fails its requests (500), never the worker thread
+            for j in jobs:
+                j.future.set_exception(e)
+            return
+        self.batches += 1
+        self.requests += len(jobs)
+        if single:
+            jobs[0].future.set_result(out)
+        else:
+            for j, row in zip(jobs, out, strict=True):
+                j.future.set_result(row)
+
+
+# ------------------------------------------------------------------------------------------ input checks
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _limited_request(request: Request, limit: int) -> Request:
+    """The same request whose body stream raises ``_BodyTooLarge`` once more than ``limit`` bytes arrived."""
+    seen = 0
+    receive = request.receive
+
+    async def counting_receive():
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _BodyTooLarge
+        return message
+
+    return Request(request.scope, counting_receive)
+
+
+def _probe_dims(data: bytes, fmt: str, name: str) -> tuple[int, int]:
+    """(width, height) from the header alone (PIL's lazy open; pydicom without pixel data)."""
+    if fmt == "DICOM":
+        import pydicom
+
+        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        return int(ds.Columns), int(ds.Rows) * frames
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own, lower limit decides
+        with Image.open(io.BytesIO(data), formats=[fmt]) as im:
+            return im.size
+
+
+def _check_token(request: Request, token: str | None) -> None:
+    if token is None:
+        return
+    auth = request.headers.get("authorization", "")
+    scheme, _, given = auth.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise HTTPException(
+            401, "missing bearer token: send 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"}
+        )
+    if not secrets.compare_digest(given.strip().encode(), token.encode()):
+        raise HTTPException(401, "wrong bearer token", {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1024 / 1024:.1f} MiB"
+
+
+# --------------------------------------------------------------------------------------------------- page
+
+
+def _index_html() -> tuple[str, str]:
+    """The page and its Content-Security-Policy (inline script/style allowed by hash, nothing off-origin)."""
+    import html as htmllib
+
+    html = resources.files("cxrlab.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    html = html.replace("{{NOTICE}}", htmllib.escape(cxrlab.RESEARCH_NOTICE))
+
+    def hashes(tag: str) -> str:
+        found = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'" for s in found)
+
+    script, style = hashes("script") or "'none'", hashes("style") or "'none'"
+    csp = (
+        f"default-src 'none'; script-src {script}; style-src {style}; "
+        "img-src 'self' data: blob:; connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'"
+    )
+    return html, csp
+
+
+# ---------------------------------------------------------------------------------------------------- app
+
+
+def create_app(bundle_path: str | Path, settings: ServeSettings | None = None) -> FastAPI:
+    """Build the service for ``bundle_path``. The model is loaded here, once, and warmed up."""
+    s = settings or ServeSettings()
+    predictor = Predictor(bundle_path, backend=s.backend, device=s.device, batch_size=s.max_batch, progress=False)
+    h, w = predictor.meta.img_size
+    predictor.forward(torch.stack([predictor.preprocess(np.zeros((h, w), np.uint8))]))  # first call is slow
+    worker = InferenceWorker(predictor, max_batch=s.max_batch)
+    decode_limiter = anyio.CapacityLimiter(s.decode_workers)
+    page, csp = _index_html()
+    info = predictor.model_info
+    limit = s.max_upload_bytes
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        worker.close()
+
+    app = FastAPI(
+        title="cxrlab",
+        version=cxrlab.__version__,
+        description=f"Chest X-ray classification ({info['name']}: {', '.join(predictor.classes)}). "
+        f"{cxrlab.RESEARCH_NOTICE}",
+        lifespan=lifespan,
+    )
+    app.state.predictor, app.state.worker, app.state.settings = predictor, worker, s
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(
+            page,
+            headers={
+                "Content-Security-Policy": csp,
+                "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer",
+                "Cache-Control": "no-store",
+            },
+        )
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """Liveness, the model and the input limits."""
+        return {
+            "status": "ok",
+            "model": info,
+            "classes": predictor.classes,
+            "dataset_version": predictor.meta.dataset_version,
+            "auth_required": s.token is not None,
+            "limits": {"max_upload_bytes": limit, "max_pixels": s.max_pixels, "formats": list(s.formats)},
+            "notice": cxrlab.RESEARCH_NOTICE,
+        }
+
+    upload_body = {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary", "description": "PNG/JPEG/DICOM"}},
+                }
+            }
+        },
+    }
+
+    @app.post(
+        "/predict",
+        openapi_extra={"requestBody": upload_body},
+        responses={401: {}, 413: {}, 415: {}, 422: {}},
+    )
+    async def predict(request: Request, cam: bool = Query(False, description="add a Grad-CAM overlay PNG")):
+        """Classify one uploaded X-ray (multipart field ``file``)."""
+        _check_token(request, s.token)
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit + _MULTIPART_SLACK:
+            raise HTTPException(413, f"upload of {_mb(int(declared))} exceeds the limit of {_mb(limit)}")
+        ctype = request.headers.get("content-type", "")
+        if not ctype.lower().startswith("multipart/form-data"):
+            raise HTTPException(
+                415, f"send multipart/form-data with the image in a field named 'file' (got {ctype or 'no type'!r})"
+            )
+        from starlette.formparsers import MultiPartException
+
+        try:
+            async with _limited_request(request, limit + _MULTIPART_SLACK).form(max_files=1, max_fields=8) as form:
+                upload = form.get("file")
+                if upload is None or isinstance(upload, str):
+                    raise HTTPException(422, "no file: send the image in a multipart field named 'file'")
+                name = Path(upload.filename or "upload").name
+                data = await upload.read(limit + 1)
+        except _BodyTooLarge:
+            raise HTTPException(413, f"upload exceeds the limit of {_mb(limit)}") from None
+        except MultiPartException as e:
+            raise HTTPException(400, f"malformed multipart body: {e}") from None
+        if len(data) > limit:
+            raise HTTPException(413, f"upload exceeds the limit of {_mb(limit)}")
+        return await _predict_bytes(data, name, cam)
+
+    async def _predict_bytes(data: bytes, name: str, cam: bool) -> dict[str, Any]:
+        from cxrlab.data.io import ImageReadError, ImageTooLargeError, sniff_format
+
+        if not data:
+            raise HTTPException(422, f"{name}: the file is empty")
+        fmt = sniff_format(data[:132], name)
+        if fmt is None:
+            raise HTTPException(
+                415, f"{name} is not an image (its content matches no image format); send {', '.join(s.formats)}"
+            )
+        if fmt not in s.formats:
+            raise HTTPException(415, f"{name} is {fmt}; this server accepts {', '.join(s.formats)}")
+        try:
+            width, height = _probe_dims(data, fmt, name)
+        except Exception as e:  # any header parser failure means the same thing to the client
+            raise HTTPException(422, f"{name}: corrupt {fmt} header ({type(e).__name__}: {e})") from None
+        if width * height > s.max_pixels:
+            raise HTTPException(
+                413, f"{name} is {width}x{height} = {width * height:,} pixels; the limit is {s.max_pixels:,}"
+            )
+
+        def decode() -> tuple[np.ndarray, torch.Tensor]:
+            from cxrlab.data.io import read_xray_bytes
+
+            gray = read_xray_bytes(data, name)
+            return gray, predictor.preprocess(gray)
+
+        try:
+            gray, x = await anyio.to_thread.run_sync(decode, limiter=decode_limiter)
+        except ImageTooLargeError as e:
+            raise HTTPException(413, f"{name}: {e.reason}") from None
+        except ImageReadError as e:
+            raise HTTPException(422, f"{name}: {e.reason}") from None
+        probs = await worker.probabilities(x)
+        pred = predictor.to_prediction(name, probs)
+        out: dict[str, Any] = {
+            "filename": name,
+            "label": pred.label,
+            "probabilities": pred.probabilities,
+            "model": {k: info[k] for k in ("name", "run_id", "created", "cxrlab_version", "backend")},
+            "dataset_version": predictor.meta.dataset_version,
+            "format": fmt,
+            "width": width,
+            "height": height,
+            "notice": cxrlab.RESEARCH_NOTICE,
+        }
+        if cam:
+            overlay = await worker.cam(gray)
+            png = await anyio.to_thread.run_sync(encode_png, overlay, limiter=decode_limiter)
+            out["cam_png_base64"] = base64.b64encode(png).decode("ascii")
+        return out
+
+    return app
