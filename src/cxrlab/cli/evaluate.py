@@ -1,9 +1,247 @@
-"""CLI commands: evaluate (placeholder until its stage lands)."""
+"""CLI commands: ``cxrlab evaluate | compare | report | run``.
+
+Thin: parse options, build the stage's typed config, call the stage function, print a rich summary. Stage
+modules are imported inside the commands so ``--help`` stays fast.
+"""
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from cxrlab.config import build_config
+
+console = Console()
+err_console = Console(stderr=True)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    """Add this module's commands to the root app (idempotent: main() may be called more than once)."""
+    have = {c.callback for c in app.registered_commands}
+    for name, fn in (("evaluate", evaluate_cmd), ("compare", compare_cmd), ("report", report_cmd), ("run", run_cmd)):
+        if fn not in have:
+            app.command(name)(fn)
+
+
+def _ci(ci: tuple[float, float] | None, digits: int = 3) -> str:
+    if not ci or not all(math.isfinite(v) for v in ci):
+        return ""
+    return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def _f(x: float | None, digits: int = 4) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def print_eval(res) -> None:  # noqa: ANN001 - EvalResult, imported lazily
+    p = res.prefix
+    console.print(f"[bold]evaluate[/]: {res.n} images from {res.data_source} (dataset {res.dataset_version})")
+    if res.absent_classes:
+        console.print(
+            f"[yellow]classes absent from this data:[/] {', '.join(res.absent_classes)} — their per-class metrics "
+            f"are undefined; macro averages are over {', '.join(res.present_classes)}"
+        )
+    t = Table(title="summary", title_justify="left")
+    t.add_column("metric", style="bold")
+    t.add_column("value", justify="right")
+    t.add_column("95% CI")
+    for name in ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auc_macro", "ece", "nll"):
+        key = f"{p}/{name}"
+        t.add_row(key, _f(res.metrics.get(key)), _ci(res.ci.get(key)))
+    console.print(t)
+    pc = Table(title="per class (recall = the class's accuracy; 95% CI)", title_justify="left")
+    for col in ("class", "n", "precision", "recall [95% CI]", "F1", "AUC", "FN", "FP"):
+        pc.add_column(col, justify="left" if col == "class" else "right")
+    for r in res.per_class.itertuples(index=False):
+        if not r.present:
+            pc.add_row(r[0], "0", "absent", "absent", "absent", "–", "–", str(r.fp))
+            continue
+        rec = f"{r.recall:.3f} {_ci((r.recall_lo, r.recall_hi), 2)}"
+        pc.add_row(r[0], str(r.support), _f(r.precision, 3), rec, _f(r.f1, 3), _f(r.auc, 3), str(r.fn), str(r.fp))
+    console.print(pc)
+    cm = Table(title="confusion matrix (rows = true, columns = predicted)", title_justify="left")
+    cm.add_column("")
+    for c in res.classes:
+        cm.add_column(c, justify="right")
+    for c, row in zip(res.classes, res.confusion, strict=True):
+        cm.add_row(c, *[str(int(v)) for v in row])
+    console.print(cm)
+    for s in res.skipped[:10]:
+        err_console.print(f"[yellow]skipped[/] {s['path']}: {s['reason']}")
+    if len(res.skipped) > 10:
+        err_console.print(f"[yellow]... and {len(res.skipped) - 10} more skipped files (see skipped.csv)[/]")
+    if res.wandb_logged:
+        console.print("logged to the run's W&B run")
+    console.print(f"results: {res.out_dir}  report: {res.paths.get('report', '-')}")
+
+
+def evaluate_cmd(
+    target: Path = typer.Argument(..., help="Run directory (runs/<id>) or model bundle directory.", show_default=False),
+    split: str = typer.Option("test", "--split", help="Split of the run's own data: test or val."),
+    data: Path | None = typer.Option(
+        None,
+        "--data",
+        help="Evaluate on other data: a folder of class folders (a subset of the classes is fine), a manifest "
+        "or a split csv (its --split rows).",
+    ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder [default: RUN/eval-<split>]."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Bootstrap resamples for the 95% CIs (0 = none)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    wandb: str = typer.Option("auto", "--wandb", help="auto = log to the run's W&B run when it has one; off."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Metrics with 95% bootstrap CIs, per-class table, confusion matrix, calibration (ECE + reliability
+    diagram), ROC AUC, predictions.csv and a self-contained report.html."""
+    from cxrlab.evaluate import EvalConfig, evaluate
+
+    cfg = build_config(
+        EvalConfig,
+        {
+            "target": target,
+            "split": split,
+            "data": data,
+            "out": out,
+            "batch_size": batch_size,
+            "n_boot": n_boot,
+            "seed": seed,
+            "device": device,
+            "wandb": wandb,
+            "progress": progress,
+        },
+        source="cxrlab evaluate",
+    )
+    print_eval(evaluate(cfg))
+
+
+def compare_cmd(
+    baseline: Path = typer.Argument(..., help="Baseline run or bundle directory.", show_default=False),
+    challenger: Path = typer.Argument(..., help="Challenger run or bundle directory.", show_default=False),
+    split: str = typer.Option("test", "--split", help="Split both runs were evaluated on: test or val."),
+    data: Path | None = typer.Option(None, "--data", help="Compare on this data instead of the runs' own split."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Output folder [default: ./compare-<baseline>-vs-<challenger>]."
+    ),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    n_boot: int = typer.Option(1000, "--n-boot", min=0),
+    seed: int = typer.Option(0, "--seed"),
+    alpha: float = typer.Option(0.05, "--alpha", help="Significance level of the verdict."),
+    device: str = typer.Option("auto", "--device"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Both models on the same images: metrics side by side, McNemar's exact test, a paired bootstrap CI of the
+    accuracy difference, false negatives/positives per class, and a plain verdict (compare.html/.json)."""
+    from cxrlab.evaluate import CompareConfig, compare
+
+    cfg = build_config(
+        CompareConfig,
+        {
+            "baseline": baseline,
+            "challenger": challenger,
+            "split": split,
+            "data": data,
+            "out": out,
+            "batch_size": batch_size,
+            "n_boot": n_boot,
+            "seed": seed,
+            "alpha": alpha,
+            "device": device,
+            "progress": progress,
+        },
+        source="cxrlab compare",
+    )
+    r = compare(cfg)
+    p = r.baseline.prefix
+    t = Table(title=f"baseline vs challenger on {r.n} images", title_justify="left")
+    for col in ("metric", "baseline", "95% CI", "challenger", "95% CI ", "Δ"):
+        t.add_column(col, justify="left" if col == "metric" else "right")
+    names = ["accuracy", "f1_macro", "precision_macro", "recall_macro", "auc_macro", "ece"]
+    names += [k.split("/", 1)[1] for k in r.baseline.metrics if "/recall_" in k]
+    for n in names:
+        k = f"{p}/{n}"
+        vb, vc = r.baseline.metrics.get(k, math.nan), r.challenger.metrics.get(k, math.nan)
+        t.add_row(n, _f(vb), _ci(r.baseline.ci.get(k)), _f(vc), _ci(r.challenger.ci.get(k)), f"{vc - vb:+.4f}")
+    console.print(t)
+    e = Table(title="errors per class (false negatives of the costly class first)", title_justify="left")
+    for col in r.errors.columns:
+        e.add_column(col.replace("_", " "), justify="left" if col == "class" else "right")
+    for row in r.errors.itertuples(index=False):
+        e.add_row(*[str(v) for v in row])
+    console.print(e)
+    mc = r.mcnemar
+    console.print(
+        f"McNemar: only baseline right b={mc.b}, only challenger right c={mc.c}; exact p={mc.p_exact:.4g}, "
+        f"mid-p={mc.p_midp:.4g}"
+    )
+    style = "green" if r.significant else "yellow"
+    console.print(f"[bold {style}]verdict:[/] {r.verdict}")
+    console.print(f"results: {r.out_dir}  report: {r.paths.get('report', '-')}")
+
+
+def report_cmd(
+    run: Path = typer.Argument(..., help="Run directory (or an eval-* folder).", show_default=False),
+    out: Path | None = typer.Option(None, "--out", "-o", help="HTML file to write [default: RUN/report.html]."),
+    audit: Path | None = typer.Option(None, "--audit", help="Audit folder to summarise [default: the pipeline's]."),
+) -> None:
+    """(Re)build the self-contained HTML report of a run from its files (training curves, evaluations,
+    calibration, audit summary, link to the explanations)."""
+    from cxrlab import report
+
+    if (run / "metrics.json").is_file() and not (run / "summary.json").is_file():
+        path = report.write_eval_report(run, out)
+    else:
+        path = report.write_run_report(run, out, audit_dir=audit)
+    console.print(f"report: {path}")
+
+
+def run_cmd(
+    src: Path | None = typer.Argument(
+        None, help="Raw data: folder of class folders, Kaggle train/test folder or CSV.", show_default=False
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (data/, split/, audit/, runs/<id>/, report)."),
+    demo: bool = typer.Option(False, "--demo", help="Generate synthetic phantoms as SRC (nothing downloaded)."),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="Training config [default: configs/cpu.yaml when present]."
+    ),
+    set_: list[str] = typer.Option([], "--set", help="Config override key=value (repeatable)."),
+    force: list[str] = typer.Option([], "--force", help="Redo this stage and the ones after it (repeatable)."),
+    per_class: int | None = typer.Option(None, "--per-class", help="Balanced subset of N images per class."),
+    skip_explain: bool = typer.Option(False, "--skip-explain", help="Do not run the explanation stage."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """The main job: ingest -> split -> audit -> train -> evaluate (-> explain) -> report, resumable stage by
+    stage (a finished stage is not redone)."""
+    from cxrlab.pipeline import RunConfig, run_pipeline
+
+    cfg = build_config(
+        RunConfig,
+        {
+            "src": src,
+            "out": out,
+            "demo": demo,
+            "config": config,
+            "overrides": list(set_),
+            "force": list(force),
+            "per_class": per_class,
+            "explain": not skip_explain,
+            "progress": progress,
+        },
+        source="cxrlab run",
+    )
+    res = run_pipeline(cfg, log=console.print)
+    t = Table(title="stages", title_justify="left")
+    t.add_column("stage", style="bold")
+    t.add_column("status")
+    t.add_column("seconds", justify="right")
+    t.add_column("output")
+    for s in res.stages:
+        t.add_row(s.name, s.status, f"{s.seconds:.1f}", str(s.output or ""))
+    console.print(t)
+    for k, v in res.headline.items():
+        console.print(f"  {k} = {v:.4f}")
+    console.print(f"[bold green]report:[/] {res.report}")
