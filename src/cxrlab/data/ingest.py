@@ -401,6 +401,7 @@ def _inspect(path: str) -> tuple[str, ...]:
 
 
 def _run_all(paths: list[str], workers: int, progress: bool) -> list[tuple[str, ...]]:
+    import imagehash  # noqa: F401  (imported once here so forked workers inherit it instead of importing it)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
