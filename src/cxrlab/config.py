@@ -82,6 +82,12 @@ class TrackingConfig(StrictModel):
     tags: list[str] = Field(default_factory=list)
     log_model: bool = Field(True, description="log the best model bundle as a W&B artifact (best only)")
 
+    @field_validator("wandb", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads `wandb: off` / `--set tracking.wandb=off` as False (and `on` as True)
+        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
+
 
 class PreprocessConfig(StrictModel):
     """Deterministic preprocessing applied identically in training and inference (travels in the bundle)."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import netrc
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -41,6 +43,29 @@ def resolve_wandb_mode(setting: str) -> WandbMode:
     if env in ("dryrun",):
         return "offline"
     return "online" if _logged_in() else "offline"
+
+
+@contextmanager
+def wandb_dirs(base: str | Path) -> Iterator[Path]:
+    """``point_wandb_dirs(base)`` for the duration of a block, then the environment as it was.
+
+    Several runs in one process (tests, sweeps) each keep their W&B files in their own run directory instead of
+    all following the first run's directory.
+    """
+    saved = {var: os.environ.get(var) for var in WANDB_DIR_VARS}
+    try:
+        yield point_wandb_dirs(base)
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+
+
+def sync_command(wandb_run_dir: str | Path | None) -> str | None:
+    """The command that uploads an offline W&B run later, or None."""
+    return f"wandb sync {wandb_run_dir}" if wandb_run_dir else None
 
 
 def point_wandb_dirs(base: str | Path) -> Path:

@@ -33,6 +33,12 @@ def _register_all() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point. Known errors print one clear message and exit 2."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    # torchmetrics imports matplotlib, which writes a font cache under ~/.cache and ~/.config: keep it in tmp so
+    # a run writes nothing outside its run directory and the temp dir.
+    import getpass
+    import tempfile
+
+    os.environ.setdefault("MPLCONFIGDIR", os.path.join(tempfile.gettempdir(), f"cxrlab-matplotlib-{getpass.getuser()}"))
     _register_all()
     try:
         app(args=argv, standalone_mode=False)

@@ -1,0 +1,570 @@
+"""``train(cfg) -> RunResult``: Lightning + timm on a split, a local run directory, optional W&B.
+
+Run directory ``<output_dir>/<run-id>/``::
+
+    config.yaml          the resolved config (num_classes and data from the split)
+    metrics.csv          one row per epoch: epoch, step, train/..., val/... (namespaced, macro-averaged)
+    checkpoints/         best.ckpt (max val/f1_macro, the seed's rule) and last.ckpt (for --resume)
+    bundle/              the best model as safetensors + bundle.json (what evaluate/predict/serve load)
+    summary.json         run id, best epoch, metrics, data, dataset version, class names, timing
+    wandb/               the W&B run (offline: sync later with ``wandb sync``), when tracking is on
+
+``train(cfg, resume="runs/<id>")`` continues an interrupted run in the same directory from ``last.ckpt``: model,
+optimizer, scheduler, loop and callback state come from the checkpoint, and the data order, augmentation and
+dropout streams are functions of ``(seed, epoch)`` (see ``cxrlab.datamodule`` and ``CXRClassifier``), so the
+resumed run sees the batches the uninterrupted run would have seen.
+
+Checkpoints are read with ``torch.load(weights_only=True)`` (no pickle code execution): Lightning's checkpoints of
+this module hold only tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import re
+import secrets
+import string
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cxrlab.config import Config, ConfigError, build_config, dump_config, read_yaml
+from cxrlab.errors import CxrlabError
+
+log = logging.getLogger(__name__)
+
+MONITOR = "val/f1_macro"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.csv"
+SUMMARY_FILE = "summary.json"
+WANDB_FILE = "wandb.json"  # W&B run id/mode, so a resumed run continues the same W&B run
+CKPT_DIR = "checkpoints"
+BUNDLE_DIR = "bundle"
+
+
+class RunError(CxrlabError):
+    """A run directory cannot be created or resumed; the message says which and what to do."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    run_id: str
+    bundle_dir: Path
+    best_epoch: int  # 0-based, as Lightning and metrics.csv number epochs
+    best_score: float  # val/f1_macro of the best epoch
+    metrics: dict[str, float]  # val/... of the best epoch, plus test/... when cfg.evaluate == "test"
+    epochs_run: int  # epochs completed (across resumes)
+    wandb_dir: Path | None = None  # the W&B run directory (offline-run-... / run-...)
+    wandb_mode: str = "disabled"
+    dataset_version: str = ""
+    class_names: list[str] = field(default_factory=list)
+    data: str = ""
+    wall_s: float = 0.0
+    skipped_images: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def wandb_sync(self) -> str | None:
+        """``wandb sync DIR`` for an offline run, else None."""
+        return f"wandb sync {self.wandb_dir}" if self.wandb_dir and self.wandb_mode == "offline" else None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("run_dir", "bundle_dir", "wandb_dir"):
+            d[k] = str(d[k]) if d[k] is not None else None
+        return d
+
+
+# ------------------------------------------------------------------------------------------- metrics.csv
+
+
+def _epoch_csv_logger(path: Path) -> Any:
+    """A Lightning logger writing ``metrics.csv`` with one row per epoch (train and val merged on ``epoch``).
+
+    Lightning's CSVLogger writes one row per log call (train and val of one epoch on separate rows); this one keeps
+    the row of each epoch and rewrites the (small) file after every call, so a crashed run keeps its history. On
+    resume, rows of epochs that are not run again are kept; an epoch that is run again replaces its row.
+    """
+    from lightning.pytorch.loggers.logger import Logger
+    from lightning.pytorch.utilities import rank_zero_only
+
+    class EpochCSVLogger(Logger):
+        def __init__(self) -> None:
+            super().__init__()
+            self.path = path
+            self.rows: dict[int, dict[str, Any]] = {}
+            self._touched: set[int] = set()
+            if path.is_file():
+                with path.open(newline="") as f:
+                    for r in csv.DictReader(f):
+                        self.rows[int(r["epoch"])] = {k: v for k, v in r.items() if v != ""}
+
+        @property
+        def name(self) -> str:
+            return "metrics_csv"
+
+        @property
+        def version(self) -> str:
+            return "0"
+
+        @rank_zero_only
+        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        @rank_zero_only
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            if "epoch" not in metrics:
+                return
+            values = {k: float(v) for k, v in metrics.items() if k.startswith(("train/", "val/"))}
+            if not values:
+                return
+            epoch = int(metrics["epoch"])
+            if epoch not in self._touched:  # first values of this epoch in this session: start the row afresh
+                self._touched.add(epoch)
+                self.rows[epoch] = {"epoch": epoch}
+            self.rows[epoch].update(values)
+            self.rows[epoch]["step"] = step
+
+        @rank_zero_only
+        def save(self) -> None:
+            if not self.rows:
+                return
+            keys = sorted({k for r in self.rows.values() for k in r} - {"epoch", "step"})
+            cols = ["epoch", "step"] + sorted(keys, key=lambda k: (not k.startswith("train/"), k))
+            tmp = self.path.with_suffix(".csv.tmp")
+            with tmp.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=cols)
+                w.writeheader()
+                for e in sorted(self.rows):
+                    w.writerow(self.rows[e])
+            tmp.replace(self.path)
+
+        @rank_zero_only
+        def finalize(self, status: str) -> None:
+            self.save()
+
+    return EpochCSVLogger()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
+    """``metrics.csv`` as a list of rows (floats; epoch and step as ints)."""
+    rows = []
+    with (Path(run_dir) / METRICS_FILE).open(newline="") as f:
+        for r in csv.DictReader(f):
+            row: dict[str, float] = {}
+            for k, v in r.items():
+                if v not in ("", None):
+                    row[k] = int(float(v)) if k in ("epoch", "step") else float(v)
+            rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- run dirs
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "run"
+
+
+def new_run_dir(cfg: Config) -> tuple[Path, str]:
+    """``<output_dir>/<run_name or model-YYYYmmdd-HHMMSS>``; a taken name gets a ``-2``, ``-3`` ... suffix."""
+    base = _safe(cfg.run_name or f"{cfg.model_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    parent = Path(cfg.output_dir).expanduser()
+    run_id, n = base, 1
+    while (parent / run_id).exists() and any((parent / run_id).iterdir()):
+        n += 1
+        run_id = f"{base}-{n}"
+    run_dir = parent / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir.resolve(), run_id
+
+
+def locate_resume(resume: str | Path) -> tuple[Path, Path]:
+    """A run directory or a checkpoint inside one -> (run_dir, checkpoint path)."""
+    p = Path(resume).expanduser()
+    if p.is_file() and p.suffix == ".ckpt":
+        run_dir = p.parent.parent if p.parent.name == CKPT_DIR else p.parent
+        ckpt = p
+    elif p.is_dir():
+        run_dir, ckpt = p, p / CKPT_DIR / "last.ckpt"
+    else:
+        raise RunError(f"cannot resume: {p} is neither a run directory nor a .ckpt file")
+    if not ckpt.is_file():
+        raise RunError(f"cannot resume {run_dir}: {ckpt} not found (the run saved no checkpoint before it stopped)")
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise RunError(f"cannot resume: {run_dir} has no {CONFIG_FILE}; pass the run directory made by `cxrlab train`")
+    return run_dir.resolve(), ckpt.resolve()
+
+
+def resume_config(resume: str | Path, overrides: Sequence[str] | None = None) -> Config:
+    """The stored config of a run (``runs/<id>/config.yaml``) plus ``key=value`` overrides (e.g. more epochs)."""
+    from cxrlab.config import apply_overrides
+
+    run_dir, _ = locate_resume(resume)
+    data = apply_overrides(read_yaml(run_dir / CONFIG_FILE), list(overrides or []))
+    return build_config(Config, data, source=str(run_dir / CONFIG_FILE))
+
+
+def _check_resume_compatible(cfg: Config, run_dir: Path) -> None:
+    stored = read_yaml(run_dir / CONFIG_FILE)
+    for key in ("model_name", "in_chans", "img_size", "num_classes"):
+        mine = getattr(cfg, key)
+        if key == "img_size":
+            mine = list(mine)
+        if mine is not None and stored.get(key) is not None and stored.get(key) != mine:
+            raise ConfigError(
+                f"cannot resume {run_dir} with {key}={mine!r}: the run was trained with {key}={stored[key]!r} "
+                f"(resume with the stored config: `cxrlab train --resume {run_dir}`)"
+            )
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+
+
+def _accelerator(cfg: Config) -> str:
+    return {"cuda": "gpu"}.get(cfg.device, cfg.device)
+
+
+def _uses_cuda(cfg: Config) -> bool:
+    return torch.cuda.is_available() and cfg.device in ("auto", "gpu", "cuda")
+
+
+def resolve_precision(cfg: Config) -> str:
+    """``auto`` -> 16-bit mixed precision on CUDA, full 32-bit elsewhere (CPU autocast is slower than fp32)."""
+    if cfg.precision == "auto":
+        return "16-mixed" if _uses_cuda(cfg) else "32-true"
+    return "32-true" if cfg.precision == "32" else cfg.precision
+
+
+def _deterministic(cfg: Config) -> bool | str:
+    # Some CUDA backward kernels (adaptive pooling) have no deterministic version: warn there instead of failing.
+    if cfg.trainer.deterministic and _uses_cuda(cfg):
+        return "warn"
+    return cfg.trainer.deterministic
+
+
+def _progress_bar(cfg: Config) -> list[Any]:
+    if not cfg.trainer.enable_progress_bar:
+        return []
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    return [RichProgressBar(leave=True)] if sys.stdout.isatty() else [TQDMProgressBar(refresh_rate=10)]
+
+
+def _wandb_config(cfg: Config, info: Any, run_id: str) -> dict[str, Any]:
+    d = cfg.model_dump(mode="json")
+    d.update(run_id=run_id, dataset_version=info.dataset_version, class_names=list(info.classes))
+    return d
+
+
+def _use_dataset_artifact(experiment: Any, cfg: Config, info: Any) -> str | None:
+    """Record the split's W&B dataset artifact (``data-<name>-split:<dataset_version>``) as this run's input.
+
+    Only online: an offline run cannot look artifacts up, and the dataset version is in its config instead.
+    """
+    import wandb
+
+    meta_path = info.root / "split.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    names = [meta["wandb_artifact"]] if meta.get("wandb_artifact") else ["data-xray-tiny-split", "data-xray-split"]
+    api = wandb.Api()
+    entity = cfg.tracking.entity or experiment.entity
+    for name in names:
+        ref = name if "/" in name else f"{entity}/{cfg.project}/{name}"
+        ref = ref if ":" in ref.rsplit("/", 1)[-1] else f"{ref}:{info.dataset_version}"
+        try:
+            api.artifact(ref, type="dataset")
+        except (wandb.errors.CommError, ValueError):  # not logged under this project/version
+            continue
+        experiment.use_artifact(ref)
+        return ref
+    return None
+
+
+# --------------------------------------------------------------------------------------------------- train
+
+
+def train(
+    cfg: Config,
+    resume: str | Path | None = None,
+    *,
+    callbacks: Sequence[Any] | None = None,
+) -> RunResult:
+    """Train ``cfg`` on the split ``cfg.data``; write the run directory; return where everything is.
+
+    ``resume``: a run directory (or a checkpoint inside one) to continue from its ``last.ckpt``; ``cfg`` should be
+    its stored config (``resume_config``), possibly with more epochs. ``callbacks``: extra Lightning callbacks
+    (e.g. a sweep's pruning callback).
+    """
+    import lightning as L
+
+    from cxrlab.datamodule import CXRDataModule, check_split, resolve_split
+    from cxrlab.model import build_model, model_data_config
+    from cxrlab.module import CXRClassifier
+    from cxrlab.tracking import resolve_wandb_mode, wandb_dirs
+
+    t0 = time.perf_counter()
+    info = resolve_split(cfg.data)
+    check_split(info, cfg.evaluate)  # before any directory is made: bad data leaves nothing behind
+    if cfg.num_classes is not None and cfg.num_classes != len(info.classes):
+        raise ConfigError(
+            f"num_classes={cfg.num_classes} but the data has {len(info.classes)} classes {info.classes}; "
+            "remove num_classes from the config (it is taken from the data)"
+        )
+    cfg = cfg.model_copy(update={"num_classes": len(info.classes), "data": str(info.root)})
+
+    ckpt_path: Path | None = None
+    if resume is not None:
+        run_dir, ckpt_path = locate_resume(resume)
+        run_id = run_dir.name
+        _check_resume_compatible(cfg, run_dir)
+        cfg = cfg.model_copy(update={"run_name": run_id, "output_dir": str(run_dir.parent)})
+    else:
+        run_dir, run_id = new_run_dir(cfg)
+        cfg = cfg.model_copy(update={"run_name": run_id})
+    dump_config(cfg, run_dir / CONFIG_FILE)
+
+    prev_threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    mode = resolve_wandb_mode(cfg.tracking.wandb)
+    try:
+        with wandb_dirs(run_dir) if mode != "disabled" else nullcontext(), warnings.catch_warnings(), _quiet_lightning():
+            # On 2 cores the main-process loader (num_workers=0) is the right choice; Lightning's hint says otherwise.
+            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+            # We log per epoch only, so the step-logging interval does not matter.
+            warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated.*")  # lightning vs torch 2.14
+            L.seed_everything(cfg.seed, workers=True, verbose=False)
+            model = build_model(cfg, len(info.classes))
+            mean, std = model_data_config(model)
+            dm = CXRDataModule(cfg, info, mean, std)
+            weights = dm.class_weights() if cfg.imbalance == "loss" else None
+            module = CXRClassifier(cfg, info.classes, class_weights=weights, model=model)
+            result = _fit_and_finish(cfg, info, dm, module, run_dir, run_id, ckpt_path, mode, callbacks or [])
+    finally:
+        torch.set_num_threads(prev_threads)
+    result.wall_s = round(time.perf_counter() - t0, 1)
+    _write_summary(result, cfg)
+    return result
+
+
+@contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Lightning's info lines (accelerator banner, tips, limit_* echoes) off for the run; warnings stay."""
+    lg = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    old = lg.level
+    lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        lg.setLevel(old)
+
+
+def _fit_and_finish(
+    cfg: Config,
+    info: Any,
+    dm: Any,
+    module: Any,
+    run_dir: Path,
+    run_id: str,
+    ckpt_path: Path | None,
+    mode: str,
+    extra_callbacks: Sequence[Any],
+) -> RunResult:
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    ckpt_dir = run_dir / CKPT_DIR
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="best",
+        monitor=MONITOR,
+        mode="max",
+        save_top_k=1,
+        save_last=True,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
+    callbacks: list[Any] = [checkpoint, *_progress_bar(cfg), *extra_callbacks]
+    if cfg.early_stopping_patience:
+        callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.early_stopping_patience))
+
+    loggers: list[Any] = [_epoch_csv_logger(run_dir / METRICS_FILE)]
+    wandb_logger = None
+    if mode != "disabled":
+        wandb_logger = _make_wandb_logger(cfg, info, run_dir, run_id, mode, resumed=ckpt_path is not None)
+        loggers.append(wandb_logger)
+
+    trainer = L.Trainer(
+        accelerator=_accelerator(cfg),
+        devices=cfg.devices,
+        precision=resolve_precision(cfg),
+        max_epochs=cfg.epochs,
+        accumulate_grad_batches=cfg.accumulate_grad_batches,
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        deterministic=_deterministic(cfg),
+        limit_train_batches=cfg.trainer.limit_train_batches,
+        limit_val_batches=cfg.trainer.limit_val_batches,
+        limit_test_batches=cfg.trainer.limit_test_batches,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        enable_progress_bar=cfg.trainer.enable_progress_bar,
+        enable_model_summary=False,
+        default_root_dir=str(run_dir),
+        logger=loggers,
+        callbacks=callbacks,
+        use_distributed_sampler=False,  # EpochSampler shards the training set itself (see cxrlab.datamodule)
+    )
+    wandb_dir: Path | None = None
+    ok = False
+    try:
+        if wandb_logger is not None:
+            experiment = wandb_logger.experiment
+            wandb_dir = Path(experiment.dir).parent
+            if mode == "online":
+                try:
+                    _use_dataset_artifact(experiment, cfg, info)
+                except Exception as e:  # noqa: BLE001 — optional lookup on a remote service; never fail a run on it
+                    log.warning("could not record the dataset artifact: %s", e)
+        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+        result = _finish(cfg, info, dm, module, trainer, checkpoint, run_dir, run_id, wandb_logger)
+        result.wandb_dir, result.wandb_mode = wandb_dir, mode
+        ok = True
+        return result
+    finally:
+        if wandb_logger is not None and trainer.is_global_zero:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.run.finish(exit_code=0 if ok else 1)
+
+
+def _make_wandb_logger(cfg: Config, info: Any, run_dir: Path, run_id: str, mode: str, resumed: bool) -> Any:
+    from lightning.pytorch.loggers import WandbLogger
+
+    id_file = run_dir / WANDB_FILE
+    wandb_id = None
+    if resumed and id_file.is_file():
+        wandb_id = json.loads(id_file.read_text()).get("id")
+    wandb_id = wandb_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    id_file.write_text(json.dumps({"id": wandb_id, "mode": mode}) + "\n")
+    return WandbLogger(
+        project=cfg.project,
+        entity=cfg.tracking.entity,
+        group=cfg.tracking.group,
+        tags=list(cfg.tracking.tags) or None,
+        name=run_id,
+        id=wandb_id,
+        resume="allow",
+        save_dir=str(run_dir),
+        mode=mode,
+        job_type="train",
+        config=_wandb_config(cfg, info, run_id),
+        log_model=False,  # the best bundle is logged once at the end (best only: sweeps must not fill the disk)
+    )
+
+
+def _finish(
+    cfg: Config,
+    info: Any,
+    dm: Any,
+    module: Any,
+    trainer: Any,
+    checkpoint: Any,
+    run_dir: Path,
+    run_id: str,
+    wandb_logger: Any,
+) -> RunResult:
+    from cxrlab.bundle import BundleMeta, save_bundle
+
+    best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else run_dir / CKPT_DIR / "best.ckpt"
+    if not best.is_file():
+        raise RunError(
+            f"no best checkpoint in {run_dir / CKPT_DIR}: validation never ran (check trainer.limit_val_batches)"
+        )
+    state = torch.load(best, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+    best_epoch = int(state["epoch"])
+
+    rows = {int(r["epoch"]): r for r in read_metrics(run_dir)} if (run_dir / METRICS_FILE).is_file() else {}
+    best_row = rows.get(best_epoch, {})
+    metrics = {k: float(v) for k, v in best_row.items() if k.startswith("val/")}
+    best_score = float(metrics.get(MONITOR, float("nan")))
+    if math.isnan(best_score) and checkpoint.best_model_score is not None:
+        best_score = float(checkpoint.best_model_score)
+
+    if cfg.evaluate == "test":
+        out = trainer.test(module, datamodule=dm, verbose=False)
+        metrics.update({k: float(v) for k, v in (out[0] if out else {}).items() if k.startswith("test/")})
+
+    mean, std = dm.mean, dm.std
+    meta = BundleMeta(
+        model_name=cfg.model_name,
+        class_names=list(info.classes),
+        img_size=tuple(cfg.img_size),
+        in_chans=cfg.in_chans,
+        mean=tuple(mean),
+        std=tuple(std),
+        preprocess=cfg.preprocess.model_dump(),
+        dataset_version=info.dataset_version,
+        metrics=dict(metrics),
+        config=cfg.model_dump(mode="json"),
+        run_id=run_id,
+    )
+    bundle_dir = run_dir / BUNDLE_DIR
+    if trainer.is_global_zero:
+        save_bundle(module.model, meta, bundle_dir)
+        if wandb_logger is not None and cfg.tracking.log_model:
+            _log_model_artifact(wandb_logger.experiment, bundle_dir, run_id, best_epoch, metrics, info)
+        if wandb_logger is not None:
+            wandb_logger.experiment.summary.update(
+                {"best_epoch": best_epoch, **{f"best/{k}": v for k, v in metrics.items()}}
+            )
+
+    return RunResult(
+        run_dir=run_dir,
+        run_id=run_id,
+        bundle_dir=bundle_dir,
+        best_epoch=best_epoch,
+        best_score=best_score,
+        metrics=metrics,
+        epochs_run=int(trainer.current_epoch),
+        dataset_version=info.dataset_version,
+        class_names=list(info.classes),
+        data=str(info.root),
+        skipped_images=dict(dm.skipped),
+    )
+
+
+def _log_model_artifact(
+    experiment: Any, bundle_dir: Path, run_id: str, best_epoch: int, metrics: dict[str, float], info: Any
+) -> None:
+    import wandb
+
+    art = wandb.Artifact(
+        f"model-{_safe(run_id)}",
+        type="model",
+        description=f"best model bundle of run {run_id} (epoch {best_epoch}, by {MONITOR})",
+        metadata={"best_epoch": best_epoch, "dataset_version": info.dataset_version, **metrics},
+    )
+    art.add_dir(str(bundle_dir))
+    experiment.log_artifact(art, aliases=["best", "latest"])
+
+
+def _write_summary(result: RunResult, cfg: Config) -> None:
+    d = result.to_json()
+    d["wandb_sync"] = result.wandb_sync
+    d["model_name"] = cfg.model_name
+    d["evaluate"] = cfg.evaluate
+    (result.run_dir / SUMMARY_FILE).write_text(json.dumps(d, indent=2) + "\n")
