@@ -228,7 +228,8 @@ def _pil_bit_depth(im: Image.Image, head: bytes) -> int:
 
 
 def _open_pil(fileobj: io.BytesIO | io.BufferedReader, path: str, fmt: str) -> Image.Image:
-    # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; both are errors here.
+    # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; both are errors here. catch_warnings is
+    # process-global (not thread-safe); callers also run _check_pixels, which enforces the limit regardless.
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
