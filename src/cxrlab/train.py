@@ -339,7 +339,8 @@ def train(
         torch.set_num_threads(cfg.threads)
     mode = resolve_wandb_mode(cfg.tracking.wandb)
     try:
-        with wandb_dirs(run_dir) if mode != "disabled" else nullcontext(), warnings.catch_warnings(), _quiet_lightning():
+        wandb_env = wandb_dirs(run_dir) if mode != "disabled" else nullcontext()
+        with wandb_env, warnings.catch_warnings(), _quiet_lightning():
             # On 2 cores the main-process loader (num_workers=0) is the right choice; Lightning's hint says otherwise.
             warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")

@@ -56,10 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # click usage errors
         import click
 
-        if isinstance(e, click.exceptions.ClickException):
+        try:  # typer >= 0.2x raises its vendored click's exceptions, which are not click's classes
+            from typer._click import exceptions as vendored
+        except ImportError:
+            vendored = click.exceptions
+        if isinstance(e, (click.exceptions.ClickException, vendored.ClickException)):
             e.show()
             return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, (click.exceptions.Abort, vendored.Abort)):
             return 1
         raise
     return 0
