@@ -23,11 +23,19 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 
 
+_registered = False
+
+
 def _register_all() -> None:
+    """Add every command group once (main() may be called many times in one process, e.g. by tests)."""
+    global _registered
+    if _registered:
+        return
     from cxrlab.cli import data, evaluate, explain, serve, sweep, train
 
     for mod in (data, train, evaluate, explain, sweep, serve):
         mod.register(app)
+    _registered = True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MPLCONFIGDIR", os.path.join(tempfile.gettempdir(), f"cxrlab-matplotlib-{getpass.getuser()}"))
     _register_all()
     try:
-        app(args=argv, standalone_mode=False)
+        # without standalone mode click returns typer.Exit(code)'s code instead of raising SystemExit
+        rc = app(args=argv, standalone_mode=False)
+        if isinstance(rc, int) and not isinstance(rc, bool) and rc:
+            return rc
     except CxrlabError as e:
         err_console.print(f"[bold red]error:[/] {e}")
         return 2
