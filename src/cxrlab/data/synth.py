@@ -57,8 +57,14 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, scale: int) -> np.nd
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
 
 
-def make_phantom(label: str, rng: np.random.Generator, size: int = 256, marker: bool = False) -> np.ndarray:
-    """One phantom radiograph (``size`` x ``size`` uint8) of class ``label``."""
+def make_phantom(
+    label: str, rng: np.random.Generator, size: int = 256, marker: bool = False, masks: dict | None = None
+) -> np.ndarray:
+    """One phantom radiograph (``size`` x ``size`` uint8) of class ``label``.
+
+    ``masks``: when a dict is given, it receives the ground truth as bool arrays: ``"lungs"`` (the two lung
+    ellipses) and ``"marker"`` (pixels of the burned-in marker; all False without one). Drawing is unchanged.
+    """
     if label not in CLASSES:
         raise ValueError(f"unknown phantom class {label!r}; valid: {', '.join(CLASSES)}")
     h = w = size
@@ -111,6 +117,13 @@ def make_phantom(label: str, rng: np.random.Generator, size: int = 256, marker: 
         thick = max(1, int(round(2 * s)))
         org = (int(rng.uniform(6, 24) * s), int(rng.uniform(28, 40) * s))
         cv2.putText(out, letter, org, cv2.FONT_HERSHEY_SIMPLEX, scale, 255, thick, cv2.LINE_AA)
+        if masks is not None:
+            mk = np.zeros((h, w), np.uint8)
+            cv2.putText(mk, letter, org, cv2.FONT_HERSHEY_SIMPLEX, scale, 1, thick, cv2.LINE_AA)
+            masks["marker"] = mk > 0
+    if masks is not None:
+        masks["lungs"] = lung_any > 0
+        masks.setdefault("marker", np.zeros((h, w), bool))
     return out
 
 
