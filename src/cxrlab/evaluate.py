@@ -779,72 +779,83 @@ def _write_metrics_json(result: EvalResult, cfg: EvalConfig | None, summary: dic
 # --------------------------------------------------------------------------------------------- W&B
 
 
-def _wandb_run_info(run_dir: Path, summary: dict[str, Any]) -> tuple[str | None, str, Path | None]:
-    """(run id, mode, wandb dir) of the run's W&B run, from summary.json or the wandb directory."""
-    wb = summary.get("wandb") if isinstance(summary.get("wandb"), dict) else {}
-    run_id = summary.get("wandb_run_id") or wb.get("run_id") or wb.get("id")
-    wdir = summary.get("wandb_dir") or wb.get("dir")
-    wandb_dir = Path(wdir) if wdir else None
-    if wandb_dir is None:
-        for cand in (run_dir / "wandb", run_dir / "wandb" / "wandb"):
-            if cand.is_dir():
-                wandb_dir = cand
-                break
-    mode = str(wb.get("mode") or summary.get("wandb_mode") or "")
-    if wandb_dir is not None and wandb_dir.is_dir():
-        runs = sorted(list(wandb_dir.glob("offline-run-*")) + list(wandb_dir.glob("run-*")))
-        runs += sorted(list(wandb_dir.glob("wandb/offline-run-*")) + list(wandb_dir.glob("wandb/run-*")))
-        if runs:
-            last = runs[-1].name
-            mode = mode or ("offline" if last.startswith("offline-") else "online")
-            run_id = run_id or last.rsplit("-", 1)[-1]
-    return (str(run_id) if run_id else None), (mode or "offline"), wandb_dir
+def _wandb_run_info(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any] | None:
+    """Id, mode, project and entity of the run's W&B run (train writes ``wandb.json`` = {id, mode}), or None
+    when the run was not tracked."""
+    info: dict[str, Any] = {}
+    wj = run_dir / "wandb.json"
+    if wj.is_file():
+        try:
+            info = json.loads(wj.read_text())
+        except json.JSONDecodeError:
+            info = {}
+    mode = str(info.get("mode") or summary.get("wandb_mode") or "")
+    run_id = info.get("id")
+    if not run_id and summary.get("wandb_dir"):
+        run_id = Path(str(summary["wandb_dir"])).name.rsplit("-", 1)[-1]  # offline-run-<time>-<id>
+    if not run_id or mode in ("", "disabled"):
+        return None
+    cfg: dict[str, Any] = {}
+    if (run_dir / "config.yaml").is_file():
+        import yaml
+
+        try:
+            cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        except yaml.YAMLError:
+            cfg = {}
+    tracking = cfg.get("tracking") if isinstance(cfg.get("tracking"), dict) else {}
+    return {
+        "id": str(run_id),
+        "mode": mode if mode in ("online", "offline") else "offline",
+        "project": summary.get("project") or cfg.get("project") or "cxr-classification",
+        "entity": tracking.get("entity"),
+    }
 
 
 def log_to_wandb(result: EvalResult, run_dir: Path, summary: dict[str, Any]) -> bool:
-    """Resume the run's W&B run (same id and mode) and add the evaluation: summary metrics, confusion matrix
-    and predictions table. Optional and robust: any failure is a warning, never an error."""
-    run_id, mode, wandb_dir = _wandb_run_info(run_dir, summary)
-    if not run_id or mode == "disabled":
+    """Resume the run's W&B run (same id, same mode) and add the evaluation: summary metrics with their CIs,
+    the confusion matrix and the predictions table. Optional and robust: a failure is a warning, never an
+    error (the local files are the record)."""
+    info = _wandb_run_info(run_dir, summary)
+    if info is None:
         return False
-    if mode not in ("online", "offline"):
-        mode = "offline"
     try:
         import wandb
 
-        base = wandb_dir.parent if wandb_dir is not None and wandb_dir.name == "wandb" else (wandb_dir or run_dir)
-        project = summary.get("project") or (summary.get("wandb") or {}).get("project") or "cxr-classification"
-        run = wandb.init(
-            id=run_id,
-            project=project,
-            resume="allow",
-            mode=mode,
-            dir=str(base),
-            reinit="create_new",
-            settings=wandb.Settings(silent=True, console="off"),
-        )
-        try:
-            for k, v in result.metrics.items():
-                if math.isfinite(v):
-                    run.summary[k] = v
-            for k, (lo, hi) in result.ci.items():
-                if math.isfinite(lo):
-                    run.summary[f"{k}_ci_low"], run.summary[f"{k}_ci_high"] = lo, hi
-            p = result.prefix
-            table = wandb.Table(dataframe=result.predictions.assign(correct=result.predictions["correct"].astype(int)))
-            run.log(
-                {
-                    f"{p}/confusion_matrix": wandb.plot.confusion_matrix(
-                        y_true=result.y_true.tolist(), preds=result.y_pred.tolist(), class_names=result.classes
-                    ),
-                    f"{p}/predictions": table,
-                }
+        from cxrlab.tracking import wandb_dirs
+
+        with wandb_dirs(run_dir):
+            run = wandb.init(
+                id=info["id"],
+                project=info["project"],
+                entity=info["entity"],
+                resume="allow",
+                mode=info["mode"],
+                dir=str(run_dir),
+                job_type="evaluate",
+                settings=wandb.Settings(silent=True, console="off"),
             )
-        finally:
-            run.finish()
+            try:
+                summ = {k: v for k, v in result.metrics.items() if math.isfinite(v)}
+                for k, (lo, hi) in result.ci.items():
+                    if math.isfinite(lo) and math.isfinite(hi):
+                        summ[f"{k}_ci_low"], summ[f"{k}_ci_high"] = lo, hi
+                run.summary.update(summ)
+                p = result.prefix
+                preds = result.predictions.assign(correct=result.predictions["correct"].astype(int))
+                run.log(
+                    {
+                        f"{p}/confusion_matrix": wandb.plot.confusion_matrix(
+                            y_true=result.y_true.tolist(), preds=result.y_pred.tolist(), class_names=result.classes
+                        ),
+                        f"{p}/predictions": wandb.Table(dataframe=preds),
+                    }
+                )
+            finally:
+                run.finish()
         return True
     except Exception as e:  # tracking must never break an evaluation
-        log.warning("could not log the evaluation to W&B run %s: %s", run_id, e)
+        log.warning("could not log the evaluation to W&B run %s: %s", info["id"], e)
         return False
 
 
@@ -875,19 +886,28 @@ def _order_costly_first(classes: list[str]) -> list[str]:
     return costly + [c for c in classes if c not in costly]
 
 
-def _read_attention(run_dir: Path | None) -> dict[str, float] | None:
-    """Mean attention scores of the latest explanation of a run (``explain-*/attention.json``)."""
+ATTENTION_KEYS = ("in_lungs", "on_text", "on_border", "on_text_where_text", "with_text", "n_images")
+
+
+def _read_attention(run_dir: Path | None, split: str) -> dict[str, float] | None:
+    """Mean attention shares of a run's explanation (``explain-*/attention.json``, written by cxrlab.explain).
+
+    Prefers an explanation of every image (not errors only) on the compared split, then the newest."""
     if run_dir is None:
         return None
-    files = sorted(run_dir.glob("explain*/attention.json"), key=lambda p: p.stat().st_mtime)
-    if not files:
+    docs = []
+    for f in run_dir.glob("explain*/attention.json"):
+        try:
+            doc = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("summary"), dict):
+            rank = (doc.get("subset", "all") == "all", doc.get("split") == split, f.stat().st_mtime)
+            docs.append((rank, doc))
+    if not docs:
         return None
-    try:
-        doc = json.loads(files[-1].read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    src = doc.get("summary", doc) if isinstance(doc, dict) else {}
-    out = {k: float(v) for k, v in src.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    summary = max(docs, key=lambda x: x[0])[1]["summary"]
+    out = {k: float(summary[k]) for k in ATTENTION_KEYS if isinstance(summary.get(k), int | float)}
     return out or None
 
 
@@ -986,7 +1006,7 @@ def compare(cfg: CompareConfig) -> CompareResult:
     errors = pd.DataFrame(rows)
     significant, verdict = make_verdict(n, mc, diff, diff_ci, cfg.alpha)
 
-    att_a, att_c = _read_attention(base.run_dir), _read_attention(chal.run_dir)
+    att_a, att_c = _read_attention(base.run_dir, cfg.split), _read_attention(chal.run_dir, cfg.split)
     attention = None
     if att_a and att_c:
         keys_att = [k_ for k_ in att_a if k_ in att_c]

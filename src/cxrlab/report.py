@@ -157,7 +157,10 @@ def training_curves_figure(metrics_csv: Path, best_epoch: int | None = None) -> 
     a2.set_title("scores", fontsize=10)
     a2.set_xlabel("epoch")
     a2.set_ylim(max(0.0, min(0.5, a2.get_ylim()[0])), 1.01)
+    from matplotlib.ticker import MaxNLocator
+
     for a in (a1, a2):
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
         if best_epoch is not None:
             a.axvline(best_epoch, color="0.6", ls=":", lw=1, label=f"best epoch {best_epoch}")
         if a.lines:
@@ -217,6 +220,7 @@ text-align:right}th:first-child,td:first-child{text-align:left}th{background:#f6
 .ok{background:#eaf6ea;border-left:4px solid #3a3;padding:.5em .8em;margin:.8em 0}
 .figs{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}figure{margin:0}
 figcaption{font-size:.85em;color:#555}img.plot{max-width:100%;height:auto;border:1px solid #eee}
+.figs figure{max-width:48%}
 .gallery{display:flex;flex-wrap:wrap;gap:.6em}.gallery figure{width:140px;font-size:.75em}
 .gallery img{width:140px;height:140px;object-fit:contain;background:#000}
 code{background:#f3f3f3;padding:0 .2em}
@@ -618,17 +622,43 @@ def write_run_report(run_dir: Path, out: Path | None = None, audit_dir: Path | N
                 + eval_section_html(d, heading_level=3, gallery=d == _latest_eval_dirs(rd)[0])
                 + f"<p class='meta'><a href='{esc(_rel(d / 'report.html'))}'>this evaluation on its own page</a></p>"
             )
-        explains = sorted(rd.glob("explain*/explain.html"), key=lambda p: p.stat().st_mtime)
-        if explains:
-            parts.append(
-                "<h2>Explanations</h2><p>"
-                + " · ".join(f"<a href='{esc(_rel(e))}'>{esc(e.parent.name)}</a>" for e in explains)
-                + "</p>"
-            )
+        parts.append(_explain_section(rd))
         path.write_text(page(f"cxrlab run {run_id}", "\n".join(x for x in parts if x)))
     finally:
         _REL_BASE.pop()
     return path
+
+
+def _explain_section(rd: Path) -> str:
+    """Links to the run's explanation pages and their mean attention shares (from attention.json)."""
+    explains = sorted(rd.glob("explain*/explain.html"), key=lambda p: p.stat().st_mtime)
+    if not explains:
+        return ""
+    rows = []
+    for e in explains:
+        doc: dict[str, Any] = {}
+        if (e.parent / "attention.json").is_file():
+            try:
+                doc = json.loads((e.parent / "attention.json").read_text())
+            except json.JSONDecodeError:
+                doc = {}
+        s = doc.get("summary", {}) if isinstance(doc.get("summary"), dict) else {}
+        rows.append(
+            [
+                f"<a href='{esc(_rel(e))}'>{esc(e.parent.name)}</a>",
+                esc(doc.get("subset", "")),
+                s.get("n_images", ""),
+                fmt(s.get("in_lungs")),
+                fmt(s.get("on_text")),
+                fmt(s.get("on_border")),
+            ]
+        )
+    cols = ["explanation", "images", "n", "attention in lungs", "attention on text", "attention on border"]
+    return (
+        "<h2>Explanations</h2><p class='meta'>Mean share of the Grad-CAM mass per region: a model that looks at "
+        "text or the border instead of the lungs has learned a shortcut.</p>"
+        + table_html(pd.DataFrame(rows, columns=cols))
+    )
 
 
 def _find_pipeline_audit(run_dir: Path) -> Path | None:

@@ -212,6 +212,10 @@ def run_cmd(
     force: list[str] = typer.Option([], "--force", help="Redo this stage and the ones after it (repeatable)."),
     per_class: int | None = typer.Option(None, "--per-class", help="Balanced subset of N images per class."),
     skip_explain: bool = typer.Option(False, "--skip-explain", help="Do not run the explanation stage."),
+    skip_audit: bool = typer.Option(False, "--skip-audit", help="Do not run the data audit."),
+    demo_n: int = typer.Option(150, "--demo-n", min=2, help="--demo: phantoms per class."),
+    demo_size: int = typer.Option(160, "--demo-size", min=32, help="--demo: phantom size in pixels."),
+    n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Bootstrap resamples of the evaluation CIs."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """The main job: ingest -> split -> audit -> train -> evaluate (-> explain) -> report, resumable stage by
@@ -229,6 +233,10 @@ def run_cmd(
             "force": list(force),
             "per_class": per_class,
             "explain": not skip_explain,
+            "audit": not skip_audit,
+            "demo_n_per_class": demo_n,
+            "demo_size": demo_size,
+            "n_boot": n_boot,
             "progress": progress,
         },
         source="cxrlab run",
