@@ -1,9 +1,85 @@
-"""CLI commands: sweep (placeholder until its stage lands)."""
+"""CLI command ``cxrlab sweep``: run a W&B-format sweep file with Optuna (default) or W&B.
+
+Thin: parse options, build ``SweepConfig``, call ``cxrlab.sweep.sweep``, print the summary table, the best
+trial and where the files are. Several copies of the same command (same ``--storage``) share the work.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+from rich.console import Console
+
+console = Console()
+
+
+def sweep_cmd(
+    sweep_file: Path = typer.Argument(
+        ..., help="W&B sweep YAML (method, metric, parameters), e.g. configs/sweep.yaml", show_default=False
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="training YAML every trial starts from (e.g. configs/cpu.yaml)"
+    ),
+    data: str | None = typer.Option(None, "--data", help="split directory used by every trial"),
+    storage: str | None = typer.Option(
+        None,
+        "--storage",
+        help="Optuna storage URL shared by all workers (postgresql://user:pw@host/db); "
+        "default sqlite:///<out>/<name>/study.db",
+    ),
+    n_trials: int | None = typer.Option(
+        None, "--n-trials", "-n", min=1, help="run at most N trials here; random/bayes: sweep size if no run_cap"
+    ),
+    backend: str = typer.Option("optuna", "--backend", help="optuna (no server needed) or wandb (needs a server)"),
+    overrides: list[str] = typer.Option([], "--set", help="key=value applied to every trial (repeatable)"),
+    out: Path = typer.Option(Path("sweeps"), "--out", "-o", help="parent directory of the sweep directory"),
+    name: str | None = typer.Option(None, "--name", help="sweep/study name; default the YAML's name or file stem"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="re-run points whose trial failed with an error"),
+    seed: int | None = typer.Option(None, "--seed", help="sampler seed for random/bayes (default: config seed)"),
+) -> None:
+    """Run a hyper-parameter sweep; re-running the same command resumes it, several copies share it."""
+    from cxrlab.config import build_config
+    from cxrlab.sweep import SweepConfig, summary_table, sweep
+
+    cfg = build_config(
+        SweepConfig,
+        {
+            "sweep_file": sweep_file,
+            "base_config": config,
+            "data": data,
+            "storage": storage,
+            "n_trials": n_trials,
+            "backend": backend,
+            "overrides": overrides,
+            "out": out,
+            "name": name,
+            "retry_failed": retry_failed,
+            "seed": seed,
+        },
+        source="command line",
+    )
+    res = sweep(cfg)
+    console.print(summary_table(res))
+    if res.constants:
+        console.print("constants: " + ", ".join(f"{k}={v}" for k, v in res.constants.items()))
+    if res.best:
+        b = res.best
+        params = ", ".join(f"{k}={v}" for k, v in b["params"].items())
+        console.print(f"[bold green]best[/]: trial {b['trial']} ({params}) {res.metric} = {b['objective']:.4f}")
+        if b["run_dir"]:
+            console.print(f"  run: {b['run_dir']}")
+    if res.failed:
+        console.print(f"[red]{len(res.failed)} failed trial(s)[/]: " + ", ".join(str(r["trial"]) for r in res.failed))
+    state = "complete" if res.complete else f"{res.pending} to run, {res.running_elsewhere} running elsewhere"
+    console.print(f"ran {len(res.ran_here)} trial(s) here; sweep {state}; storage {res.storage}")
+    console.print(f"table: {res.summary_csv}\nplot:  {res.plot_html}")
+    if not res.best and res.failed:
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    """Add ``sweep`` to the root app (idempotent: main() may be called more than once)."""
+    if any(c.name == "sweep" for c in app.registered_commands):
+        return
+    app.command("sweep")(sweep_cmd)
