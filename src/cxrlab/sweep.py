@@ -624,6 +624,23 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def storage_url(url: str) -> str:
+    """Pick an installed PostgreSQL driver for a bare ``postgresql://`` (or ``postgres://``) URL.
+
+    SQLAlchemy >= 2.1 maps a bare ``postgresql://`` to psycopg 3; many installs (ours: psycopg2-binary) only
+    have psycopg2, so the URL names whichever driver is importable. URLs with an explicit driver are kept.
+    """
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        return url
+    for module, driver in (("psycopg", "psycopg"), ("psycopg2", "psycopg2")):
+        if importlib.util.find_spec(module) is not None:
+            return f"postgresql+{driver}://{rest}"
+    return f"postgresql://{rest}"
+
+
 def redact_url(url: str) -> str:
     try:
         from sqlalchemy.engine import make_url
@@ -686,6 +703,7 @@ class _OptunaSweep:
         url = cfg.storage or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
         if "://" not in url:
             raise SweepError(f"--storage must be a database URL (sqlite:///path.db, postgresql://...), got '{url}'")
+        url = storage_url(url)
         self.url = url
         # SQLite: several local workers wait up to 60 s for the write lock instead of failing at once.
         sqlite = url.startswith("sqlite")
