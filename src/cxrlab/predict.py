@@ -262,19 +262,28 @@ class Predictor:
 
     # ---------------------------------------------------------------------------------------- Grad-CAM
 
-    def cam_overlays(self, grays: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Grad-CAM overlays (HxWx3 uint8 RGB) of the predicted class for each image, via ``cxrlab.explain``.
+    def cam_overlays(self, grays: Sequence[np.ndarray], max_side: int = 512) -> list[np.ndarray]:
+        """Grad-CAM overlays (H x W x 3 uint8 RGB, longer side at most ``max_side``) of the predicted class.
 
-        Serialised: Grad-CAM registers hooks on the shared model, which is not safe from two threads at once.
+        The CAM comes from ``cxrlab.explain.CamEngine`` (pytorch-grad-cam, target layer chosen automatically) on
+        the bundle's preprocessed input and is drawn over the *original* image with ``cxrlab.explain.overlay``
+        (the model input is a plain resize of it, so stretching the CAM back to the original shape is exact).
+        Serialised and hooks removed afterwards: Grad-CAM hooks the shared model, which other threads may use.
         """
-        try:
-            from cxrlab.explain import gradcam_overlays
-        except ImportError as e:
-            raise PredictError(
-                "Grad-CAM overlays need cxrlab.explain.gradcam_overlays, which this installation lacks"
-            ) from e
-        with self._cam_lock:
-            return list(gradcam_overlays(self.bundle, list(grays)))
+        import cv2
+
+        from cxrlab.explain import CamEngine, overlay
+
+        if not grays:
+            return []
+        x = torch.stack([self.preprocess(g) for g in grays])
+        with self._cam_lock, CamEngine(self.bundle.model, None, "gradcam", (1, *x.shape[1:])) as engine:
+            cams, _ = engine(x)
+        out = []
+        for g, cam in zip(grays, cams, strict=True):
+            _, bgr = overlay(g, cam, None, min(max_side, max(g.shape)))
+            out.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        return out
 
 
 def _unique(cam_dir: Path, path: Path, used: set[str]) -> Path:
