@@ -482,3 +482,60 @@ def test_worker_lost_on_another_machine_is_rerun_after_heartbeat_grace(tmp_path:
     res = sweep(_cfg(tmp_path, SEED_SWEEP, heartbeat_s=1, grace_s=1), train_fn=late)
     assert [(c.model_name, c.optimizer) for c in late.calls] == [ghost_point]
     assert res.complete and sorted(_points(res.rows)) == sorted(SEED_POINTS)  # ... until its heartbeat is stale
+
+
+# ------------------------------------------------------------------------------------- real training
+
+
+@pytest.mark.slow
+def test_cli_sweep_with_real_training_and_a_failing_trial(
+    phantom_split: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The seed's model x optimizer grid shape, end to end through ``cxrlab sweep`` and the real ``train()``
+    (timm's tiny test models on phantoms; the seed's real grid is measured by hand, see the module notes),
+    with an invalid model name in the grid: its trials are FAILED with the reason, the rest finish."""
+    from cxrlab.cli import main
+
+    f = _write(
+        tmp_path / "grid.yaml",
+        {
+            "name": "real",
+            "method": "grid",
+            "metric": {"name": "val/accuracy", "goal": "maximize"},
+            "parameters": {
+                "model_name": {"values": ["test_efficientnet", "no_such_model"]},
+                "optimizer": {"values": ["AdamW", "RAdam"]},
+                "pre_trained": {"value": False},
+                "img_size": {"value": [64, 64]},
+                "epochs": {"value": 1},
+                "batch_size": {"value": 16},
+                "trainer": {"parameters": {"limit_train_batches": {"value": 2}}},
+            },
+        },
+    )
+    out = tmp_path / "sweeps"
+    argv = ["sweep", str(f), "--data", str(phantom_split), "--out", str(out)]
+    argv += ["--set", "tracking.wandb=off", "--set", "trainer.enable_progress_bar=false"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "best" in text and "no_such_model" in text and "2 failed trial(s)" in text
+
+    import csv
+
+    rows = list(csv.DictReader((out / "real" / "summary.csv").open()))
+    assert len(rows) == 4
+    ok = [r for r in rows if r["status"] == "COMPLETE"]
+    bad = [r for r in rows if r["status"] == "FAILED"]
+    assert {r["optimizer"] for r in ok} == {"AdamW", "RAdam"} and {r["model_name"] for r in ok} == {"test_efficientnet"}
+    assert {r["model_name"] for r in bad} == {"no_such_model"} and all("no_such_model" in r["reason"] for r in bad)
+    for r in ok:
+        assert 0.0 <= float(r["val/accuracy"]) <= 1.0 and r["test/recall_COVID19"] != ""
+        run = Path(r["run_dir"])
+        assert run.parent == out / "real" / "runs" and run.name == f"real-t{int(r['trial']):03d}"
+        assert (run / "bundle" / "model.safetensors").is_file() and (run / "metrics.csv").is_file()
+        run_cfg = yaml.safe_load((run / "config.yaml").read_text())
+        assert run_cfg["tracking"]["group"] == "real" and run_cfg["optimizer"] == r["optimizer"]
+    assert (out / "real" / "parcoords.html").stat().st_size > 1_000_000
+
+    assert main(argv) == 0  # the same command again: nothing to run
+    assert "ran 0 trial(s) here; sweep complete" in capsys.readouterr().out

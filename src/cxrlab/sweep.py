@@ -1112,7 +1112,7 @@ def write_summary_csv(rows: list[dict[str, Any]], params: list[str], metric: str
                     r["trial"],
                     r["status"],
                     *[_cell(r["params"].get(p, "")) for p in params],
-                    *[vals.get(m, "") for m in mcols],
+                    *[_cell(vals.get(m, "")) for m in mcols],
                     r["reason"],
                     r["duration_s"] if r["duration_s"] is not None else "",
                     r["worker"],
@@ -1124,6 +1124,8 @@ def write_summary_csv(rows: list[dict[str, Any]], params: list[str], metric: str
 
 
 def _cell(v: Any) -> Any:
+    if isinstance(v, float) and math.isfinite(v):
+        return float(f"{v:.6g}")  # float32 metrics: 0.3333333432674408 -> 0.333333
     return json.dumps(v) if isinstance(v, list | dict) else v
 
 
@@ -1211,7 +1213,9 @@ def summary_table(result: SweepResult, max_reason: int = 60) -> Table:
     for k in extra:
         t.add_column(k, justify="right")
     t.add_column("status")
-    t.add_column("reason", overflow="fold")
+    show_reason = any(r["reason"] for r in result.rows)
+    if show_reason:
+        t.add_column("reason", overflow="fold")
     best = result.best["trial"] if result.best else None
     colour = {"COMPLETE": "green", "FAILED": "red", "RUNNING": "cyan", "INTERRUPTED": "yellow"}
     for r in result.rows:
@@ -1223,7 +1227,7 @@ def summary_table(result: SweepResult, max_reason: int = 60) -> Table:
             fmt(r["objective"]),
             *[fmt(r["metrics"].get(k)) for k in extra],
             f"[{colour.get(r['status'], 'white')}]{r['status']}[/]",
-            reason,
+            *([reason] if show_reason else []),
         )
     return t
 

@@ -60,20 +60,23 @@ def sweep_cmd(
         source="command line",
     )
     res = sweep(cfg)
-    console.print(summary_table(res))
+    # Piped/CI output has no terminal width; give the wide table room instead of folding every cell.
+    out_console = console if console.is_terminal else Console(width=max(console.width, 200))
+    out_console.print(summary_table(res))
     if res.constants:
-        console.print("constants: " + ", ".join(f"{k}={v}" for k, v in res.constants.items()))
+        out_console.print("constants: " + ", ".join(f"{k}={v}" for k, v in res.constants.items()))
     if res.best:
         b = res.best
         params = ", ".join(f"{k}={v}" for k, v in b["params"].items())
-        console.print(f"[bold green]best[/]: trial {b['trial']} ({params}) {res.metric} = {b['objective']:.4f}")
+        out_console.print(f"[bold green]best[/]: trial {b['trial']} ({params}) {res.metric} = {b['objective']:.4f}")
         if b["run_dir"]:
-            console.print(f"  run: {b['run_dir']}")
+            out_console.print(f"  run: {b['run_dir']}")
     if res.failed:
-        console.print(f"[red]{len(res.failed)} failed trial(s)[/]: " + ", ".join(str(r["trial"]) for r in res.failed))
+        which = ", ".join(str(r["trial"]) for r in res.failed)
+        out_console.print(f"[red]{len(res.failed)} failed trial(s)[/]: {which} (reasons in the table and logs/)")
     state = "complete" if res.complete else f"{res.pending} to run, {res.running_elsewhere} running elsewhere"
-    console.print(f"ran {len(res.ran_here)} trial(s) here; sweep {state}; storage {res.storage}")
-    console.print(f"table: {res.summary_csv}\nplot:  {res.plot_html}")
+    out_console.print(f"ran {len(res.ran_here)} trial(s) here; sweep {state}; storage {res.storage}")
+    out_console.print(f"table: {res.summary_csv}\nplot:  {res.plot_html}")
     if not res.best and res.failed:
         raise typer.Exit(1)
 
