@@ -52,9 +52,10 @@ AUDIT_FEATURES_FILE = "audit_features.csv"  # written by cxrlab.data.audit
 # Flag names a split can exclude on (columns ``flag_<name>`` of audit_features.csv); "exposure" = either side.
 FLAG_ALIASES: dict[str, tuple[str, ...]] = {
     "blur": ("blur",),
-    "exposure": ("underexposed", "overexposed"),
+    "exposure": ("underexposed", "overexposed", "low_contrast"),
     "underexposed": ("underexposed",),
     "overexposed": ("overexposed",),
+    "low_contrast": ("low_contrast",),
     "text": ("text",),
     "unreadable": ("unreadable",),
 }
@@ -299,15 +300,8 @@ def dataset_version(sha: list[str], labels: list[str], splits: list[str], seed: 
 
 def read_gray(path: str | Path) -> np.ndarray:
     """Decode one X-ray to 2-D uint8 (``cxrlab.data.io.read_xray``)."""
-    try:
-        from cxrlab.data.io import read_xray
-    except ImportError:  # TEMPORARY until cxrlab.data.io lands
-        import cv2
+    from cxrlab.data.io import read_xray
 
-        g = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-        if g is None:
-            raise OSError(f"cannot decode {path}") from None
-        return g
     return read_xray(path, dtype="uint8")
 
 
