@@ -155,7 +155,7 @@ def test_per_class_balanced_subset(grouped: dict, tmp_path: Path) -> None:
 def test_exclude_flagged(grouped: dict, tmp_path: Path) -> None:
     full = pd.read_csv(grouped["manifest"], dtype=str)
     feats = pd.DataFrame({"path": full["path"], "label": full["label"]})
-    for f in ("blur", "underexposed", "overexposed", "text"):
+    for f in ("blur", "underexposed", "overexposed", "low_contrast", "text"):
         feats[f"flag_{f}"] = False
     feats.loc[[0, 1], "flag_blur"] = True
     feats.loc[[2], "flag_overexposed"] = True
