@@ -1,15 +1,14 @@
 """Self-contained HTML reports: one per evaluation, one per comparison, one per run.
 
 Every page opens offline: figures are PNGs embedded as base64 data URIs, styles are inline, no script or font
-comes from a CDN. Pages are rebuilt from the files a stage wrote (``metrics.json``, ``predictions.csv``,
-``metrics.csv`` ...), so ``cxrlab report RUN`` regenerates a run's report at any time.
+comes from a CDN (the page template and blocks are the shared ``cxrlab.report_html`` helpers). Pages are rebuilt
+from the files a stage wrote (``metrics.json``, ``predictions.csv``, ``metrics.csv`` ...), so
+``cxrlab report RUN`` regenerates a run's report at any time.
 """
 
 from __future__ import annotations
 
 import base64
-import html
-import io
 import json
 import math
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from cxrlab import report_html as rh
 from cxrlab.errors import CxrlabError
 
 if TYPE_CHECKING:
@@ -36,25 +36,18 @@ class ReportError(CxrlabError):
 # --------------------------------------------------------------------------------------------- figures
 
 
+DPI = 110
+
+
 def _figure(w: float, h: float, ncols: int = 1, nrows: int = 1, **kw: Any) -> tuple[Figure, Any]:
     """A matplotlib Figure without pyplot (no global state, no GUI backend)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(w, h), dpi=110, layout="constrained")
-    axes = fig.subplots(nrows, ncols, **kw)
-    return fig, axes
+    return rh.new_figure(w, h, nrows=nrows, ncols=ncols, **kw)
 
 
 def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    fig.savefig(path, format="png", dpi=DPI)
     return path
-
-
-def _png_bytes(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
 
 
 def plot_confusion(ax: Any, cm: np.ndarray, classes: list[str], title: str = "") -> None:
@@ -161,6 +154,7 @@ def training_curves_figure(metrics_csv: Path, best_epoch: int | None = None) -> 
 
     for a in (a1, a2):
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.set_xlim(x.min() - 0.5, x.max() + 0.5)
         if best_epoch is not None:
             a.axvline(best_epoch, color="0.6", ls=":", lw=1, label=f"best epoch {best_epoch}")
         if a.lines:
@@ -207,58 +201,32 @@ def write_compare_confusion(result: CompareResult, path: Path) -> Path:
 
 # --------------------------------------------------------------------------------------------- HTML pieces
 
-_CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0 auto;max-width:1100px;padding:1.2em;
-color:#222;line-height:1.4}
-h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{padding:.25em .7em;border-bottom:1px solid #eee;
-text-align:right}th:first-child,td:first-child{text-align:left}th{background:#f6f6f6}
-.meta{color:#555;font-size:.9em}.cards{display:flex;flex-wrap:wrap;gap:.8em;margin:.8em 0}
-.card{border:1px solid #ddd;border-radius:6px;padding:.5em .9em;min-width:9em}
-.card .v{font-size:1.5em;font-weight:600}.card .ci{color:#666;font-size:.8em}
-.warn{background:#fff4e5;border-left:4px solid #f0a020;padding:.5em .8em;margin:.8em 0}
-.ok{background:#eaf6ea;border-left:4px solid #3a3;padding:.5em .8em;margin:.8em 0}
-.figs{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}figure{margin:0}
-figcaption{font-size:.85em;color:#555}img.plot{max-width:100%;height:auto;border:1px solid #eee}
-.figs figure{max-width:48%}
-.gallery{display:flex;flex-wrap:wrap;gap:.6em}.gallery figure{width:140px;font-size:.75em}
-.gallery img{width:140px;height:140px;object-fit:contain;background:#000}
-code{background:#f3f3f3;padding:0 .2em}
-"""
+# Additions to report_html's stylesheet: headline cards and figures side by side.
+_STYLE = """<style>
+.cards{display:flex;flex-wrap:wrap;gap:12px;margin:10px 0}
+.card{border:1px solid var(--line);border-radius:6px;padding:8px 14px;min-width:10em}
+.card .v{font-size:22px;font-weight:600}.card .ci{color:var(--muted);font-size:12px}
+.figs{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}.figs .figure{max-width:48%}
+</style>"""
 
-
-def esc(x: Any) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def img_tag(png: bytes, alt: str, cls: str = "plot") -> str:
-    """An <img> with the PNG embedded as a data URI (the page stays self-contained)."""
-    b64 = base64.b64encode(png).decode("ascii")
-    return f'<img class="{cls}" alt="{esc(alt)}" src="data:image/png;base64,{b64}">'
+esc = rh.esc
 
 
 def file_img(path: Path, alt: str, caption: str = "") -> str:
+    """A PNG file embedded as an image block (empty when the file is missing)."""
     p = Path(path)
     if not p.is_file():
         return ""
-    cap = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
-    return f"<figure>{img_tag(p.read_bytes(), alt)}{cap}</figure>"
+    cap = f'<div class="caption">{esc(caption)}</div>' if caption else ""
+    return f'<div class="figure">{rh.img_tag(base64.b64encode(p.read_bytes()).decode("ascii"), alt=alt)}{cap}</div>'
 
 
 def fig_img(fig: Figure | None, alt: str, caption: str = "") -> str:
-    if fig is None:
-        return ""
-    cap = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
-    return f"<figure>{img_tag(_png_bytes(fig), alt)}{cap}</figure>"
+    return "" if fig is None else rh.figure_tag(fig, caption or None, dpi=DPI, alt=alt)
 
 
-def page(title: str, body: str) -> str:
-    return (
-        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-        "<meta name='viewport' content='width=device-width,initial-scale=1'>"
-        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>\n{body}\n"
-        "<p class='meta'>Generated by cxrlab. Self-contained: opens offline.</p></body></html>\n"
-    )
+def page(title: str, parts: list[str], subtitle: str | None = None) -> str:
+    return rh.page(title, [_STYLE, *[p for p in parts if p]], subtitle=subtitle)
 
 
 def fmt(x: Any, digits: int = 3) -> str:
@@ -267,7 +235,7 @@ def fmt(x: Any, digits: int = 3) -> str:
     try:
         f = float(x)
     except (TypeError, ValueError):
-        return esc(x)
+        return str(x)
     if not math.isfinite(f):
         return "–"
     return f"{f:.{digits}f}"
@@ -279,18 +247,17 @@ def fmt_ci(ci: Any, digits: int = 3) -> str:
     return f"[{float(ci[0]):.{digits}f}, {float(ci[1]):.{digits}f}]"
 
 
-def table_html(df: pd.DataFrame) -> str:
-    head = "".join(f"<th>{esc(c)}</th>" for c in df.columns)
-    body = "".join("<tr>" + "".join(f"<td>{v}</td>" for v in row) + "</tr>" for row in df.itertuples(index=False))
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def _card(label: str, value: Any, ci: Any = None) -> str:
     c = fmt_ci(ci)
     return (
         f"<div class='card'><div>{esc(label)}</div><div class='v'>{fmt(value)}</div>"
         f"<div class='ci'>{esc('95% CI ' + c) if c else '&nbsp;'}</div></div>"
     )
+
+
+def _links(items: list[tuple[str, str]]) -> str:
+    """A line of relative links (href, text)."""
+    return "<p>" + " · ".join(f"<a href='{esc(h)}'>{esc(t)}</a>" for h, t in items) + "</p>"
 
 
 def _costly_class(classes: list[str]) -> str | None:
@@ -318,40 +285,29 @@ def _error_gallery(pred_csv: Path, limit: int = 12) -> str:
         return ""
     wrong = pred[~pred["correct"].astype(bool)].sort_values("confidence", ascending=False).head(limit)
     if wrong.empty:
-        return "<p>No misclassified images.</p>"
-    import cv2
-
+        return rh.paragraph("No misclassified images.")
     from cxrlab.data.io import ImageReadError, read_xray
 
-    figs = []
+    items = []
     for r in wrong.itertuples(index=False):
         try:
             g = read_xray(r.path)
         except (ImageReadError, OSError):
             continue
-        s = 140 / max(g.shape)
-        g = cv2.resize(g, (max(1, round(g.shape[1] * s)), max(1, round(g.shape[0] * s))), interpolation=cv2.INTER_AREA)
-        ok, buf = cv2.imencode(".png", g)
-        if not ok:
-            continue
-        figs.append(
-            f"<figure>{img_tag(buf.tobytes(), Path(r.path).name, cls='thumb')}<figcaption>true {esc(r.label)} → "
-            f"<b>{esc(r.prediction)}</b> ({float(r.confidence):.2f})<br>{esc(Path(r.path).name)}</figcaption></figure>"
-        )
-    if not figs:
-        return ""
-    return f"<div class='gallery'>{''.join(figs)}</div>"
+        cap = f"true {r.label} → {r.prediction} ({float(r.confidence):.2f}) {Path(r.path).name}"
+        items.append((rh.array_to_png_b64(g, max_side=128), cap))
+    return rh.gallery(items) if items else ""
 
 
 def _with_ci(row: dict[str, Any], name: str) -> str:
-    return f"{fmt(row[name])} <span class='meta'>{fmt_ci((row.get(name + '_lo'), row.get(name + '_hi')))}</span>"
+    ci = fmt_ci((row.get(name + "_lo"), row.get(name + "_hi")), 2)
+    return f"{fmt(row[name])} {ci}".strip()
 
 
-def eval_section_html(eval_dir: Path, heading_level: int = 2, gallery: bool = True) -> str:
+def eval_section_html(eval_dir: Path, level: int = 2, gallery: bool = True) -> str:
     """The body of an evaluation report, rebuilt from ``eval_dir`` (metrics.json + PNGs + predictions.csv)."""
     d = Path(eval_dir)
     doc = load_eval_doc(d)
-    h = f"h{heading_level}"
     p = doc.get("prefix", "test")
     m, ci = doc.get("metrics", {}), doc.get("ci", {})
     classes = doc.get("classes", [])
@@ -359,13 +315,15 @@ def eval_section_html(eval_dir: Path, heading_level: int = 2, gallery: bool = Tr
     absent = doc.get("absent_classes") or []
     if absent:
         parts.append(
-            f"<div class='warn'>Classes absent from this data: <b>{esc(', '.join(absent))}</b>. Their per-class "
-            f"metrics are undefined; macro averages are over the present classes only "
-            f"({esc(', '.join(doc.get('present_classes', [])))}).</div>"
+            rh.callout(
+                f"Classes absent from this data: {', '.join(absent)}. Their per-class metrics are undefined; macro "
+                f"averages are over the present classes only ({', '.join(doc.get('present_classes', []))}).",
+                "warn",
+            )
         )
     if doc.get("n_skipped"):
         parts.append(
-            f"<div class='warn'>{doc['n_skipped']} file(s) could not be read and were skipped (listed below).</div>"
+            rh.callout(f"{doc['n_skipped']} file(s) could not be read and were skipped (listed below).", "warn")
         )
     costly = _costly_class(classes) or (doc.get("present_classes") or classes or [None])[0]
     cards = [
@@ -377,22 +335,25 @@ def eval_section_html(eval_dir: Path, heading_level: int = 2, gallery: bool = Tr
     cards += [_card("macro ROC AUC", m.get(f"{p}/auc_macro")), _card("ECE (15 bins)", m.get(f"{p}/ece"))]
     parts.append(f"<div class='cards'>{''.join(cards)}</div>")
     parts.append(
-        f"<p class='meta'>n = {doc.get('n')} images from {esc(doc.get('data'))}; dataset version "
-        f"<code>{esc(doc.get('dataset_version'))}</code>; {esc(doc.get('ci_method', ''))}. Macro precision "
-        f"{fmt(m.get(f'{p}/precision_macro'))} {fmt_ci(ci.get(f'{p}/precision_macro'))}, macro recall "
-        f"{fmt(m.get(f'{p}/recall_macro'))} {fmt_ci(ci.get(f'{p}/recall_macro'))}, NLL {fmt(m.get(f'{p}/nll'))}, "
-        f"Brier {fmt(m.get(f'{p}/brier'))}.</p>"
+        rh.kv(
+            [
+                ("images", f"{doc.get('n')} from {doc.get('data')}"),
+                ("dataset version", doc.get("dataset_version")),
+                ("macro precision", f"{fmt(m.get(f'{p}/precision_macro'))} {fmt_ci(ci.get(f'{p}/precision_macro'))}"),
+                ("macro recall", f"{fmt(m.get(f'{p}/recall_macro'))} {fmt_ci(ci.get(f'{p}/recall_macro'))}"),
+                ("NLL / Brier", f"{fmt(m.get(f'{p}/nll'))} / {fmt(m.get(f'{p}/brier'))}"),
+                ("intervals", doc.get("ci_method", "")),
+            ]
+        )
     )
     rows = []
     for r in doc.get("per_class", []):
         if not r.get("present", True):
-            rows.append(
-                [esc(r["class"]), 0, r.get("predicted", 0), "absent", "absent", "absent", "–", "–", r.get("fp")]
-            )
+            rows.append([r["class"], 0, r.get("predicted", 0), "absent", "absent", "absent", "–", "–", r.get("fp")])
             continue
         rows.append(
             [
-                esc(r["class"]),
+                r["class"],
                 r["support"],
                 r.get("predicted", ""),
                 *(_with_ci(r, name) for name in ("precision", "recall", "f1")),
@@ -401,26 +362,23 @@ def eval_section_html(eval_dir: Path, heading_level: int = 2, gallery: bool = Tr
                 r.get("fp"),
             ]
         )
-    cols = ["class", "images", "predicted", "precision", "recall = class accuracy", "F1", "ROC AUC", "FN", "FP"]
-    parts.append(f"<{h}>Per class</{h}>" + table_html(pd.DataFrame(rows, columns=cols)))
+    cols = ["class", "images", "predicted", "precision [95% CI]", "recall = class accuracy [95% CI]", "F1 [95% CI]"]
+    cols += ["ROC AUC", "false neg.", "false pos."]
+    parts.append(rh.section("Per class", rh.table(rows, columns=cols), level=level))
     figs = [
         file_img(d / "confusion_matrix.png", "confusion matrix", "confusion matrix (colour = share of the true class)"),
         file_img(d / "reliability.png", "reliability diagram", "calibration: accuracy vs confidence"),
         file_img(d / "roc.png", "ROC curves", "one-vs-rest ROC curves"),
     ]
-    parts.append(f"<{h}>Figures</{h}><div class='figs'>{''.join(f for f in figs if f)}</div>")
+    parts.append(rh.section("Figures", f"<div class='figs'>{''.join(f for f in figs if f)}</div>", level=level))
     if gallery:
         g = _error_gallery(d / "predictions.csv")
         if g:
-            parts.append(f"<{h}>Most confident mistakes</{h}>{g}")
+            parts.append(rh.section("Most confident mistakes", g, level=level))
     if doc.get("skipped"):
-        sk = pd.DataFrame([[esc(s["path"]), esc(s["reason"])] for s in doc["skipped"]], columns=["path", "reason"])
-        parts.append(f"<{h}>Skipped files</{h}>" + table_html(sk))
-    parts.append(
-        "<p class='meta'>Files: "
-        + ", ".join(f"<code>{esc(v)}</code>" for v in sorted(set(doc.get("files", {}).values())))
-        + "</p>"
-    )
+        parts.append(rh.section("Skipped files", rh.table(doc["skipped"], columns=["path", "reason"]), level=level))
+    files = sorted(set(doc.get("files", {}).values()))
+    parts.append(f"<p class='caption'>Files: {esc(', '.join(files))}</p>")
     return "\n".join(parts)
 
 
@@ -428,28 +386,33 @@ def write_eval_report(eval_dir: Path, out: Path | None = None) -> Path:
     """``<eval_dir>/report.html`` (or ``out``) from the evaluation's files."""
     d = Path(eval_dir)
     doc = load_eval_doc(d)
-    title = f"Evaluation — {Path(doc.get('run_dir') or doc.get('bundle') or d).name} on {doc.get('prefix')}"
-    head = (
-        f"<h1>{esc(title)}</h1><p class='meta'>model <code>{esc(doc.get('bundle'))}</code>"
-        + (f" · run <code>{esc(doc['run_id'])}</code>" if doc.get("run_id") else "")
-        + "</p>"
-    )
-    path = Path(out) if out else d / EVAL_REPORT
-    path.write_text(page(title, head + eval_section_html(d)))
-    return path
+    on = {"test": "test split", "val": "validation split"}.get(doc.get("prefix", ""), "external data")
+    title = f"Evaluation of {Path(doc.get('run_dir') or doc.get('bundle') or d).name} on the {on}"
+    sub = f"model {doc.get('bundle')}" + (f" · run {doc['run_id']}" if doc.get("run_id") else "")
+    return rh.write_page(Path(out) if out else d / EVAL_REPORT, page(title, [eval_section_html(d)], subtitle=sub))
 
 
 # --------------------------------------------------------------------------------------------- compare report
+
+
+def _pt_ci(ci: tuple[float, float]) -> str:
+    if not all(math.isfinite(v) for v in ci):
+        return ""
+    return f"[{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]"
 
 
 def write_compare_report(r: CompareResult, path: Path) -> Path:
     p = r.baseline.prefix
     b, c = r.baseline, r.challenger
     parts = [
-        "<h1>Baseline vs challenger</h1>",
-        f"<p class='meta'>baseline <code>{esc(b.run_dir or b.bundle_dir)}</code><br>challenger "
-        f"<code>{esc(c.run_dir or c.bundle_dir)}</code><br>n = {r.n} paired images from {esc(b.data_source)}</p>",
-        f"<div class='{'ok' if r.significant else 'warn'}'><b>Verdict:</b> {esc(r.verdict)}</div>",
+        rh.kv(
+            [
+                ("baseline", b.run_dir or b.bundle_dir),
+                ("challenger", c.run_dir or c.bundle_dir),
+                ("paired images", f"{r.n} from {b.data_source}"),
+            ]
+        ),
+        rh.callout(r.verdict, "ok" if r.significant else "info", title="Verdict:"),
     ]
     names = ["accuracy", "precision_macro", "recall_macro", "f1_macro", "auc_macro", "ece", "nll"]
     costly = _costly_class(b.classes)
@@ -460,66 +423,45 @@ def write_compare_report(r: CompareResult, path: Path) -> Path:
         if key not in b.metrics and key not in c.metrics:
             continue
         vb, vc = b.metrics.get(key, math.nan), c.metrics.get(key, math.nan)
-        rows.append(
-            [
-                esc(n_),
-                f"{fmt(vb)} <span class='meta'>{fmt_ci(b.ci.get(key))}</span>",
-                f"{fmt(vc)} <span class='meta'>{fmt_ci(c.ci.get(key))}</span>",
-                f"{vc - vb:+.3f}" if math.isfinite(vb) and math.isfinite(vc) else "–",
-            ]
-        )
-    parts.append("<h2>Metrics</h2>" + table_html(pd.DataFrame(rows, columns=["metric", "baseline", "challenger", "Δ"])))
+        delta = f"{vc - vb:+.3f}" if math.isfinite(vb) and math.isfinite(vc) else "–"
+        rows.append([n_, f"{fmt(vb)} {fmt_ci(b.ci.get(key))}", f"{fmt(vc)} {fmt_ci(c.ci.get(key))}", delta])
+    parts.append(rh.section("Metrics [95% CI]", rh.table(rows, columns=["metric", "baseline", "challenger", "Δ"])))
     mc = r.mcnemar
+    tests = [
+        ["both right", r.both_right],
+        ["both wrong", r.both_wrong],
+        ["only baseline right (b)", mc.b],
+        ["only challenger right (c)", mc.c],
+        ["McNemar exact p (two-sided)", f"{mc.p_exact:.4g}"],
+        ["McNemar mid-p", f"{mc.p_midp:.4g}"],
+        ["McNemar χ² (continuity-corrected) p", f"{mc.p_chi2:.4g}"],
+        [
+            "accuracy difference (challenger − baseline)",
+            f"{r.accuracy_diff * 100:+.1f} pt {_pt_ci(r.accuracy_diff_ci)}",
+        ],
+        ["macro-F1 difference", f"{r.f1_diff * 100:+.1f} pt {_pt_ci(r.f1_diff_ci)}"],
+    ]
+    parts.append(rh.section("Paired tests", rh.table(tests, columns=["", "value"])))
     parts.append(
-        "<h2>Paired tests</h2>"
-        + table_html(
-            pd.DataFrame(
-                [
-                    [
-                        "both right",
-                        int((b.predictions["correct"].to_numpy() & c.predictions["correct"].to_numpy()).sum()),
-                    ]
-                    if len(b.predictions) == len(c.predictions)
-                    else ["both right", "–"],
-                    ["only baseline right (b)", mc.b],
-                    ["only challenger right (c)", mc.c],
-                    ["McNemar exact p (two-sided)", f"{mc.p_exact:.4g}"],
-                    ["McNemar mid-p", f"{mc.p_midp:.4g}"],
-                    ["McNemar χ² (continuity-corrected) p", f"{mc.p_chi2:.4g}"],
-                    [
-                        "accuracy difference (challenger − baseline)",
-                        f"{r.accuracy_diff * 100:+.1f} pt {_pt_ci(r.accuracy_diff_ci)}",
-                    ],
-                    ["macro-F1 difference", f"{r.f1_diff * 100:+.1f} pt {_pt_ci(r.f1_diff_ci)}"],
-                ],
-                columns=["", "value"],
+        rh.section(
+            "Errors per class",
+            rh.paragraph(f"False negatives of {costly or b.classes[0]} first: a missed case is the costly error."),
+            rh.table(r.errors.rename(columns=lambda x: x.replace("_", " "))),
+        )
+    )
+    parts.append(rh.section("Confusion matrices", file_img(r.out_dir / "confusion_matrices.png", "confusion matrices")))
+    if r.attention is not None:
+        parts.append(
+            rh.section(
+                "Where the models look (explanations)",
+                rh.paragraph("Mean share of the Grad-CAM mass per region (cxrlab explain)."),
+                rh.table(r.attention, float_fmt="{:.3f}"),
             )
         )
-    )
     parts.append(
-        "<h2>Errors per class</h2><p class='meta'>False negatives of "
-        f"{esc(costly or b.classes[0])} first: a missed case is the costly error.</p>"
-        + table_html(r.errors.rename(columns=lambda x: x.replace("_", " ")))
+        _links([("baseline/report.html", "baseline evaluation"), ("challenger/report.html", "challenger evaluation")])
     )
-    parts.append("<h2>Confusion matrices</h2>" + file_img(r.out_dir / "confusion_matrices.png", "confusion matrices"))
-    if r.attention is not None:
-        att = r.attention.copy()
-        att["baseline"] = att["baseline"].map(fmt)
-        att["challenger"] = att["challenger"].map(fmt)
-        parts.append("<h2>Where the models look (explanations)</h2>" + table_html(att))
-    parts.append(
-        "<p class='meta'>Full evaluations: <a href='baseline/report.html'>baseline</a> · "
-        "<a href='challenger/report.html'>challenger</a></p>"
-    )
-    path = Path(path)
-    path.write_text(page("cxrlab comparison", "\n".join(parts)))
-    return path
-
-
-def _pt_ci(ci: tuple[float, float]) -> str:
-    if not all(math.isfinite(v) for v in ci):
-        return ""
-    return f"[{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]"
+    return rh.write_page(path, page("Baseline vs challenger", parts))
 
 
 # --------------------------------------------------------------------------------------------- run report
@@ -531,7 +473,8 @@ def _latest_eval_dirs(run_dir: Path) -> list[Path]:
     return sorted(ds, key=lambda d: (order.get(d.name, 2), d.name))
 
 
-def _audit_section(audit_dir: Path | None) -> str:
+def _audit_section(audit_dir: Path | None, base: Path) -> str:
+    """Summary of the data audit (cxrlab.data.audit's audit.json): confound score and warnings."""
     if audit_dir is None:
         return ""
     a = Path(audit_dir)
@@ -542,94 +485,51 @@ def _audit_section(audit_dir: Path | None) -> str:
         doc = json.loads(j.read_text())
     except json.JSONDecodeError:
         return ""
-    parts = ["<h2>Data audit</h2>"]
+    parts = []
     conf = doc.get("confound") if isinstance(doc.get("confound"), dict) else {}
-    warnings = doc.get("warnings") or []
-    if conf:
-        score = conf.get("score", conf.get("balanced_accuracy", conf.get("accuracy")))
-        chance = conf.get("chance")
+    warnings = list(doc.get("warnings") or [])
+    warnings += [w for w in conf.get("warnings") or [] if w not in warnings]
+    for w in warnings:
+        parts.append(rh.callout(str(w), "warn"))
+    if conf.get("groups"):
+        chance = conf.get("chance_balanced_accuracy")
+        rows = [
+            [name, g.get("balanced_accuracy"), chance, ", ".join(g.get("features", []))]
+            for name, g in conf["groups"].items()
+            if isinstance(g, dict)
+        ]
+        if isinstance(conf.get("all"), dict):
+            rows.append(["all trivial statistics", conf["all"].get("balanced_accuracy"), chance, ""])
         parts.append(
-            f"<p>Confound score (trivial image statistics predicting the label, cross-validated): <b>{fmt(score)}</b>"
-            + (f" vs chance {fmt(chance)}" if chance is not None else "")
-            + ".</p>"
+            rh.paragraph(
+                "Confound score: how well trivial image statistics alone predict the label (cross-validated "
+                "balanced accuracy). Far above chance means the model can learn the source instead of the disease."
+            )
         )
-    for w in warnings if isinstance(warnings, list) else [warnings]:
-        parts.append(f"<div class='warn'>{esc(w)}</div>")
+        parts.append(
+            rh.table(rows, columns=["statistics", "balanced accuracy", "chance", "features"], float_fmt="{:.3f}")
+        )
+    elif not warnings:
+        parts.append(rh.callout("No confound or data-quality warnings.", "ok"))
+    if doc.get("text_share"):
+        parts.append(rh.kv([(f"text/markers in {k}", f"{float(v):.0%}") for k, v in doc["text_share"].items()]))
     html_path = a / "audit.html" if a.is_dir() else a.with_name("audit.html")
     if html_path.is_file():
-        parts.append(f"<p><a href='{esc(_rel(html_path))}'>Full audit report</a></p>")
-    return "\n".join(parts)
+        parts.append(_links([(_rel(html_path, base), "full audit report")]))
+    return rh.section("Data audit", *parts)
 
 
-_REL_BASE: list[Path] = []
-
-
-def _rel(target: Path) -> str:
-    """``target`` relative to the page being written (links keep working when the folder moves)."""
+def _rel(target: Path, base: Path) -> str:
+    """``target`` relative to the folder of the page being written (links survive moving the whole folder)."""
     import os
 
-    base = _REL_BASE[-1] if _REL_BASE else Path.cwd()
     try:
-        return Path(os.path.relpath(Path(target).resolve(), base.resolve())).as_posix()
-    except ValueError:
+        return Path(os.path.relpath(Path(target).resolve(), Path(base).resolve())).as_posix()
+    except ValueError:  # another drive (Windows)
         return Path(target).resolve().as_uri()
 
 
-def write_run_report(run_dir: Path, out: Path | None = None, audit_dir: Path | None = None) -> Path:
-    """The report of a run: training curves, evaluation(s), calibration, audit summary, explanation link."""
-    rd = Path(run_dir)
-    if not rd.is_dir():
-        raise ReportError(f"run directory not found: {rd}")
-    summary: dict[str, Any] = {}
-    if (rd / "summary.json").is_file():
-        summary = json.loads((rd / "summary.json").read_text())
-    elif not (rd / "metrics.csv").is_file() and not _latest_eval_dirs(rd):
-        raise ReportError(f"{rd} is not a run directory (no summary.json, metrics.csv or eval-*/)")
-    path = Path(out) if out else rd / RUN_REPORT
-    if audit_dir is None:
-        audit_dir = _find_pipeline_audit(rd)
-    _REL_BASE.append(path.parent)
-    try:
-        run_id = summary.get("run_id") or rd.name
-        parts = [f"<h1>Run {esc(run_id)}</h1>"]
-        meta = []
-        cfg = summary.get("config") if isinstance(summary.get("config"), dict) else {}
-        if not cfg and (rd / "config.yaml").is_file():
-            import yaml
-
-            try:
-                cfg = yaml.safe_load((rd / "config.yaml").read_text()) or {}
-            except yaml.YAMLError:
-                cfg = {}
-        for k in ("model_name", "img_size", "batch_size", "optimizer", "learning_rate", "lr_scheduler", "epochs"):
-            if k in cfg:
-                meta.append(f"{k} <code>{esc(cfg[k])}</code>")
-        for k in ("best_epoch", "epochs_run", "dataset_version"):
-            if summary.get(k) is not None:
-                meta.append(f"{k} <code>{esc(summary[k])}</code>")
-        if summary.get("data"):
-            meta.append(f"data <code>{esc(summary['data'])}</code>")
-        parts.append(f"<p class='meta'>{' · '.join(meta)}</p>")
-        parts.append(_audit_section(audit_dir))
-        best = summary.get("best_epoch")
-        curves = training_curves_figure(rd / "metrics.csv", int(best) if best is not None else None)
-        if curves is not None:
-            parts.append("<h2>Training</h2>" + fig_img(curves, "training curves", "per-epoch loss and scores"))
-        for d in _latest_eval_dirs(rd):
-            doc = load_eval_doc(d)
-            parts.append(
-                f"<h2>Evaluation: {esc(doc.get('prefix'))} ({esc(d.name)})</h2>"
-                + eval_section_html(d, heading_level=3, gallery=d == _latest_eval_dirs(rd)[0])
-                + f"<p class='meta'><a href='{esc(_rel(d / 'report.html'))}'>this evaluation on its own page</a></p>"
-            )
-        parts.append(_explain_section(rd))
-        path.write_text(page(f"cxrlab run {run_id}", "\n".join(x for x in parts if x)))
-    finally:
-        _REL_BASE.pop()
-    return path
-
-
-def _explain_section(rd: Path) -> str:
+def _explain_section(rd: Path, base: Path) -> str:
     """Links to the run's explanation pages and their mean attention shares (from attention.json)."""
     explains = sorted(rd.glob("explain*/explain.html"), key=lambda p: p.stat().st_mtime)
     if not explains:
@@ -645,20 +545,74 @@ def _explain_section(rd: Path) -> str:
         s = doc.get("summary", {}) if isinstance(doc.get("summary"), dict) else {}
         rows.append(
             [
-                f"<a href='{esc(_rel(e))}'>{esc(e.parent.name)}</a>",
-                esc(doc.get("subset", "")),
-                s.get("n_images", ""),
-                fmt(s.get("in_lungs")),
-                fmt(s.get("on_text")),
-                fmt(s.get("on_border")),
+                e.parent.name,
+                doc.get("subset", ""),
+                s.get("n_images"),
+                s.get("in_lungs"),
+                s.get("on_text"),
+                s.get("on_border"),
             ]
         )
     cols = ["explanation", "images", "n", "attention in lungs", "attention on text", "attention on border"]
-    return (
-        "<h2>Explanations</h2><p class='meta'>Mean share of the Grad-CAM mass per region: a model that looks at "
-        "text or the border instead of the lungs has learned a shortcut.</p>"
-        + table_html(pd.DataFrame(rows, columns=cols))
+    return rh.section(
+        "Explanations",
+        rh.paragraph(
+            "Mean share of the Grad-CAM mass per region: a model that looks at text or the border instead of the "
+            "lungs has learned a shortcut."
+        ),
+        rh.table(rows, columns=cols, float_fmt="{:.3f}"),
+        _links([(_rel(e, base), f"{e.parent.name}: per-image table") for e in explains]),
     )
+
+
+def write_run_report(run_dir: Path, out: Path | None = None, audit_dir: Path | None = None) -> Path:
+    """The report of a run: training curves, evaluation(s), calibration, audit summary, explanation links."""
+    rd = Path(run_dir)
+    if not rd.is_dir():
+        raise ReportError(f"run directory not found: {rd}")
+    summary: dict[str, Any] = {}
+    if (rd / "summary.json").is_file():
+        summary = json.loads((rd / "summary.json").read_text())
+    elif not (rd / "metrics.csv").is_file() and not _latest_eval_dirs(rd):
+        raise ReportError(f"{rd} is not a run directory (no summary.json, metrics.csv or eval-*/)")
+    path = Path(out) if out else rd / RUN_REPORT
+    base = path.parent
+    if audit_dir is None:
+        audit_dir = _find_pipeline_audit(rd)
+    run_id = summary.get("run_id") or rd.name
+    cfg: dict[str, Any] = {}
+    if (rd / "config.yaml").is_file():
+        import yaml
+
+        try:
+            cfg = yaml.safe_load((rd / "config.yaml").read_text()) or {}
+        except yaml.YAMLError:
+            cfg = {}
+    meta = [(k, cfg[k]) for k in ("model_name", "img_size", "batch_size", "optimizer", "learning_rate") if k in cfg]
+    meta += [(k, cfg[k]) for k in ("lr_scheduler", "epochs") if k in cfg]
+    meta += [
+        (k, summary[k]) for k in ("best_epoch", "epochs_run", "dataset_version", "data") if summary.get(k) is not None
+    ]
+    if summary.get("wall_s"):
+        meta.append(("training time", f"{float(summary['wall_s']):.0f} s"))
+    parts = [rh.kv(meta), _audit_section(audit_dir, base)]
+    best = summary.get("best_epoch")
+    curves = training_curves_figure(rd / "metrics.csv", int(best) if best is not None else None)
+    if curves is not None:
+        parts.append(rh.section("Training", fig_img(curves, "training curves", "per-epoch loss and scores")))
+    evals = _latest_eval_dirs(rd)
+    for d in evals:
+        doc = load_eval_doc(d)
+        on = {"test": "test split", "val": "validation split"}.get(doc.get("prefix", ""), f"external data ({d.name})")
+        parts.append(
+            rh.section(
+                f"Evaluation on the {on}",
+                eval_section_html(d, level=3, gallery=d == evals[0]),
+                _links([(_rel(d / EVAL_REPORT, base), "this evaluation on its own page")]),
+            )
+        )
+    parts.append(_explain_section(rd, base))
+    return rh.write_page(path, page(f"Run {run_id}", parts, subtitle=str(rd)))
 
 
 def _find_pipeline_audit(run_dir: Path) -> Path | None:
