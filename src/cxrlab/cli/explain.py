@@ -1,9 +1,100 @@
-"""CLI commands: explain (placeholder until its stage lands)."""
+"""CLI command ``cxrlab explain RUN_OR_BUNDLE``: Grad-CAM table + attention scores (see ``cxrlab.explain``)."""
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _f(v: object) -> str:
+    return "–" if not isinstance(v, int | float) or not math.isfinite(float(v)) else f"{float(v):.3f}"
+
+
+def explain_cmd(
+    target: Path = typer.Argument(..., help="Run directory (runs/<id>) or model bundle directory.", show_default=False),
+    split: str = typer.Option("test", "--split", help="Split of the run's data (or of --data's): test|val|train."),
+    only_errors: bool = typer.Option(False, "--only-errors", help="Explain only the misclassified images."),
+    method: str = typer.Option("gradcam", "--method", help="gradcam | gradcam++"),
+    target_layer: str | None = typer.Option(
+        None, "--target-layer", help="Module name of the CAM layer (default: the last convolutional stage)."
+    ),
+    data: Path | None = typer.Option(
+        None, "--data", help="Other images: a folder of class folders, a manifest or split csv (or its folder)."
+    ),
+    out: Path | None = typer.Option(None, "--out", help="Output folder (default <run>/explain-<split>)."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    max_images: int | None = typer.Option(None, "--max-images", min=1, help="Explain a seeded sample of N images."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N | mps"),
+    no_wandb: bool = typer.Option(False, "--no-wandb", help="Do not add the table to the run's W&B run."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Grad-CAM for every image of a split, attention in the lungs / on burned-in text / on the border, and a
+    sortable, filterable HTML table (explain.html) with overlays, scores and errors."""
+    from cxrlab.config import build_config
+    from cxrlab.explain import ExplainConfig, explain
+
+    cfg = build_config(
+        ExplainConfig,
+        {
+            "target": target,
+            "split": split,
+            "data": data,
+            "only_errors": only_errors,
+            "method": method,
+            "target_layer": target_layer,
+            "out": out,
+            "batch_size": batch_size,
+            "max_images": max_images,
+            "device": device,
+            "wandb": "off" if no_wandb else "auto",
+            "progress": not quiet,
+        },
+        source="command line",
+    )
+    res = explain(cfg)
+    for s in res.skipped:
+        err_console.print(f"[yellow]skipped[/] {s['path']}: {s['reason']}")
+    t = Table(
+        title=f"Mean share of Grad-CAM attention ({res.method} on {res.target_layer}, {res.n_images} images)",
+        title_justify="left",
+    )
+    # in lungs / on text / on border: mean share of the CAM mass; text%: images with detected text;
+    # text|w: on text averaged over those images only
+    for col in ("group", "n", "acc", "lungs", "text", "border", "text%", "text|w"):
+        t.add_column(col, justify="left" if col == "group" else "right")
+    groups = [("all", res.summary), *res.per_class.items()]
+    for name, s in groups:
+        if not s:
+            continue
+        t.add_row(
+            name,
+            str(s.get("n_images", 0)),
+            _f(s.get("accuracy")),
+            _f(s.get("in_lungs")),
+            _f(s.get("on_text")),
+            _f(s.get("on_border")),
+            _f(s.get("with_text")),
+            _f(s.get("on_text_where_text")),
+        )
+    console.print(t)
+    if res.n_images == 0:
+        console.print("[yellow]nothing to explain[/] (no misclassified images)" if only_errors else "no images")
+    console.print(f"HTML table:  {res.html}")
+    console.print(f"attention:   {res.attention_json}  (per image: {res.attention_csv})")
+    if res.wandb_logged:
+        console.print("W&B:         table added to the run's W&B run")
+    console.print(f"[dim]{res.n_seen} images read, {len(res.skipped)} unreadable, {res.seconds:.1f} s[/]")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    """Add ``explain`` to the root app (idempotent: main() may be called more than once)."""
+    if any(c.callback is explain_cmd for c in app.registered_commands):
+        return
+    app.command("explain")(explain_cmd)

@@ -1,0 +1,364 @@
+"""Explain stage: Grad-CAM layer choice and parity, attention arithmetic, regions, files, HTML in a browser, CLI,
+W&B, and the planted-shortcut check (a model trained on a marker looks at the marker; one trained without does
+not)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cxrlab.explain import (
+    CamEngine,
+    ExplainConfig,
+    ExplainError,
+    attention_share,
+    border_mask,
+    explain,
+    image_regions,
+    resolve_target_layer,
+)
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# lazy images load when scrolled into view: scroll to each, wait for it, then report every naturalWidth
+LOAD_ALL_IMAGES_JS = """async () => {
+  for (const img of document.images) {
+    img.scrollIntoView();
+    if (!img.complete) await new Promise(r => { img.onload = img.onerror = r; setTimeout(r, 5000); });
+  }
+  return [...document.images].map(i => i.naturalWidth);
+}"""
+VISIBLE_ROWS_JS = "[...document.querySelectorAll('#rows tbody tr')].filter(r => r.style.display !== 'none').length"
+CONFIDENCES_JS = "[...document.querySelectorAll('#rows tbody tr')].map(r => parseFloat(r.dataset.confidence))"
+
+
+def _cfg(target: Path, data: Path, out: Path, **kw) -> ExplainConfig:
+    return ExplainConfig(target=target, data=data, out=out, progress=False, wandb="off", **kw)
+
+
+# --------------------------------------------------------------------------------------------- units
+
+
+@pytest.mark.parametrize(("name", "layer"), [("test_efficientnet", "bn2"), ("test_resnet", "layer4")])
+def test_target_layer_is_last_conv_stage(name: str, layer: str) -> None:
+    import timm
+
+    model = timm.create_model(name, pretrained=False, num_classes=3).eval()
+    got, module, hw = resolve_target_layer(model, None, (1, 3, 64, 64))
+    assert got == layer and module is dict(model.named_modules())[layer]
+    assert hw == (2, 2)  # stride 32
+    got, _, _ = resolve_target_layer(model, "conv1" if name == "test_resnet" else "conv_stem", (1, 3, 64, 64))
+    assert got in ("conv1", "conv_stem")
+
+
+def test_target_layer_errors_name_the_choices() -> None:
+    import timm
+
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=3).eval()
+    with pytest.raises(ExplainError, match="not a module.*bn2"):
+        resolve_target_layer(model, "blocks.99", (1, 3, 64, 64))
+    with pytest.raises(ExplainError, match="no 4-D"):
+        resolve_target_layer(model, "classifier", (1, 3, 64, 64))
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+    with pytest.raises(ExplainError, match="needs a CNN"):
+        resolve_target_layer(mlp, None, (1, 3, 8, 8))
+
+
+def test_attention_share_arithmetic() -> None:
+    mask = np.zeros((10, 10), bool)
+    mask[:5] = True
+    assert attention_share(np.ones((10, 10)), mask) == pytest.approx(0.5)  # uniform CAM -> area share
+    cam = np.zeros((10, 10))
+    cam[2, 3] = 1.0
+    assert attention_share(cam, mask) == 1.0
+    assert attention_share(cam, ~mask) == 0.0
+    assert np.isnan(attention_share(np.zeros((10, 10)), mask))
+    assert attention_share(np.full((10, 10), -1.0) + cam * 3, mask) == 1.0  # negatives do not count
+
+
+def test_border_mask_is_the_outer_frame() -> None:
+    m = border_mask(100, 200, 0.08)
+    assert m[:8].all() and m[-8:].all() and m[:, :16].all() and m[:, -16:].all()
+    assert not m[8:-8, 16:-16].any()
+
+
+def test_regions_find_the_planted_marker() -> None:
+    from cxrlab.data.synth import make_phantom
+
+    rng = np.random.default_rng(4)
+    masks: dict = {}
+    img = make_phantom("COVID19", rng, 128, marker=True, masks=masks)
+    reg = image_regions(img, (96, 96), min_dilate=4)
+    marker = torch.nn.functional.interpolate(
+        torch.from_numpy(masks["marker"].astype(np.float32))[None, None], size=(96, 96), mode="area"
+    )[0, 0].numpy()
+    covered = (marker * reg.text).sum() / marker.sum()
+    assert covered > 0.9 and reg.text_score >= 0.5
+    assert reg.text[:40, :40].sum() == reg.text.sum()  # the marker sits top left
+    assert reg.lungs.shape == (96, 96) and 0.15 < reg.lungs.mean() < 0.6
+    clean = image_regions(make_phantom("NORMAL", rng, 128), (96, 96))
+    assert not clean.text.any()
+
+
+def test_cam_engine_matches_plain_gradcam(tiny_bundle: Path) -> None:
+    """Differentiating only from the target layer on must give pytorch-grad-cam's own result."""
+    from pytorch_grad_cam import GradCAM
+
+    from cxrlab.bundle import load_bundle
+
+    b = load_bundle(tiny_bundle)
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with CamEngine(b.model, None, "gradcam", (1, 3, 64, 64)) as eng:
+        cams, probs = eng(x)
+        assert eng.layer_name == "bn2" and eng.cell == 32
+    assert all(p.requires_grad for p in b.model.parameters())  # restored
+    with GradCAM(model=b.model, target_layers=[dict(b.model.named_modules())["bn2"]]) as ref:
+        ref_cams = ref(input_tensor=x, targets=None)
+    np.testing.assert_allclose(cams, ref_cams, atol=1e-5)
+    with torch.no_grad():
+        np.testing.assert_allclose(probs, torch.softmax(b.model(x), 1).numpy(), atol=1e-5)
+    with CamEngine(b.model, None, "gradcam++", (1, 3, 64, 64)) as eng:
+        cams_pp, _ = eng(x)
+    assert cams_pp.shape == (3, 64, 64) and np.isfinite(cams_pp).all()
+
+
+# --------------------------------------------------------------------------------------------- explain()
+
+
+@pytest.fixture(scope="module")
+def explained(tiny_bundle: Path, phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("explain")
+    return explain(_cfg(tiny_bundle, phantom_dir, out, max_images=12, batch_size=5))
+
+
+def test_explain_writes_table_json_csv_html(explained, tiny_bundle: Path) -> None:
+    from cxrlab.bundle import load_bundle
+    from cxrlab.data.io import read_xray
+
+    res = explained
+    assert res.n_images == res.n_seen == 12 and len(res.table) == 12
+    for p in (res.html, res.attention_json, res.attention_csv):
+        assert p.is_file()
+    csv = pd.read_csv(res.attention_csv)
+    assert list(csv["path"]) == list(res.table["path"])
+    for col in ("in_lungs", "on_text", "on_border"):
+        assert csv[col].between(0, 1).all()
+    for rel in list(csv["image"]) + list(csv["overlay"]):
+        assert (res.out_dir / rel).is_file()
+    # predictions are the bundle's own (same preprocessing as predict/serve)
+    b = load_bundle(tiny_bundle)
+    probs = b.predict_proba([read_xray(p) for p in csv["path"]])
+    np.testing.assert_allclose(csv[[f"p_{c}" for c in res.classes]].to_numpy(), probs, atol=1e-4)
+    assert (csv["correct"] == (csv["label"] == csv["prediction"])).all()
+
+    doc = json.loads(res.attention_json.read_text())
+    assert doc["subset"] == "all" and doc["target_layer"] == "bn2" and doc["method"] == "gradcam"
+    for k in ("in_lungs", "on_text", "on_border", "on_text_where_text", "with_text", "text_area", "accuracy"):
+        assert k in doc["summary"]
+    assert doc["summary"]["n_images"] == 12
+    assert set(doc["per_class"]) <= set(res.classes)
+    assert doc["summary"]["in_lungs"] == pytest.approx(csv["in_lungs"].mean())
+    assert sum(v["n_images"] for v in doc["per_class"].values()) == 12
+
+    page = res.html.read_text()
+    assert page.count("<img ") == 24 and "http" not in page.replace("http-equiv", "")  # no CDN, no remote
+
+
+def test_only_errors_explains_the_misclassified(tiny_bundle: Path, phantom_dir: Path, tmp_path: Path) -> None:
+    res = explain(_cfg(tiny_bundle, phantom_dir, tmp_path, max_images=12, only_errors=True))
+    assert res.n_seen == 12
+    assert (~res.table["correct"]).all() and len(res.table) == res.n_images
+    assert json.loads(res.attention_json.read_text())["subset"] == "errors"
+
+
+def test_unreadable_image_is_reported_and_the_rest_goes_on(tiny_bundle: Path, phantom_dir: Path, tmp_path: Path):
+    data = tmp_path / "data"
+    for c in ("COVID19", "NORMAL"):
+        (data / c).mkdir(parents=True)
+        for f in sorted((phantom_dir / c).glob("*.png"))[:2]:
+            shutil.copy(f, data / c / f.name)
+    (data / "NORMAL" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    res = explain(_cfg(tiny_bundle, data, tmp_path / "out"))
+    assert res.n_images == 4 and len(res.skipped) == 1
+    assert res.skipped[0]["path"].endswith("broken.png") and res.skipped[0]["reason"]
+    assert json.loads(res.attention_json.read_text())["skipped"][0]["path"].endswith("broken.png")
+
+
+def test_bad_inputs_raise_clear_errors(tiny_bundle: Path, tmp_path: Path) -> None:
+    from cxrlab.errors import CxrlabError
+
+    with pytest.raises(CxrlabError, match="bundle not found"):
+        explain(_cfg(tmp_path / "nope", tmp_path, tmp_path / "o"))
+    with pytest.raises(CxrlabError, match="does not record the split|--data"):
+        explain(ExplainConfig(target=tiny_bundle, out=tmp_path / "o", progress=False))
+
+
+def test_text_removal_bundle_still_measures_attention_on_the_marker(tmp_path: Path) -> None:
+    """With text_removal in the bundle the model never sees the marker, but on_text is measured where it was."""
+    import timm
+
+    from cxrlab.augment import norm_constants
+    from cxrlab.bundle import BundleMeta, save_bundle
+    from cxrlab.data.synth import SynthConfig, generate
+
+    generate(SynthConfig(out=tmp_path / "d", n_per_class=2, size=96, seed=2, shortcut_class="COVID19"))
+    mean, std = norm_constants(3)
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=3)
+    meta = BundleMeta("test_efficientnet", ["COVID19", "NORMAL", "PNEUMONIA"], (64, 64), 3, mean, std)
+    meta.preprocess = {"text_removal": "inpaint"}
+    bdir = save_bundle(model, meta, tmp_path / "b")
+    res = explain(_cfg(bdir, tmp_path / "d", tmp_path / "o"))
+    covid = res.table[res.table["label"] == "COVID19"]
+    assert covid["text_detected"].all() and not res.table.loc[res.table["label"] != "COVID19", "text_detected"].any()
+    doc = json.loads(res.attention_json.read_text())
+    assert doc["model"]["preprocess"] == {"text_removal": "inpaint"}
+
+
+def test_cli_explain(tiny_bundle: Path, phantom_dir: Path, tmp_path: Path, capsys) -> None:
+    from cxrlab.cli import main
+
+    rc = main(
+        ["explain", str(tiny_bundle), "--data", str(phantom_dir), "--out", str(tmp_path), "--max-images", "4"]
+        + ["-q", "--no-wandb", "--method", "gradcam++"]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "explain.html" in out.replace("\n", "") and "lungs" in out
+    assert json.loads((tmp_path / "attention.json").read_text())["method"] == "gradcam++"
+    assert main(["explain", str(tiny_bundle), "--data", str(phantom_dir), "--method", "lime"]) == 2
+    assert "gradcam++" in capsys.readouterr().err
+    assert main(["explain", str(tmp_path / "missing")]) == 2
+
+
+def test_wandb_table_added_to_a_tracked_run(tiny_bundle: Path, phantom_dir: Path, tmp_path: Path) -> None:
+    """A run whose summary names an offline W&B run gets the table in that run (offline, inside the run dir)."""
+    pytest.importorskip("wandb")
+    run = tmp_path / "run"
+    shutil.copytree(tiny_bundle, run / "bundle")
+    (run / "summary.json").write_text(json.dumps({"run_id": "r1", "project": "t"}))
+    (run / "wandb.json").write_text(json.dumps({"id": "abc123xy", "mode": "offline"}))  # as train writes it
+    res = explain(ExplainConfig(target=run, data=phantom_dir, max_images=3, progress=False))
+    assert res.out_dir == run / f"explain-ext-{phantom_dir.name}"
+    assert res.wandb_logged
+    assert list(run.rglob("offline-run-*abc123xy"))
+
+
+# --------------------------------------------------------------------------------------------- browser
+
+
+@pytest.mark.browser
+def test_html_shows_images_sorts_and_filters_in_chromium(explained, tmp_path: Path) -> None:
+    if not CHROMIUM.exists():
+        pytest.skip("no chromium at /usr/bin/chromium (apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    res = explained
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(res.html.as_uri())
+            widths = page.evaluate(LOAD_ALL_IMAGES_JS)
+            assert len(widths) == 2 * len(res.table) and min(widths) > 0, widths
+            page.evaluate("window.scrollTo(0, 0)")
+            page.screenshot(path=str(tmp_path / "explain.png"), full_page=True)
+            assert (tmp_path / "explain.png").stat().st_size > 10_000
+            # filter: errors only
+            page.select_option("#foutcome", "wrong")
+            visible = page.evaluate(VISIBLE_ROWS_JS)
+            assert visible == int((~res.table["correct"]).sum())
+            page.select_option("#foutcome", "")
+            # sort by confidence, ascending then descending
+            page.click("th[data-key='confidence']")
+            conf = page.evaluate(CONFIDENCES_JS)
+            assert conf == sorted(conf)
+            page.click("th[data-key='confidence']")
+            conf = page.evaluate(CONFIDENCES_JS)
+            assert conf == sorted(conf, reverse=True)
+        finally:
+            browser.close()
+
+
+# --------------------------------------------------------------------------------------------- planted shortcut
+
+SHORTCUT_MODEL = "test_efficientnet_gn"  # GroupNorm: no BatchNorm running-stat lag after a few dozen steps
+
+
+def _train_on_phantoms(root: Path, shortcut: str | None) -> Path:
+    from cxrlab.config import Config, build_config
+    from cxrlab.data.ingest import IngestConfig, ingest
+    from cxrlab.data.split import SplitConfig, split
+    from cxrlab.data.synth import SynthConfig, generate
+    from cxrlab.train import train
+
+    generate(SynthConfig(out=root / "img", n_per_class=40, size=96, seed=3, shortcut_class=shortcut))
+    ingest(IngestConfig(src=root / "img", out=root / "manifest", workers=0, progress=False))
+    # phantoms are not near-duplicates of each other, whatever their perceptual hashes say
+    split(
+        SplitConfig(
+            manifest=root / "manifest",
+            out=root / "split",
+            fractions=(0.6, 0.2, 0.2),
+            near_dup_threshold=-1,
+            progress=False,
+        )
+    )
+    cfg = build_config(
+        Config,
+        {
+            "model_name": SHORTCUT_MODEL,
+            "pre_trained": False,
+            "img_size": (96, 96),
+            "epochs": 8,
+            "batch_size": 16,
+            "learning_rate": 3e-3,
+            "augment": {"hflip_p": 0.0},  # a flipped marker is still a marker, but keep the corner fixed
+            "data": str(root / "split"),
+            "output_dir": str(root / "runs"),
+            "run_name": "run",
+            "tracking": {"wandb": "off"},
+            "trainer": {"enable_progress_bar": False},
+        },
+    )
+    return train(cfg).run_dir
+
+
+@pytest.fixture(scope="module")
+def shortcut_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("shortcut")
+    return {name: _train_on_phantoms(root / name, sc) for name, sc in (("marked", "COVID19"), ("clean", None))}
+
+
+@pytest.mark.slow
+def test_planted_shortcut_moves_attention_on_text(shortcut_runs: dict[str, Path], tmp_path: Path) -> None:
+    """Both models are explained on the same marked test images (COVID19 carries an 'R'/'L' marker).
+
+    Measured (seed 3, 96 px, 3 x 40 phantoms, 8 epochs): the marked model puts ~0.23 of its CAM mass on the
+    marker region (whose area is ~0.09 of the image); the model trained without markers ~0.02.
+    """
+    marked_test = shortcut_runs["marked"].parent / "split"
+    got = {}
+    for name, run in shortcut_runs.items():
+        res = explain(ExplainConfig(target=run, data=marked_test, split="test", out=tmp_path / name, progress=False))
+        covid = res.table[res.table["label"] == "COVID19"]
+        assert covid["text_detected"].all()  # the detector sees every planted marker
+        got[name] = covid
+    marked, clean = got["marked"], got["clean"]
+    area = marked["text_area"].mean()
+    assert marked["on_text"].mean() > max(0.15, 1.5 * area), marked["on_text"].tolist()
+    assert clean["on_text"].mean() < area, clean["on_text"].tolist()  # less than a uniform CAM would give
+    assert marked["on_text"].mean() > 3 * clean["on_text"].mean()
+    assert (marked["on_text"] > clean["on_text"].to_numpy()).mean() >= 0.8  # image by image
