@@ -293,6 +293,7 @@ def create_app(bundle_path: str | Path, settings: ServeSettings | None = None) -
             "dataset_version": predictor.meta.dataset_version,
             "auth_required": s.token is not None,
             "limits": {"max_upload_bytes": limit, "max_pixels": s.max_pixels, "formats": list(s.formats)},
+            "inference": {"requests": worker.requests, "forward_passes": worker.batches, "max_batch": s.max_batch},
             "notice": cxrlab.RESEARCH_NOTICE,
         }
 
