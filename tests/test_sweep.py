@@ -41,7 +41,7 @@ CPU_SWEEP = REPO / "configs" / "sweep-cpu.yaml"
 SEED_POINTS = {
     (m, o) for m in ("tf_efficientnetv2_b3", "efficientnetv2_s") for o in ("AdamW", "RAdam")
 }  # the seed's 2 x 2 grid
-FIRST_POINT = ("tf_efficientnetv2_b3", "AdamW")  # first in GridSampler order
+FIRST_POINT = ("tf_efficientnetv2_b3", "AdamW")  # first in the grid's fixed order
 
 
 class FakeTrain:
@@ -147,7 +147,7 @@ def test_seed_sweep_files_parse_to_the_2x2_grid() -> None:
         assert [p.key for p in spec.searched] == ["model_name", "optimizer"]
         grid = spec.grid()
         assert len(grid) == 4 and {(g["model_name"], g["optimizer"]) for g in grid} == SEED_POINTS
-    # GridSampler's order: parameter names sorted, itertools.product of their values
+    # fixed order: parameter names sorted, product of their values in YAML order
     assert parse_sweep_spec(SEED_SWEEP).grid()[:2] == [
         {"model_name": "tf_efficientnetv2_b3", "optimizer": "AdamW"},
         {"model_name": "tf_efficientnetv2_b3", "optimizer": "RAdam"},
@@ -341,6 +341,56 @@ def test_wandb_backend_offline_says_to_use_optuna(tmp_path: Path) -> None:
         sweep(_cfg(tmp_path, SEED_SWEEP, backend="wandb"), train_fn=FakeTrain())
 
 
+def test_wandb_backend_online_runs_the_agent_with_the_same_trial_function(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No W&B server here: wandb.sweep/agent/init are stand-ins that behave like the real agent (it starts a run
+    whose config holds the sampled parameters, nested for W&B's nested form) to check our side of the contract."""
+    import wandb
+
+    import cxrlab.tracking
+
+    registered: list[dict[str, Any]] = []
+    grid = [
+        {"model_name": "efficientnetv2_s", "optimizer": "RAdam", "augment": {"hflip_p": 0.0}},
+        {"model_name": "tf_efficientnetv2_b3", "optimizer": "AdamW", "augment": {"hflip_p": 0.5}},
+    ]
+
+    class Run:
+        def __init__(self, config: dict[str, Any]) -> None:
+            self.config, self.id, self.summary = config, f"r{len(registered)}", {}
+
+        def __enter__(self) -> Run:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    def agent(sweep_id: str, function: Any, count: int | None = None, **kw: Any) -> None:
+        assert sweep_id == "sid-1"
+        for point in grid[:count]:
+            monkeypatch.setattr(wandb, "init", lambda p=point, **kw: Run(p))
+            function()
+
+    monkeypatch.setattr(cxrlab.tracking, "resolve_wandb_mode", lambda setting: "online")
+    monkeypatch.setattr(wandb, "sweep", lambda sweep, **kw: registered.append(sweep) or "sid-1")
+    monkeypatch.setattr(wandb, "agent", agent)
+    spec = yaml.safe_load(SEED_SWEEP.read_text())
+    spec["parameters"]["augment"] = {"parameters": {"hflip_p": {"values": [0.0, 0.5]}}}
+    f = _write(tmp_path / "w.yaml", spec)
+    fake = FakeTrain()
+    res = sweep(_cfg(tmp_path, f, backend="wandb", n_trials=2), train_fn=fake)
+
+    assert registered == [spec]  # the YAML goes to W&B as written
+    assert [(c.model_name, c.optimizer, c.augment.hflip_p) for c in fake.calls] == [
+        ("efficientnetv2_s", "RAdam", 0.0),
+        ("tf_efficientnetv2_b3", "AdamW", 0.5),
+    ]
+    assert fake.calls[0].tracking.group == "cxr-sweep" and fake.calls[0].run_name == "cxr-sweep-t000-r1"
+    assert res.best is not None and res.best["params"]["model_name"] == "efficientnetv2_s"
+    assert len(res.summary_csv.read_text().splitlines()) == 3 and res.plot_html.is_file()
+
+
 def test_cli_reports_bad_parameter_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from cxrlab.cli import main
 
@@ -515,7 +565,7 @@ def test_cli_sweep_with_real_training_and_a_failing_trial(
     )
     out = tmp_path / "sweeps"
     argv = ["sweep", str(f), "--data", str(phantom_split), "--out", str(out)]
-    argv += ["--set", "tracking.wandb=off", "--set", "trainer.enable_progress_bar=false"]
+    argv += ["--set", "tracking.wandb=off", "trainer.enable_progress_bar=false"]  # two after one --set
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "best" in text and "no_such_model" in text and "2 failed trial(s)" in text
@@ -535,7 +585,7 @@ def test_cli_sweep_with_real_training_and_a_failing_trial(
         assert (run / "bundle" / "model.safetensors").is_file() and (run / "metrics.csv").is_file()
         run_cfg = yaml.safe_load((run / "config.yaml").read_text())
         assert run_cfg["tracking"]["group"] == "real" and run_cfg["optimizer"] == r["optimizer"]
-    assert (out / "real" / "parcoords.html").stat().st_size > 1_000_000
+    assert (out / "real" / "parallel_coordinates.html").stat().st_size > 1_000_000
 
     assert main(argv) == 0  # the same command again: nothing to run
     assert "ran 0 trial(s) here; sweep complete" in capsys.readouterr().out

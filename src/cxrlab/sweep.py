@@ -8,7 +8,8 @@ base config plus the trial's parameters as overrides.
 Backends
 - ``optuna`` (default): the study lives in an RDB storage, by default ``sqlite:///<sweep dir>/study.db``;
   ``--storage postgresql://...`` lets workers on many machines run the same command against one study.
-  grid -> the grid enumerated in ``GridSampler`` order, random -> ``RandomSampler``, bayes -> ``TPESampler``.
+  grid -> every point of the grid (``GridSampler`` is the study's sampler; points are claimed as below),
+  random -> ``RandomSampler``, bayes -> ``TPESampler`` (``constant_liar`` for parallel workers).
 - ``wandb``: registers the same YAML with ``wandb.sweep`` and runs ``wandb.agent`` with the same trial function
   (needs a W&B server; offline it fails with a message pointing back to the optuna backend).
 
@@ -25,8 +26,19 @@ point becomes runnable again, so re-running the command finishes exactly the mis
 
 A trial that raises (bad parameter, invalid model name, out of memory, NaN loss), or whose objective is
 missing or not finite, is recorded as FAILED with its reason (trial user attribute ``cxrlab_reason``; full
-traceback in ``logs/t<NNN>.txt``) and the sweep goes on. Hard failures are not re-run unless
+traceback in ``logs/<sweep>-t<NNN>.txt``) and the sweep goes on. Hard failures are not re-run unless
 ``retry_failed``; interrupted trials (Ctrl-C, killed worker) always are.
+
+Trial config = base YAML -> ``evaluate=test`` and ``tracking.group=<sweep>`` (so the table has test metrics
+and W&B groups the trials; ``--set`` can change both) -> ``--data`` -> ``--set`` overrides -> the YAML's
+constants and the trial's parameters -> ``output_dir=<sweep dir>/runs``, ``run_name=<sweep>-t<NNN>``.
+The objective is the YAML's metric from ``RunResult.metrics`` (the best epoch's), else the best epoch value in
+the run's ``metrics.csv``. Sweep size: grid = every point; random/bayes = ``run_cap`` from the YAML, else
+``n_trials``; ``n_trials`` also caps how many trials one command runs.
+
+Outputs in ``<out>/<name>/``: ``study.db`` (default storage), ``runs/`` (one run directory per trial),
+``summary.csv`` (one row per trial of the whole study), ``parallel_coordinates.html`` (self-contained plotly),
+``best.json``, ``logs/`` (tracebacks of failed trials).
 """
 
 from __future__ import annotations
@@ -165,7 +177,7 @@ class SweepSpec:
         return {p.key: p.values[0] for p in self.params if p.is_constant}
 
     def grid(self) -> list[dict[str, Any]]:
-        """All grid points, in ``optuna.samplers.GridSampler`` order (param names sorted, product of values)."""
+        """All grid points in a fixed order: parameter names sorted, product of their values in YAML order."""
         space = {p.key: p.grid_values() for p in sorted(self.searched, key=lambda p: p.key)}
         return [dict(zip(space, combo, strict=True)) for combo in itertools.product(*space.values())]
 
@@ -809,7 +821,7 @@ class _OptunaSweep:
             return not self.cfg.retry_failed or t.number > start_max
         return False  # interrupted / stale / pruned: runnable again
 
-    def _new_claim(self, params: dict[str, Any] | None, point: str | None, grid_id: int | None) -> tuple[int, int]:
+    def _new_claim(self, params: dict[str, Any] | None, point: str | None) -> tuple[int, int]:
         """Create this worker's RUNNING trial (atomically with its point and identity); return (id, number)."""
         import optuna
         from optuna.distributions import CategoricalDistribution
@@ -821,13 +833,11 @@ class _OptunaSweep:
                 trial = self.study.ask()
             for k, v in user.items():
                 self.storage.set_trial_user_attr(trial._trial_id, k, v)
+            self.storage.record_heartbeat(trial._trial_id)
             return trial._trial_id, trial.number
         assert params is not None
         enc = {k: _encode(v) for k, v in params.items()}
         choices = {p.key: tuple(_encode(v) for v in p.grid_values()) for p in self.spec.searched}
-        system: dict[str, Any] = {}
-        if grid_id is not None and choices:
-            system = {"grid_id": grid_id, "search_space": {k: list(v) for k, v in sorted(choices.items())}}
         template = optuna.trial.FrozenTrial(
             number=-1,
             state=TrialState.RUNNING,
@@ -837,11 +847,13 @@ class _OptunaSweep:
             params=enc,
             distributions={k: CategoricalDistribution(choices[k]) for k in enc},
             user_attrs={**user, A_POINT: point, A_PARAMS: params},
-            system_attrs=system,
+            system_attrs={},
             intermediate_values={},
             trial_id=-1,
         )
         trial_id = self.storage.create_new_trial(self.study_id, template_trial=template)
+        # A claim without a heartbeat row is never seen as stale by Optuna: beat at once, not only when it runs.
+        self.storage.record_heartbeat(trial_id)
         return trial_id, self.storage.get_trial(trial_id).number
 
     def _yield(self, trial_id: int, why: str) -> None:
@@ -918,7 +930,7 @@ class _OptunaSweep:
             if not free:
                 return
             i = free[0]
-            trial_id, number = self._new_claim(points[i], keys[i], i)
+            trial_id, number = self._new_claim(points[i], keys[i])
             rivals = [
                 t
                 for t in self.trials()
@@ -949,7 +961,7 @@ class _OptunaSweep:
             self.reap()
             if sum(self._counts_as_taken(t, None, start_max) for t in self.trials()) >= size:
                 return
-            trial_id, number = self._new_claim(None, None, None)
+            trial_id, number = self._new_claim(None, None)
             before = sum(self._counts_as_taken(t, number, start_max) for t in self.trials() if t.number != number)
             if before >= size:
                 self._yield(trial_id, "sweep already has its trials")
@@ -1235,7 +1247,7 @@ def summary_table(result: SweepResult, max_reason: int = 60) -> Table:
 def _write_outputs(rows: list[dict[str, Any]], spec: SweepSpec, name: str, sweep_dir: Path) -> tuple[Path, Path | None]:
     params = [p.key for p in spec.searched]
     csv_path = write_summary_csv(rows, params, spec.metric, sweep_dir / "summary.csv")
-    plot = write_parcoords(rows, params, spec, sweep_dir / "parcoords.html", f"sweep {name}")
+    plot = write_parcoords(rows, params, spec, sweep_dir / "parallel_coordinates.html", f"sweep {name}")
     best = _best(rows, spec.goal)
     (sweep_dir / "best.json").write_text(json.dumps(best, indent=2, default=str) + "\n")
     return csv_path, plot
@@ -1247,7 +1259,7 @@ def _write_outputs(rows: list[dict[str, Any]], spec: SweepSpec, name: str, sweep
 def _run_wandb(
     cfg: SweepConfig, spec: SweepSpec, name: str, sweep_dir: Path, runner: _Runner, console: Any
 ) -> tuple[list[dict[str, Any]], list[int]]:
-    from cxrlab.tracking import point_wandb_dirs, resolve_wandb_mode
+    from cxrlab.tracking import resolve_wandb_mode
 
     mode = resolve_wandb_mode(runner.base_cfg.tracking.wandb)
     if mode != "online":
@@ -1258,10 +1270,9 @@ def _run_wandb(
         )
     import wandb
 
-    point_wandb_dirs(sweep_dir)
-    raw = dict(spec.raw)
+    raw = dict(spec.raw)  # the user's YAML as written; only a missing name/metric is filled in
     raw.setdefault("name", name)
-    raw["metric"] = {"name": spec.metric, "goal": spec.goal}
+    raw.setdefault("metric", {"name": spec.metric, "goal": spec.goal})
     project, entity = runner.base_cfg.project, runner.base_cfg.tracking.entity
     try:
         sweep_id = wandb.sweep(sweep=raw, project=project, entity=entity)
@@ -1271,16 +1282,14 @@ def _run_wandb(
     keys = {p.key for p in spec.params}
 
     def trial() -> None:
+        # The agent's run carries the parameters; train()'s WandbLogger attaches to it (and finishes it).
         with wandb.init(group=name, job_type="sweep-trial") as run:
             params = flatten_params(dict(run.config), keys=keys)
             params = {k: v for k, v in params.items() if k in keys and k not in spec.constants}
             n = len(rows)
             out = runner(params, f"t{n:03d}-{run.id}")
-            if out.value is not None:
-                run.summary[spec.metric] = out.value
-            run.summary["sweep/status"] = out.state
-            if out.reason:
-                run.summary["sweep/reason"] = out.reason
+            with contextlib.suppress(Exception):  # the run may already be finished by train()
+                run.summary.update({"sweep/status": out.state, "sweep/reason": out.reason})
             rows.append(
                 {
                     "trial": n,
@@ -1298,7 +1307,10 @@ def _run_wandb(
             if console:
                 console.print(f"[bold cyan]sweep {name}[/] W&B run {run.id}: {out.state} {out.value} {out.reason}")
 
-    wandb.agent(sweep_id, function=trial, count=cfg.n_trials, project=project, entity=entity)
+    from cxrlab.tracking import wandb_dirs
+
+    with wandb_dirs(sweep_dir):
+        wandb.agent(sweep_id, function=trial, count=cfg.n_trials, project=project, entity=entity)
     return rows, [r["trial"] for r in rows]
 
 

@@ -21,7 +21,7 @@ def sweep_cmd(
     config: Path | None = typer.Option(
         None, "--config", "-c", help="training YAML every trial starts from (e.g. configs/cpu.yaml)"
     ),
-    data: str | None = typer.Option(None, "--data", help="split directory used by every trial"),
+    data: str | None = typer.Option(None, "--data", "-d", help="split directory used by every trial"),
     storage: str | None = typer.Option(
         None,
         "--storage",
@@ -32,16 +32,27 @@ def sweep_cmd(
         None, "--n-trials", "-n", min=1, help="run at most N trials here; random/bayes: sweep size if no run_cap"
     ),
     backend: str = typer.Option("optuna", "--backend", help="optuna (no server needed) or wandb (needs a server)"),
-    overrides: list[str] = typer.Option([], "--set", help="key=value applied to every trial (repeatable)"),
+    overrides: list[str] = typer.Option(
+        [],
+        "--set",
+        "-s",
+        help="key=value applied to every trial; repeatable, several may follow one --set "
+        "(e.g. --set tracking.wandb=off trainer.limit_train_batches=2)",
+    ),
     out: Path = typer.Option(Path("sweeps"), "--out", "-o", help="parent directory of the sweep directory"),
     name: str | None = typer.Option(None, "--name", help="sweep/study name; default the YAML's name or file stem"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="re-run points whose trial failed with an error"),
     seed: int | None = typer.Option(None, "--seed", help="sampler seed for random/bayes (default: config seed)"),
+    extra: list[str] | None = typer.Argument(None, hidden=True),
 ) -> None:
     """Run a hyper-parameter sweep; re-running the same command resumes it, several copies share it."""
-    from cxrlab.config import build_config
+    from cxrlab.config import ConfigError, build_config
     from cxrlab.sweep import SweepConfig, summary_table, sweep
 
+    overrides = [*overrides, *(extra or [])]
+    bad = [s for s in overrides if "=" not in s]
+    if bad:
+        raise ConfigError(f"unexpected argument(s) {bad}: overrides look like key=value (e.g. --set epochs=3)")
     cfg = build_config(
         SweepConfig,
         {
