@@ -60,6 +60,18 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def phantom_split(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``phantom_dir`` through the real ingest + split (60/20/20): a split directory for training tests."""
+    from cxrlab.data.ingest import IngestConfig, ingest
+    from cxrlab.data.split import SplitConfig, split
+
+    base = tmp_path_factory.mktemp("phantom-split")
+    ingest(IngestConfig(src=phantom_dir, out=base / "manifest", workers=0, progress=False))
+    split(SplitConfig(manifest=base / "manifest", out=base / "split", fractions=(0.6, 0.2, 0.2), progress=False))
+    return base / "split"
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained bundle of timm's tiny test model (3 classes, 64x64): for I/O contracts, not accuracy."""
     import timm

@@ -287,7 +287,8 @@ class CXRDataModule(L.LightningDataModule):
         return [int(counts.get(c, 0)) for c in self.classes]
 
     def class_weights(self) -> torch.Tensor:
-        """Inverse-frequency weights of the training classes, mean 1 (for the class-weighted loss)."""
+        """Inverse-frequency weights of the training classes, ``n / (k * count)`` (sklearn's "balanced"): every class
+        carries the same total weight in the loss, and balanced data gets weight 1 everywhere."""
         counts = torch.tensor(self.class_counts("train"), dtype=torch.float32)
         return counts.sum() / (len(counts) * counts)
 

@@ -26,8 +26,10 @@ import logging
 import math
 import re
 import secrets
+import signal
 import string
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -438,7 +440,15 @@ def _fit_and_finish(
                     _use_dataset_artifact(experiment, cfg, info)
                 except Exception as e:  # noqa: BLE001 — optional lookup on a remote service; never fail a run on it
                     log.warning("could not record the dataset artifact: %s", e)
-        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+        try:
+            trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+        except SystemExit as e:
+            # Lightning turns Ctrl+C into sys.exit(1) (and leaves SIGINT ignored) and SIGTERM into SIGTERMException
+            # (exit code 0): report it as the interruption it is, with the way back.
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            log.warning("training interrupted; continue with: cxrlab train --resume %s", run_dir)
+            raise KeyboardInterrupt(f"training interrupted; resume with `cxrlab train --resume {run_dir}`") from e
         result = _finish(cfg, info, dm, module, trainer, checkpoint, run_dir, run_id, wandb_logger)
         result.wandb_dir, result.wandb_mode = wandb_dir, mode
         ok = True

@@ -88,7 +88,7 @@ def train_cmd(
 def _print_summary(r) -> None:  # r: cxrlab.train.RunResult
     t = Table(title=f"run {r.run_id}", show_header=False, title_justify="left")
     t.add_column("key", style="bold")
-    t.add_column("value")
+    t.add_column("value", overflow="fold")
     t.add_row("best epoch", f"{r.best_epoch} (of 0..{r.epochs_run - 1}; best val/f1_macro {r.best_score:.4f})")
     for k in ("val/f1_macro", "val/accuracy", "val/precision_macro", "val/recall_macro"):
         if k in r.metrics:
