@@ -47,15 +47,20 @@ FIRST_POINT = ("tf_efficientnetv2_b3", "AdamW")  # first in the grid's fixed ord
 class FakeTrain:
     """Deterministic stand-in for ``cxrlab.train.train``: records each Config, returns metrics from it."""
 
-    def __init__(self, fail: dict[str, Any] | None = None, interrupt_on: int | None = None):
+    def __init__(
+        self,
+        fail: dict[str, Any] | None = None,
+        interrupt_on: int | None = None,
+        interrupt: type[BaseException] = KeyboardInterrupt,
+    ):
         self.calls: list[Config] = []
         self.fail = fail or {}
-        self.interrupt_on = interrupt_on
+        self.interrupt_on, self.interrupt = interrupt_on, interrupt
 
     def __call__(self, cfg: Config) -> SimpleNamespace:
         self.calls.append(cfg)
         if self.interrupt_on is not None and len(self.calls) == self.interrupt_on:
-            raise KeyboardInterrupt
+            raise self.interrupt(1) if self.interrupt is SystemExit else self.interrupt()
         run_dir = Path(cfg.output_dir) / cfg.run_name
         run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.model_name in self.fail:
@@ -229,10 +234,12 @@ def test_grid_2x2_runs_four_trials_table_and_plot(tmp_path: Path) -> None:
     assert len(fake.calls) == 4 and again.ran_here == [] and len(again.rows) == 4
 
 
-def test_interrupted_sweep_resumes_only_missing_points(tmp_path: Path) -> None:
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_interrupted_sweep_resumes_only_missing_points(tmp_path: Path, interrupt: type[BaseException]) -> None:
+    """Ctrl-C during the second trial (Lightning turns it into SystemExit(1) inside fit), then the same sweep."""
     cfg = _cfg(tmp_path, SEED_SWEEP)
-    first = FakeTrain(interrupt_on=2)  # Ctrl-C during the second trial
-    with pytest.raises(KeyboardInterrupt):
+    first = FakeTrain(interrupt_on=2, interrupt=interrupt)
+    with pytest.raises(interrupt):
         sweep(cfg, train_fn=first)
     csv_rows = (tmp_path / "sweeps" / "cxr-sweep" / "summary.csv").read_text().splitlines()
     assert [r.split(",")[1] for r in csv_rows[1:]] == ["COMPLETE", "INTERRUPTED"]  # summary written on Ctrl-C

@@ -582,8 +582,6 @@ class _Runner:
         try:
             trial_cfg = self.build(params, number)
             result = self.train_fn(trial_cfg)
-        except KeyboardInterrupt:
-            raise
         except Exception as e:
             self._log(number, e)
             if _is_oom(e):
@@ -893,11 +891,10 @@ class _OptunaSweep:
         try:
             with _Heartbeat(self.storage, trial_id, self.cfg.heartbeat_s):
                 out = self.runner(params, number)
-        except KeyboardInterrupt:
-            self._finish(
-                trial_id,
-                TrialOutcome("FAIL", None, {}, "interrupted (Ctrl-C); re-run to finish", "", 0.0, "interrupted"),
-            )
+        except (KeyboardInterrupt, SystemExit) as e:
+            # Lightning turns Ctrl-C during fit into sys.exit(1) after a graceful shutdown: the same interruption.
+            why = f"interrupted ({'Ctrl-C' if isinstance(e, KeyboardInterrupt) else 'exit'}); re-run to finish"
+            self._finish(trial_id, TrialOutcome("FAIL", None, {}, why, "", 0.0, "interrupted"))
             raise
         self._finish(trial_id, out)
         self.ran_here.append(number)
