@@ -132,6 +132,10 @@ class Predictor:
         self.num_workers = max(1, num_workers)
         # The ONNX backend keeps the torch model on the CPU: it is only used for Grad-CAM there.
         self.bundle: Bundle = load_bundle(bundle_path, device=self.device if backend == "torch" else "cpu")
+        if backend == "torch":
+            # channels_last: measured 1.5-1.9x faster eager inference for timm CNNs here (bench_inference.py);
+            # logits change by ~1e-5 (a different summation order), the weights do not change
+            self.bundle.model.to(memory_format=torch.channels_last)
         self.meta = self.bundle.meta
         self.classes: list[str] = list(self.meta.class_names)
         self.onnx_path: Path | None = None
@@ -177,7 +181,8 @@ class Predictor:
             logits = torch.from_numpy(logits)
         else:
             with torch.inference_mode():
-                logits = self.bundle.model(x.to(self.device)).float().cpu()
+                x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+                logits = self.bundle.model(x).float().cpu()
         return torch.softmax(logits.double(), dim=1).numpy()
 
     def predict_proba(self, grays: Sequence[np.ndarray]) -> np.ndarray:
