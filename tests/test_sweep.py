@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -504,7 +505,9 @@ def test_worker_lost_on_another_machine_is_rerun_after_heartbeat_grace(tmp_path:
 
     sweep(_cfg(tmp_path, SEED_SWEEP, n_trials=1), train_fn=FakeTrain())
     url = f"sqlite:///{tmp_path / 'sweeps' / 'cxr-sweep' / 'study.db'}"
-    storage = optuna.storages.RDBStorage(url, heartbeat_interval=1, grace_period=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(url, heartbeat_interval=1, grace_period=1)
     study_id = storage.get_study_id_from_name("cxr-sweep")
     point = {"model_name": "efficientnetv2_s", "optimizer": "AdamW"}
     ghost = optuna.trial.FrozenTrial(
