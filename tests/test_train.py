@@ -134,6 +134,24 @@ def test_resumed_run_ends_like_an_uninterrupted_one(runs: dict[str, RunResult]) 
     assert c.metrics == runs["a"].metrics
 
 
+def test_fine_tune_trains_only_the_head_and_keeps_backbone_bn_statistics(
+    phantom_split: Path, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """fine_tune from local weights (a bundle directory): after an epoch the backbone tensors, BatchNorm running
+    statistics included, are bit-identical to the start; the classifier head has moved."""
+    from safetensors.torch import load_file
+
+    start = load_file(str(tiny_bundle / "model.safetensors"))
+    sets = _sets(phantom_split, tmp_path, "epochs=1", "fine_tune=true", f"pre_trained={tiny_bundle}", "imbalance=loss")
+    r = train(load_config(None, sets))
+    end = load_file(str(r.bundle_dir / "model.safetensors"))
+    head = {k for k in end if k.startswith("classifier.")}
+    assert head and all(not torch.equal(start[k], end[k]) for k in head if k.endswith("weight"))
+    frozen = [k for k in end if k not in head]
+    assert any("running_mean" in k for k in frozen)
+    assert all(torch.equal(start[k], end[k]) for k in frozen)
+
+
 # ----------------------------------------------------------------------------------------- W&B offline
 
 

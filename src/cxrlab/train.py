@@ -24,6 +24,7 @@ import csv
 import json
 import logging
 import math
+import os
 import re
 import secrets
 import signal
@@ -51,6 +52,7 @@ METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 WANDB_FILE = "wandb.json"  # W&B run id/mode, so a resumed run continues the same W&B run
 CKPT_DIR = "checkpoints"
+_DDP_RUN_DIR = "CXRLAB_DDP_RUN_DIR"
 BUNDLE_DIR = "bundle"
 
 
@@ -260,7 +262,15 @@ def _progress_bar(cfg: Config) -> list[Any]:
         return []
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
-    return [RichProgressBar(leave=True)] if sys.stdout.isatty() else [TQDMProgressBar(refresh_rate=10)]
+    base = RichProgressBar if sys.stdout.isatty() else TQDMProgressBar
+
+    class Bar(base):  # type: ignore[misc, valid-type]
+        def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
+            metrics = super().get_metrics(trainer, pl_module)
+            metrics.pop("v_num", None)  # a logger's version id: noise next to loss and val/f1_macro
+            return metrics
+
+    return [Bar(leave=True)] if base is RichProgressBar else [Bar(refresh_rate=10)]
 
 
 def _wandb_config(cfg: Config, info: Any, run_id: str) -> dict[str, Any]:
@@ -331,9 +341,15 @@ def train(
         run_id = run_dir.name
         _check_resume_compatible(cfg, run_dir)
         cfg = cfg.model_copy(update={"run_name": run_id, "output_dir": str(run_dir.parent)})
+    elif _DDP_RUN_DIR in os.environ and int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        # a DDP worker re-launched by Lightning's subprocess launcher: join rank 0's run directory
+        run_dir = Path(os.environ[_DDP_RUN_DIR])
+        run_id = run_dir.name
+        cfg = cfg.model_copy(update={"run_name": run_id})
     else:
         run_dir, run_id = new_run_dir(cfg)
         cfg = cfg.model_copy(update={"run_name": run_id})
+        os.environ[_DDP_RUN_DIR] = str(run_dir)  # inherited by DDP workers started inside trainer.fit
     dump_config(cfg, run_dir / CONFIG_FILE)
 
     prev_threads = torch.get_num_threads()
@@ -349,6 +365,8 @@ def train(
             # We log per epoch only, so the step-logging interval does not matter.
             warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
             warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated.*")  # lightning vs torch 2.14
+            if cfg.fine_tune:  # the frozen backbone's BatchNorm layers are in eval mode on purpose
+                warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
             L.seed_everything(cfg.seed, workers=True, verbose=False)
             model = build_model(cfg, len(info.classes))
             mean, std = model_data_config(model)
@@ -358,8 +376,13 @@ def train(
             result = _fit_and_finish(cfg, info, dm, module, run_dir, run_id, ckpt_path, mode, callbacks or [])
     finally:
         torch.set_num_threads(prev_threads)
+        if os.environ.get(_DDP_RUN_DIR) == str(run_dir) and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            os.environ.pop(_DDP_RUN_DIR, None)
     result.wall_s = round(time.perf_counter() - t0, 1)
-    _write_summary(result, cfg)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        _write_summary(result, cfg)
     return result
 
 
@@ -432,7 +455,7 @@ def _fit_and_finish(
     wandb_dir: Path | None = None
     ok = False
     try:
-        if wandb_logger is not None:
+        if wandb_logger is not None and trainer.is_global_zero:
             experiment = wandb_logger.experiment
             wandb_dir = Path(experiment.dir).parent
             if mode == "online":
