@@ -3,8 +3,8 @@
 ``cxrlab serve`` runs in its own process (a realistic model: timm ``efficientnet_lite0`` at 224 px, random
 weights) and a client with 8 threads (httpx) posts real cxr-tiny JPEGs to ``/predict``. Reported per server
 setting: errors (must be 0), p50 / p95 latency, requests/s, and the mean batch the inference thread formed.
-Settings compared: ``--max-batch 1`` (one request per forward pass: a plain lock), ``--max-batch 8`` (greedy
-batching, the default) and the ONNX Runtime backend with greedy batching.
+Settings compared: ``--max-batch 1`` (one request per forward pass: a plain lock; the CPU default),
+``--max-batch 8`` (greedy batching; the GPU default) and the ONNX Runtime backend, each way.
 
     .venv/bin/python benchmarks/bench_serve.py [--requests 200] [--concurrency 8] [--model efficientnet_lite0]
 """
@@ -118,7 +118,7 @@ def main() -> int:
     )
     print(f"{'server':28s} {'errors':>6s} {'p50 ms':>8s} {'p95 ms':>8s} {'req/s':>7s} {'mean batch':>10s}")
     failed = False
-    for backend, max_batch in (("torch", 1), ("torch", 8), ("onnx", 8)):
+    for backend, max_batch in (("torch", 1), ("torch", 8), ("onnx", 1), ("onnx", 8)):
         proc, url = _start(bundle, backend, max_batch, tmp / f"server-{backend}-{max_batch}.log")
         try:
             r = _load(url, files, args.requests, args.concurrency)

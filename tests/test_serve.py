@@ -24,7 +24,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def client(tiny_bundle: Path):
     from cxrlab.serve import ServeSettings, create_app
 
-    settings = ServeSettings(token=TOKEN, max_upload_mb=1.0, max_pixels=1_000_000, device="cpu")
+    settings = ServeSettings(token=TOKEN, max_upload_mb=1.0, max_pixels=1_000_000, device="cpu", max_batch=4)
     with fastapi_testclient.TestClient(create_app(tiny_bundle, settings)) as c:
         yield c
 

@@ -18,12 +18,15 @@ image format (the extension and declared content type are ignored); 422 no ``fil
 undecodable image. Uploads are decoded from memory; the only thing that may touch disk is Starlette's
 multipart spooling (a ``SpooledTemporaryFile`` in the system temp dir above 1 MB, deleted on close).
 
-Concurrency on CPU: a single inference thread owns the model and takes every job from a queue. PyTorch and
-ONNX Runtime already spread one forward pass over all cores, so two concurrent forward passes would only
-oversubscribe them; instead requests that arrive while a forward pass runs are merged into the next batch
-(greedy batching up to ``max_batch``, no waiting timer, so an idle server adds no latency). Decoding and
-preprocessing (PIL/pydicom/OpenCV, which release the GIL) run concurrently in a bounded threadpool. Grad-CAM
-jobs go through the same thread because they register hooks on the shared model.
+Concurrency: a single inference thread owns the model and takes every job from a queue. PyTorch and ONNX
+Runtime already spread one forward pass over all cores, so two concurrent forward passes on a CPU would only
+oversubscribe them (measured: torch at 2 threads on 2 busy cores ran batch-1 inference 20x slower than at 1).
+Requests that arrive while a forward pass runs can be merged into the next batch (greedy batching up to
+``max_batch``, no waiting timer, so an idle server adds no latency). On CPU the default is ``max_batch=1``
+(the thread acts as a lock): a CPU gains little per image from batching and bench_serve.py measured the same
+requests/s with batches of 4 but a higher median latency; on CUDA the default is 8, where batching pays.
+Decoding and preprocessing (PIL/pydicom/OpenCV, which release the GIL) run concurrently in a bounded
+threadpool. Grad-CAM jobs go through the same thread because they register hooks on the shared model.
 """
 
 from __future__ import annotations
@@ -69,7 +72,9 @@ class ServeSettings(StrictModel):
     formats: tuple[ImageFormat, ...] = Field(("PNG", "JPEG", "DICOM"), description="accepted sniffed formats")
     backend: Literal["torch", "onnx"] = "torch"
     device: str = "auto"
-    max_batch: int = Field(8, ge=1, le=256, description="most queued requests merged into one forward pass")
+    max_batch: int | None = Field(
+        None, ge=1, le=256, description="most queued requests merged into one forward pass (default: 1 CPU, 8 GPU)"
+    )
     decode_workers: int = Field(4, ge=1, le=64, description="concurrent decodes (bounds memory under load)")
 
     @property
@@ -244,10 +249,11 @@ def _index_html() -> tuple[str, str]:
 def create_app(bundle_path: str | Path, settings: ServeSettings | None = None) -> FastAPI:
     """Build the service for ``bundle_path``. The model is loaded here, once, and warmed up."""
     s = settings or ServeSettings()
-    predictor = Predictor(bundle_path, backend=s.backend, device=s.device, batch_size=s.max_batch, progress=False)
+    predictor = Predictor(bundle_path, backend=s.backend, device=s.device, progress=False)
+    max_batch = s.max_batch or (8 if predictor.device.type == "cuda" else 1)
     h, w = predictor.meta.img_size
     predictor.forward(torch.stack([predictor.preprocess(np.zeros((h, w), np.uint8))]))  # first call is slow
-    worker = InferenceWorker(predictor, max_batch=s.max_batch)
+    worker = InferenceWorker(predictor, max_batch=max_batch)
     decode_limiter = anyio.CapacityLimiter(s.decode_workers)
     page, csp = _index_html()
     info = predictor.model_info
@@ -293,7 +299,7 @@ def create_app(bundle_path: str | Path, settings: ServeSettings | None = None) -
             "dataset_version": predictor.meta.dataset_version,
             "auth_required": s.token is not None,
             "limits": {"max_upload_bytes": limit, "max_pixels": s.max_pixels, "formats": list(s.formats)},
-            "inference": {"requests": worker.requests, "forward_passes": worker.batches, "max_batch": s.max_batch},
+            "inference": {"requests": worker.requests, "forward_passes": worker.batches, "max_batch": max_batch},
             "notice": cxrlab.RESEARCH_NOTICE,
         }
 
