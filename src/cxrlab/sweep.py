@@ -1196,7 +1196,9 @@ def write_parcoords(rows: list[dict[str, Any]], params: list[str], spec: SweepSp
     )
     failed = sum(r["status"] == "FAILED" for r in rows)
     sub = f"{len(done)} completed trial(s)" + (f", {failed} failed (not plotted)" if failed else "")
-    fig.update_layout(title={"text": f"{title}<br><sup>{sub}</sup>"}, margin={"l": 80, "r": 80, "t": 100, "b": 40})
+    fig.update_layout(
+        title={"text": f"{title}<br><sup>{sub}</sup>", "y": 0.97}, margin={"l": 110, "r": 80, "t": 130, "b": 40}
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)  # True = plotly.js inlined: opens offline
