@@ -114,26 +114,35 @@ def test_regions_find_the_planted_marker() -> None:
     assert not clean.text.any()
 
 
-def test_cam_engine_matches_plain_gradcam(tiny_bundle: Path) -> None:
+@pytest.mark.parametrize("target", ["logit", "margin"])
+def test_cam_engine_matches_plain_gradcam(tiny_bundle: Path, target: str) -> None:
     """Differentiating only from the target layer on must give pytorch-grad-cam's own result."""
     from pytorch_grad_cam import GradCAM
 
     from cxrlab.bundle import load_bundle
+    from cxrlab.explain import PredictedMargin
 
     b = load_bundle(tiny_bundle)
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    with CamEngine(b.model, None, "gradcam", (1, 3, 64, 64)) as eng:
+    with CamEngine(b.model, None, "gradcam", (1, 3, 64, 64), target) as eng:
         cams, probs = eng(x)
         assert eng.layer_name == "bn2" and eng.cell == 32
     assert all(p.requires_grad for p in b.model.parameters())  # restored
     with GradCAM(model=b.model, target_layers=[dict(b.model.named_modules())["bn2"]]) as ref:
-        ref_cams = ref(input_tensor=x, targets=None)
+        ref_cams = ref(input_tensor=x, targets=None if target == "logit" else [PredictedMargin()] * 3)
     np.testing.assert_allclose(cams, ref_cams, atol=1e-5)
     with torch.no_grad():
         np.testing.assert_allclose(probs, torch.softmax(b.model(x), 1).numpy(), atol=1e-5)
-    with CamEngine(b.model, None, "gradcam++", (1, 3, 64, 64)) as eng:
+    with CamEngine(b.model, None, "gradcam++", (1, 3, 64, 64), target) as eng:
         cams_pp, _ = eng(x)
     assert cams_pp.shape == (3, 64, 64) and np.isfinite(cams_pp).all()
+
+
+def test_margin_target_is_logit_minus_mean_of_others() -> None:
+    from cxrlab.explain import PredictedMargin
+
+    out = torch.tensor([1.0, 4.0, -2.0])
+    assert float(PredictedMargin()(out)) == pytest.approx(4.0 - (1.0 - 2.0) / 2)
 
 
 # --------------------------------------------------------------------------------------------- explain()
@@ -326,6 +335,7 @@ def _train_on_phantoms(root: Path, shortcut: str | None) -> Path:
             "batch_size": 16,
             "learning_rate": 3e-3,
             "augment": {"hflip_p": 0.0},  # a flipped marker is still a marker, but keep the corner fixed
+            "channels_last": False,  # GroupNorm in NHWC is ~4x slower on CPU (measured: 25 s vs 6.5 s a run)
             "data": str(root / "split"),
             "output_dir": str(root / "runs"),
             "run_name": "run",
@@ -342,14 +352,31 @@ def shortcut_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: _train_on_phantoms(root / name, sc) for name, sc in (("marked", "COVID19"), ("clean", None))}
 
 
+def _covid_share_with_marker(run: Path) -> float:
+    """How often the model calls a NORMAL/PNEUMONIA phantom COVID19 once the marker is drawn on it."""
+    from cxrlab.bundle import load_bundle
+    from cxrlab.data.synth import make_phantom
+
+    b = load_bundle(run)
+    rng = np.random.default_rng(100)
+    imgs = [make_phantom(c, rng, 96, marker=True) for c in ("NORMAL", "PNEUMONIA") for _ in range(10)]
+    return float((b.predict_proba(imgs).argmax(1) == b.meta.class_names.index("COVID19")).mean())
+
+
 @pytest.mark.slow
 def test_planted_shortcut_moves_attention_on_text(shortcut_runs: dict[str, Path], tmp_path: Path) -> None:
     """Both models are explained on the same marked test images (COVID19 carries an 'R'/'L' marker).
 
-    Measured (seed 3, 96 px, 3 x 40 phantoms, 8 epochs): the marked model puts ~0.23 of its CAM mass on the
-    marker region (whose area is ~0.09 of the image); the model trained without markers ~0.02.
+    Measured (data seed 3, 96 px, 3 x 40 phantoms, 8 epochs, margin target): the marked model puts 0.34 of its
+    CAM mass on the marker region (which covers 0.09 of the image), the model trained without markers 0.01.
+    Other data seeds: seed 5 gave 0.17 vs 0.05 (the model followed the marker on 100% of relabelled images);
+    seed 7's marked model did not pick up the marker at all (and the tool rightly showed ~0 on it), which is why
+    the premise - the marked model follows the marker - is asserted first.
     """
-    marked_test = shortcut_runs["marked"].parent / "split"
+    # premise: the marked model learned the shortcut, the clean one did not
+    assert _covid_share_with_marker(shortcut_runs["marked"]) >= 0.8, "training did not learn the planted marker"
+    assert _covid_share_with_marker(shortcut_runs["clean"]) <= 0.5
+    marked_test = shortcut_runs["marked"].parents[1] / "split"
     got = {}
     for name, run in shortcut_runs.items():
         res = explain(ExplainConfig(target=run, data=marked_test, split="test", out=tmp_path / name, progress=False))

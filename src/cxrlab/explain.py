@@ -11,9 +11,11 @@
 
 Grad-CAM / Grad-CAM++ come from ``pytorch-grad-cam`` and are computed for the predicted class on the last
 convolutional stage of any timm CNN (chosen automatically: the last module, in execution order, with a 4-D
-output of more than 1x1 pixels; override with ``target_layer``). Only the part of the network after the target
-layer is differentiated (weights are frozen and the target activation is made a leaf), so a CAM costs little
-more than a forward pass.
+output of more than 1x1 pixels; override with ``target_layer``). The differentiated score is the predicted
+class's logit margin over the mean of the other logits (``cam_target="margin"``, default) or its raw logit
+(``"logit"``, classic Grad-CAM); see :class:`PredictedMargin` for why. Only the part of the network after the
+target layer is differentiated (weights are frozen and the target activation is made a leaf), so a CAM costs
+little more than a forward pass.
 
 Attention shares: the CAM (as returned by pytorch-grad-cam: ReLU, min-max scaled, upsampled to the model input)
 is normalised to sum 1 over the image; the share of that mass inside a region is the attention on the region:
@@ -65,6 +67,7 @@ from cxrlab.errors import CxrlabError
 log = logging.getLogger(__name__)
 
 METHODS = ("gradcam", "gradcam++")
+CAM_TARGETS = ("margin", "logit")
 REGIONS = ("in_lungs", "on_text", "on_border")
 ATTENTION_FILE = "attention.json"
 ATTENTION_CSV = "attention.csv"
@@ -84,6 +87,9 @@ class ExplainConfig(StrictModel):
     data: Path | None = Field(None, description="other data: folder of class folders, manifest or split csv")
     only_errors: bool = Field(False, description="explain only the misclassified images")
     method: Literal["gradcam", "gradcam++"] = "gradcam"
+    cam_target: Literal["margin", "logit"] = Field(
+        "margin", description="differentiate the predicted class's logit margin over the others, or its raw logit"
+    )
     target_layer: str | None = Field(None, description="module name of the CAM layer; default: last conv stage")
     out: Path | None = Field(None, description="output directory; default <run>/explain-<split>")
     batch_size: int = Field(16, ge=1)
@@ -210,14 +216,40 @@ def _cam_graph_from(model: torch.nn.Module, layer: torch.nn.Module) -> Iterator[
             p.requires_grad_(rg)
 
 
-class CamEngine:
-    """Batched Grad-CAM / Grad-CAM++ for the predicted class. ``__call__(x) -> (cams N x H x W, probs N x K)``."""
+class PredictedMargin:
+    """pytorch-grad-cam target: the predicted class's logit minus the mean of the other logits.
 
-    def __init__(self, model: torch.nn.Module, layer_name: str | None, method: str, input_shape: tuple[int, ...]):
+    Why not the raw logit: a model can predict a class by pushing the *other* logits down (measured on the
+    planted-shortcut phantoms: a model that followed the marker 100% of the time, yet whose raw-logit Grad-CAM
+    hardly touched it). The margin sees evidence for the class and against the others alike; unlike the softmax
+    probability it does not saturate for confident predictions."""
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        c = int(output.argmax(-1))
+        k = output.shape[-1]
+        return output[..., c] - (output.sum(-1) - output[..., c]) / max(k - 1, 1)
+
+
+class CamEngine:
+    """Batched Grad-CAM / Grad-CAM++ for the predicted class. ``__call__(x) -> (cams N x H x W, probs N x K)``.
+
+    ``target``: "margin" (default, see :class:`PredictedMargin`) or "logit" (the classic Grad-CAM target)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layer_name: str | None,
+        method: str,
+        input_shape: tuple[int, ...],
+        target: str = "margin",
+    ):
         from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
 
         if method not in METHODS:
             raise ExplainError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+        if target not in CAM_TARGETS:
+            raise ExplainError(f"unknown CAM target {target!r}; valid: {', '.join(CAM_TARGETS)}")
+        self.target = target
         self.model = model.eval()
         shape = tuple(input_shape)
         self.layer_name, self.layer, self.feature_hw = resolve_target_layer(model, layer_name, shape)  # type: ignore[arg-type]
@@ -232,7 +264,8 @@ class CamEngine:
     def __call__(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         x = x.to(next(self.model.parameters()).device)
         with torch.enable_grad():
-            cams = self.cam(input_tensor=x, targets=None)
+            targets = [PredictedMargin()] * len(x) if self.target == "margin" else None  # None: argmax logit
+            cams = self.cam(input_tensor=x, targets=targets)
         probs = torch.softmax(self.cam.outputs.detach().float(), dim=1).cpu().numpy()
         return np.asarray(cams, dtype=np.float32), probs
 
@@ -434,7 +467,7 @@ def explain(cfg: ExplainConfig) -> ExplainResult:
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     n_seen = 0
-    engine = CamEngine(bundle.model, cfg.target_layer, cfg.method, (1, meta.in_chans, *size))
+    engine = CamEngine(bundle.model, cfg.target_layer, cfg.method, (1, meta.in_chans, *size), cfg.cam_target)
     bar = tqdm(total=len(paths), desc=f"explain {cfg.split} ({cfg.method})", unit="img", disable=not cfg.progress)
     try:
         for start in range(0, len(paths), cfg.batch_size):
@@ -489,6 +522,7 @@ def explain(cfg: ExplainConfig) -> ExplainResult:
         },
         "classes": classes,
         "method": cfg.method,
+        "cam_target": cfg.cam_target,
         "target_layer": engine.layer_name,
         "regions": {
             "in_lungs": "cxrlab.lungs.segment_lungs (threshold + watershed + convex hull; prior ellipses fallback)",
@@ -497,6 +531,7 @@ def explain(cfg: ExplainConfig) -> ExplainResult:
                 f"max({cfg.text_dilate:g} of the side, half a CAM cell = {engine.cell / 2:g} px)"
             ),
             "on_border": f"outer {cfg.border:.0%} frame",
+            "border_frac": cfg.border,
             "normalisation": "CAM (ReLU, min-max, upsampled) normalised to sum 1 per image; regions may overlap",
         },
         "summary": overall,
@@ -596,15 +631,18 @@ def _row(
 
 # --------------------------------------------------------------------------------------------- HTML
 
+# the shared report style (cxrlab.report_html) plus what the image table needs; the only script is the sorting
+# and filtering below (inline, no CDN)
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.2rem;color:#222}
-h1{font-size:1.35rem;margin:.2rem 0}h2{font-size:1.05rem;margin:1rem 0 .4rem}
-.meta{color:#555;font-size:.9rem}table{border-collapse:collapse;font-size:.85rem}
-th,td{border:1px solid #ddd;padding:3px 6px;text-align:right;vertical-align:middle}
-th{background:#f3f3f3;position:sticky;top:0;cursor:pointer;user-select:none}
-td.l,th.l{text-align:left}tr.wrong td{background:#fff1f0}tr.ok td.res{color:#17803d}tr.wrong td.res{color:#c62828}
-img{display:block}.controls{margin:.6rem 0;display:flex;gap:1rem;flex-wrap:wrap;align-items:center}
-.legend{font-size:.85rem;color:#444}.sw{display:inline-block;width:.9em;height:.9em;vertical-align:middle}
+body{max-width:none}
+table.rows{border-collapse:collapse;font-size:13px}
+table.rows th,table.rows td{border:1px solid var(--line);padding:3px 6px;text-align:right;vertical-align:middle}
+table.rows th{background:var(--soft);position:sticky;top:0;cursor:pointer;user-select:none}
+table.rows td.l,table.rows th.l{text-align:left}
+tr.wrong td{background:#fff1f0}tr.ok td.res{color:#17803d}tr.wrong td.res{color:#c62828;font-weight:600}
+table.rows img{display:block}
+.controls{margin:.6rem 0;display:flex;gap:1rem;flex-wrap:wrap;align-items:center}
+.sw{display:inline-block;width:.9em;height:.9em;vertical-align:middle}
 th.sorted-asc::after{content:" \\25B2"}th.sorted-desc::after{content:" \\25BC"}
 """
 
@@ -631,45 +669,61 @@ def _fmt(v: Any) -> str:
 
 
 def _data_key(name: str) -> str:
-    """A column name as an HTML data-* key (lower case letters, digits, dashes) and its dataset name."""
+    """A column name as an HTML data-* key (lower case letters, digits, dashes)."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def _dataset_name(key: str) -> str:
+    """The JavaScript ``dataset`` property of a data-* key (``p-covid19`` -> ``pCovid19``)."""
     parts = key.split("-")
     return parts[0] + "".join(p[:1].upper() + p[1:] for p in parts[1:])
 
 
+def _summary_rows(doc: dict[str, Any]) -> list[list[Any]]:
+    groups = [("all images", doc["summary"])]
+    groups += [(f"true {c}", s) for c, s in doc["per_class"].items()]
+    groups += [(f"{k} predictions", s) for k, s in doc["by_outcome"].items()]
+    keys = ("n_images", "accuracy", "in_lungs", "on_text", "on_border", "with_text", "on_text_where_text", "text_area")
+    return [[name, *[s.get(k) for k in keys]] for name, s in groups if s and s.get("n_images")]
+
+
 def _write_html(path: Path, table: pd.DataFrame, doc: dict[str, Any], classes: list[str]) -> None:
+    from cxrlab import report_html as rh
+
     e = html.escape
     model = doc["model"]
-    summ = doc["summary"] or {}
-    head = (
-        f"<h1>Explanations: {e(model['name'])} {e(model.get('run_id') or '')}</h1>"
-        f"<div class=meta>{e(doc['data'])} &middot; {doc['method']} on <code>{e(doc['target_layer'])}</code>"
-        f" &middot; {len(table)} images explained ({'errors only, ' if doc['subset'] == 'errors' else ''}"
-        f"{doc['n_seen']} read, {len(doc['skipped'])} unreadable) &middot; accuracy "
-        f"{_fmt(summ.get('accuracy'))} &middot; preprocessing: {e(json.dumps(model.get('preprocess')))}</div>"
+    meta = rh.kv(
+        [
+            ("model", f"{model['name']} {model.get('run_id') or ''} ({model['bundle']})"),
+            ("images", doc["data"]),
+            (
+                "explained",
+                f"{len(table)} ({'errors only; ' if doc['subset'] == 'errors' else ''}"
+                f"{doc['n_seen']} read, {len(doc['skipped'])} unreadable)",
+            ),
+            ("Grad-CAM", f"{doc['method']} of the predicted class ({doc['cam_target']}) on {doc['target_layer']}"),
+            ("preprocessing", json.dumps(model.get("preprocess"))),
+        ]
     )
-    # attention summary table
-    srows = [("all", summ)] + list(doc["per_class"].items()) + list(doc["by_outcome"].items())
-    att = ["<h2>Mean attention share of the Grad-CAM mass</h2><table><tr><th class=l>group</th><th>images</th>"]
-    att.append("<th>accuracy</th><th>in lungs</th><th>on text</th><th>on border</th><th>with text</th>")
-    att.append("<th>on text (images with text)</th></tr>")
-    for name, s in srows:
-        if not s:
-            continue
-        att.append(
-            f"<tr><td class=l>{e(str(name))}</td><td>{s.get('n_images', 0)}</td><td>{_fmt(s.get('accuracy'))}</td>"
-            f"<td>{_fmt(s.get('in_lungs'))}</td><td>{_fmt(s.get('on_text'))}</td><td>{_fmt(s.get('on_border'))}</td>"
-            f"<td>{_fmt(s.get('with_text'))}</td><td>{_fmt(s.get('on_text_where_text'))}</td></tr>"
-        )
-    att.append("</table>")
-    legend = (
-        "<p class=legend>Overlay: Grad-CAM of the predicted class (red = high) on the input as the model sees it; "
-        "<span class=sw style='background:#50dc50'></span> lung fields, "
-        "<span class=sw style='background:#ff00ff'></span> detected text/markers. Attention shares are the part of "
-        "the CAM mass inside each region (regions may overlap).</p>"
+    cols_sum = [
+        "group",
+        "images",
+        "accuracy",
+        "in lungs",
+        "on text",
+        "on border",
+        "with text",
+        "on text (images with text)",
+        "text area",
+    ]
+    summary = rh.section(
+        "Mean attention share of the Grad-CAM mass",
+        rh.table(_summary_rows(doc), columns=cols_sum, float_fmt="{:.3f}"),
+        "<p>Attention share = part of the CAM mass (CAM normalised to sum 1 per image) inside a region: "
+        "<span class=sw style='background:#50dc50'></span> lung fields (classical segmentation), "
+        "<span class=sw style='background:#ff00ff'></span> detected burned-in text/markers, and the outer "
+        f"{doc['regions'].get('border_frac', 0.08):.0%} border. Regions may overlap. <em>text area</em> is what a "
+        "uniform CAM would put on text: a model whose <em>on text</em> is well above it looks at the labels.</p>",
     )
     opts = "".join(f"<option>{e(c)}</option>" for c in classes)
     controls = (
@@ -680,7 +734,7 @@ def _write_html(path: Path, table: pd.DataFrame, doc: dict[str, Any], classes: l
         "<option value=correct>correct</option></select></label>"
         "<label>confidence from <input id=fconf type=number min=0 max=1 step=0.05 value=0 style='width:5em'></label>"
         "<label>to <input id=fconfmax type=number min=0 max=1 step=0.05 value=1 style='width:5em'></label>"
-        "<span id=count></span></div>"
+        "<span id=count></span> <span class=caption>(click a column header to sort)</span></div>"
     )
     cols: list[tuple[str, str, bool]] = [  # (column, header, numeric)
         ("index", "#", True),
@@ -710,17 +764,21 @@ def _write_html(path: Path, table: pd.DataFrame, doc: dict[str, Any], classes: l
             f"<td>{_fmt(r['in_lungs'])}</td><td>{_fmt(r['on_text'])}</td><td>{_fmt(r['on_border'])}</td>",
             f"<td class=l title='{e(r['path'])}'>{e(Path(r['path']).name)}</td>",
         ]
-        body.append(
-            f"<tr class={'ok' if r['correct'] else 'wrong'} data-outcome={outcome} {data}>{''.join(cells)}</tr>"
-        )
-    page = (
-        "<!doctype html><html lang=en><head><meta charset=utf-8>"
-        f"<title>cxrlab explain - {e(model['name'])}</title><style>{_CSS}</style></head><body>"
-        f"{head}{''.join(att)}{legend}<h2>Images</h2>{controls}"
-        f"<table id=rows><thead><tr>{''.join(th)}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-        f"<script>{_JS}</script></body></html>"
+        cls = "ok" if r["correct"] else "wrong"
+        body.append(f"<tr class={cls} data-outcome={outcome} {data}>{''.join(cells)}</tr>")
+    images = rh.section(
+        "Images",
+        "<p>Overlay: Grad-CAM of the predicted class (red = high) on the input as the model sees it, with the "
+        "lung fields (green) and detected text (magenta) outlined.</p>",
+        controls,
+        f"<table id=rows class=rows><thead><tr>{''.join(th)}</tr></thead><tbody>{''.join(body)}</tbody></table>",
     )
-    path.write_text(page, encoding="utf-8")
+    page = rh.page(
+        f"Explanations: {model['name']} {model.get('run_id') or ''}".strip(),
+        [f"<style>{_CSS}</style>", meta, summary, images, f"<script>{_JS}</script>"],
+        subtitle=f"{doc['split']} · {len(table)} images · accuracy {_fmt(doc['summary'].get('accuracy'))}",
+    )
+    rh.write_page(path, page)
 
 
 # --------------------------------------------------------------------------------------------- W&B

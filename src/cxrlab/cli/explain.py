@@ -22,6 +22,9 @@ def explain_cmd(
     split: str = typer.Option("test", "--split", help="Split of the run's data (or of --data's): test|val|train."),
     only_errors: bool = typer.Option(False, "--only-errors", help="Explain only the misclassified images."),
     method: str = typer.Option("gradcam", "--method", help="gradcam | gradcam++"),
+    cam_target: str = typer.Option(
+        "margin", "--cam-target", help="margin (predicted logit minus the others' mean) | logit (classic Grad-CAM)"
+    ),
     target_layer: str | None = typer.Option(
         None, "--target-layer", help="Module name of the CAM layer (default: the last convolutional stage)."
     ),
@@ -48,6 +51,7 @@ def explain_cmd(
             "data": data,
             "only_errors": only_errors,
             "method": method,
+            "cam_target": cam_target,
             "target_layer": target_layer,
             "out": out,
             "batch_size": batch_size,
