@@ -123,7 +123,7 @@ def test_ece_constructed() -> None:
 
 
 def test_compute_metrics_agrees_with_sklearn() -> None:
-    from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
+    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
     rng = np.random.default_rng(5)
     y = rng.integers(0, 3, 200)
@@ -135,7 +135,8 @@ def test_compute_metrics_agrees_with_sklearn() -> None:
     assert m["test/precision_macro"] == pytest.approx(precision_score(y, pred, average="macro"))
     assert m["test/recall_macro"] == pytest.approx(recall_score(y, pred, average="macro"))
     assert m["test/auc_macro"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
-    assert m["test/acc_COVID19"] == m["test/recall_COVID19"] == pytest.approx(recall_score(y == 0, pred == 0))
+    assert m["test/recall_COVID19"] == pytest.approx(recall_score(y == 0, pred == 0))
+    assert m["test/acc_NORMAL"] == pytest.approx(accuracy_score(y == 1, pred == 1))  # one-vs-rest, as in training
     assert res["confusion"].sum() == 200
     for k, (lo, hi) in res["ci"].items():
         assert lo <= m[k] <= hi, k
@@ -411,3 +412,16 @@ def test_compare_refuses_different_splits(tiny_bundle: Path, phantom_dir: Path, 
         CompareConfig(baseline=a, challenger=c, out=tmp_path / "same", n_boot=100, progress=False, report=False)
     )
     assert r.mcnemar.b == r.mcnemar.c == 0 and r.mcnemar.p_exact == 1.0 and not r.significant
+
+
+def test_evaluation_goes_to_the_runs_wandb_run(tiny_bundle: Path, split_dir: Path, tmp_path: Path) -> None:
+    run = _make_run(tmp_path, tiny_bundle, split_dir, "tracked")
+    (run / "wandb.json").write_text(json.dumps({"id": "evaltest1", "mode": "offline"}))  # as train writes it
+    res = evaluate(EvalConfig(target=run, n_boot=0, progress=False, report=False))
+    assert res.wandb_logged
+    runs = list((run / "wandb").glob("offline-run-*-evaltest1"))
+    assert runs and list(runs[0].glob("run-evaltest1.wandb"))  # resumed the same run id, inside the run dir
+    # a run without W&B tracking is left alone
+    plain = _make_run(tmp_path, tiny_bundle, split_dir, "plain")
+    assert not evaluate(EvalConfig(target=plain, n_boot=0, progress=False, report=False)).wandb_logged
+    assert not (plain / "wandb").exists()

@@ -101,9 +101,11 @@ class EvalResult:
     present_classes: list[str]
     absent_classes: list[str]
     n: int
-    metrics: dict[str, float]  # namespaced: test/accuracy, test/f1_macro, test/recall_COVID19, test/ece ...
+    # namespaced: test/accuracy, test/f1_macro, test/recall_COVID19 (the seed's "individual accuracy" of COVID-19),
+    # test/acc_COVID19 (one-vs-rest (TP+TN)/N, the same quantity training logs under that name), test/ece ...
+    metrics: dict[str, float]
     ci: dict[str, tuple[float, float]]  # same keys as metrics, for the bootstrapped ones
-    per_class: pd.DataFrame  # class, support, precision, recall (= per-class accuracy), f1, auc, fn, fp, CIs
+    per_class: pd.DataFrame  # class, support, precision, recall (the seed's per-class accuracy), f1, auc, fn, fp, CIs
     confusion: np.ndarray  # K x K counts, rows = true, columns = predicted (bundle class order)
     ece: float
     reliability: pd.DataFrame  # bin, lo, hi, count, confidence, accuracy
@@ -231,6 +233,9 @@ def metrics_from_confusion(cm: np.ndarray, present: np.ndarray | None = None) ->
         f1 = np.where(denom > 0, 2 * precision * recall / np.where(denom > 0, denom, 1), 0.0)
         f1 = np.where(np.isnan(recall), np.nan, f1)
         accuracy = np.where(total > 0, tp.sum(axis=-1) / np.where(total > 0, total, 1), np.nan)
+        # one-vs-rest accuracy of each class, (TP + TN) / N, as training logs acc_<CLASS> (cxrlab.module)
+        tot = np.where(total > 0, total, 1)[..., None]
+        acc_ovr = (total[..., None] - (support - tp) - (predicted - tp)) / tot
     if present is None:
         present = np.ones(k, dtype=bool)
     sel = np.asarray(present, dtype=bool)
@@ -240,6 +245,7 @@ def metrics_from_confusion(cm: np.ndarray, present: np.ndarray | None = None) ->
         f1_macro = np.nanmean(f1[..., sel], axis=-1)
     return {
         "accuracy": accuracy,
+        "acc_ovr": acc_ovr,
         "precision": precision,
         "recall": recall,
         "f1": f1,
@@ -358,7 +364,7 @@ def compute_metrics(
             continue  # per-class metrics of an absent class are undefined: reported as absent, not as 0
         m[f"{prefix}/precision_{c}"] = float(pm["precision"][i])
         m[f"{prefix}/recall_{c}"] = float(pm["recall"][i])
-        m[f"{prefix}/acc_{c}"] = float(pm["recall"][i])  # the seed's "individual accuracy" of a class
+        m[f"{prefix}/acc_{c}"] = float(pm["acc_ovr"][i])  # one-vs-rest, as in training's metrics
         m[f"{prefix}/f1_{c}"] = float(pm["f1"][i])
         m[f"{prefix}/auc_{c}"] = float(auc[i])
 
@@ -372,7 +378,7 @@ def compute_metrics(
         for i, c in enumerate(classes):
             if present[i]:
                 ci[f"{prefix}/recall_{c}"] = percentile_ci(bm["recall"][:, i], level)
-                ci[f"{prefix}/acc_{c}"] = ci[f"{prefix}/recall_{c}"]
+                ci[f"{prefix}/acc_{c}"] = percentile_ci(bm["acc_ovr"][:, i], level)
                 ci[f"{prefix}/precision_{c}"] = percentile_ci(bm["precision"][:, i], level)
                 ci[f"{prefix}/f1_{c}"] = percentile_ci(bm["f1"][:, i], level)
 

@@ -362,7 +362,7 @@ def eval_section_html(eval_dir: Path, level: int = 2, gallery: bool = True) -> s
                 r.get("fp"),
             ]
         )
-    cols = ["class", "images", "predicted", "precision [95% CI]", "recall = class accuracy [95% CI]", "F1 [95% CI]"]
+    cols = ["class", "images", "predicted", "precision [95% CI]", "recall (per-class accuracy) [95% CI]", "F1 [95% CI]"]
     cols += ["ROC AUC", "false neg.", "false pos."]
     parts.append(rh.section("Per class", rh.table(rows, columns=cols), level=level))
     figs = [

@@ -53,7 +53,7 @@ def print_eval(res) -> None:  # noqa: ANN001 - EvalResult, imported lazily
         key = f"{p}/{name}"
         t.add_row(key, _f(res.metrics.get(key)), _ci(res.ci.get(key)))
     console.print(t)
-    pc = Table(title="per class (recall = the class's accuracy; 95% CI)", title_justify="left")
+    pc = Table(title="per class (recall = the seed's per-class accuracy; 95% CI)", title_justify="left")
     for col in ("class", "n", "precision", "recall [95% CI]", "F1", "AUC", "FN", "FP"):
         pc.add_column(col, justify="left" if col == "class" else "right")
     for r in res.per_class.itertuples(index=False):
