@@ -36,6 +36,7 @@ MAX_GLYPH_H = 64
 TOPHAT_KERNEL = 17  # wider than any stroke of a MAX_GLYPH_H glyph
 MIN_CONTRAST = 45  # top-hat grey levels a pixel must rise above its surroundings to be a candidate
 CONTRAST_LO, CONTRAST_HI = 55.0, 110.0  # glyph mean top-hat: anatomy 45-75, burned-in text 70-220
+THIN_ASPECT, THIN_ALONE_FACTOR = 0.35, 0.6  # thin components count fully only inside a word
 SNR_LO, SNR_HI = 1.5, 4.0  # glyph level over the ring's median, in ring std units: anatomy 1-3, text 3-70
 
 
@@ -119,7 +120,7 @@ def _candidates(work: np.ndarray, polarity: int) -> list[dict]:
         n_score = _ramp(snr, SNR_LO, SNR_HI)
         sw_score = 1.0 - _ramp(stroke / h, 0.35, 0.5)
         score = c_score * (0.4 + 0.6 * n_score) * (0.5 + 0.5 * sw_score)
-        out.append({"box": (x, y, w, h), "score": score, "label": i, "lab": lab})
+        out.append({"box": (x, y, w, h), "score": score, "label": i, "lab": lab, "thin": w < THIN_ASPECT * h})
     return out
 
 
@@ -138,7 +139,11 @@ def _word_boost(cands: list[dict]) -> None:
             gap = max(xb - (xa + wa), xa - (xb + wb))
             if gap < 1.2 * max(ha, hb):
                 a["score"] = min(1.0, a["score"] + 0.25 * b["score"])
+                a["word"] = True
                 break
+    for a in cands:
+        if a["thin"] and not a.get("word"):
+            a["score"] *= THIN_ALONE_FACTOR  # a lone 'l'/'I'-like sliver is more often an edge than text
 
 
 def detect_text(gray: np.ndarray) -> TextDetection:
