@@ -3,8 +3,8 @@
 ``cxrlab serve`` runs in its own process (a realistic model: timm ``efficientnet_lite0`` at 224 px, random
 weights) and a client with 8 threads (httpx) posts real cxr-tiny JPEGs to ``/predict``. Reported per server
 setting: errors (must be 0), p50 / p95 latency, requests/s, and the mean batch the inference thread formed.
-Settings compared: ``--max-batch 1`` (one request per forward pass: a plain lock; the CPU default),
-``--max-batch 8`` (greedy batching; the GPU default) and the ONNX Runtime backend, each way.
+Settings compared: ``--max-batch 1`` (one request per forward pass: a plain lock), ``--max-batch 8`` (greedy
+batching, the default) and the ONNX Runtime backend, each way.
 
     .venv/bin/python benchmarks/bench_serve.py [--requests 200] [--concurrency 8] [--model efficientnet_lite0]
 """
@@ -53,44 +53,41 @@ def _start(bundle: Path, backend: str, max_batch: int, log: Path) -> tuple[subpr
     raise RuntimeError(f"server did not start:\n{log.read_text()}")
 
 
-def _load(url: str, files: list[tuple[str, bytes]], n: int, concurrency: int) -> dict[str, float]:
+def _round(url: str, files: list[tuple[str, bytes]], n: int, concurrency: int) -> tuple[list[float], int, float]:
+    """``n`` requests, ``concurrency`` in flight -> (latencies s, errors, wall s)."""
     import httpx
 
-    client = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=concurrency))
+    with httpx.Client(timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
 
-    def one(i: int) -> tuple[float, int]:
-        name, data = files[i % len(files)]
-        t = time.perf_counter()
-        try:
-            r = client.post(url + "/predict", files={"file": (name, data, "image/jpeg")})
-            ok = r.status_code == 200 and "label" in r.json()
-        except httpx.HTTPError:
-            ok = False
-        return time.perf_counter() - t, 0 if ok else 1
+        def one(i: int) -> tuple[float, int]:
+            name, data = files[i % len(files)]
+            t = time.perf_counter()
+            try:
+                r = client.post(url + "/predict", files={"file": (name, data, "image/jpeg")})
+                ok = r.status_code == 200 and r.json().get("label") is not None
+            except (httpx.HTTPError, ValueError):
+                ok = False
+            return time.perf_counter() - t, 0 if ok else 1
 
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, range(2 * concurrency)))  # warm-up
-        before = client.get(url + "/health").json()["inference"]
-        t0 = time.perf_counter()
-        results = list(pool.map(one, range(n)))
-        wall = time.perf_counter() - t0
-        after = client.get(url + "/health").json()["inference"]
-    client.close()
-    lat = sorted(r[0] for r in results)
-    passes = after["forward_passes"] - before["forward_passes"]
-    return {
-        "errors": sum(r[1] for r in results),
-        "p50_ms": 1e3 * statistics.median(lat),
-        "p95_ms": 1e3 * lat[min(len(lat) - 1, int(round(0.95 * len(lat))) - 1)],
-        "rps": n / wall,
-        "mean_batch": (after["requests"] - before["requests"]) / max(passes, 1),
-    }
+        with ThreadPoolExecutor(concurrency) as pool:
+            t0 = time.perf_counter()
+            results = list(pool.map(one, range(n)))
+            wall = time.perf_counter() - t0
+    return [r[0] for r in results], sum(r[1] for r in results), wall
+
+
+def _inference(url: str) -> dict:
+    import httpx
+
+    return httpx.get(url + "/health", timeout=30).json()["inference"]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--requests", type=int, default=200, help="per server setting")
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=4, help="the requests are sent in this many interleaved rounds")
+    ap.add_argument("--configs", default="torch:1,torch:8,onnx:1,onnx:8", help="backend:max_batch,...")
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--size", type=int, default=224)
     args = ap.parse_args()
@@ -110,27 +107,53 @@ def main() -> int:
     meta = BundleMeta(args.model, ["COVID19", "NORMAL", "PNEUMONIA"], (args.size, args.size), 3, mean, std)
     bundle = save_bundle(timm.create_model(args.model, pretrained=False, num_classes=3), meta, tmp / "bundle")
     files = [(p.name, p.read_bytes()) for c in meta.class_names for p in sorted((DATA / c).glob("*.jpg"))[:20]]
+    configs = [(b, int(m)) for b, m in (c.split(":") for c in args.configs.split(","))]
 
-    print(
-        f"{args.requests} requests, {args.concurrency} concurrent, real cxr-tiny JPEGs ({len(files)} distinct), "
-        f"model {args.model} @ {args.size}px, server and client on {os.cpu_count()} cores "
-        f"(load average {os.getloadavg()[0]:.1f} at start)"
-    )
-    print(f"{'server':28s} {'errors':>6s} {'p50 ms':>8s} {'p95 ms':>8s} {'req/s':>7s} {'mean batch':>10s}")
-    failed = False
-    for backend, max_batch in (("torch", 1), ("torch", 8), ("onnx", 1), ("onnx", 8)):
-        proc, url = _start(bundle, backend, max_batch, tmp / f"server-{backend}-{max_batch}.log")
-        try:
-            r = _load(url, files, args.requests, args.concurrency)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-        failed |= r["errors"] > 0
-        name = f"{backend}, --max-batch {max_batch}"
+    # All servers start first and idle while another is measured; the requests of each are sent in interleaved
+    # rounds, so load from other processes on this shared machine falls on every setting alike.
+    servers = {}
+    try:
+        for backend, mb in configs:
+            servers[(backend, mb)] = _start(bundle, backend, mb, tmp / f"server-{backend}-{mb}.log")
+        lat: dict = {c: [] for c in configs}
+        errors = dict.fromkeys(configs, 0)
+        wall = dict.fromkeys(configs, 0.0)
+        before = {}
+        for c in configs:
+            _round(servers[c][1], files, 2 * args.concurrency, args.concurrency)  # warm-up
+            before[c] = _inference(servers[c][1])
+        per_round = max(1, args.requests // args.rounds)
+        t_start = time.perf_counter()
+        for _ in range(args.rounds):
+            for c in configs:
+                ls, err, w = _round(servers[c][1], files, per_round, args.concurrency)
+                lat[c] += ls
+                errors[c] += err
+                wall[c] += w
+        load = os.getloadavg()[0]
         print(
-            f"{name:28s} {r['errors']:6d} {r['p50_ms']:8.0f} {r['p95_ms']:8.0f} {r['rps']:7.1f} {r['mean_batch']:10.2f}"
+            f"{per_round * args.rounds} requests per setting ({args.rounds} interleaved rounds of {per_round}), "
+            f"{args.concurrency} concurrent, real cxr-tiny JPEGs ({len(files)} distinct, up to 512 px), "
+            f"model {args.model} @ {args.size}px; server and client share {os.cpu_count()} cores "
+            f"(load average {load:.1f}; {time.perf_counter() - t_start:.0f} s)"
         )
-    return 1 if failed else 0
+        print(f"{'server':28s} {'errors':>6s} {'p50 ms':>8s} {'p95 ms':>8s} {'req/s':>7s} {'mean batch':>10s}")
+        for c in configs:
+            after = _inference(servers[c][1])
+            passes = max(after["forward_passes"] - before[c]["forward_passes"], 1)
+            ls = sorted(lat[c])
+            p95 = ls[min(len(ls) - 1, int(round(0.95 * len(ls))) - 1)]
+            name = f"{c[0]}, --max-batch {c[1]}"
+            print(
+                f"{name:28s} {errors[c]:6d} {1e3 * statistics.median(ls):8.0f} {1e3 * p95:8.0f} "
+                f"{len(ls) / wall[c]:7.1f} {(after['requests'] - before[c]['requests']) / passes:10.2f}"
+            )
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+        for proc, _ in servers.values():
+            proc.wait(timeout=30)
+    return 1 if any(errors.values()) else 0
 
 
 if __name__ == "__main__":

@@ -217,8 +217,8 @@ def serve_cmd(
     max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest width*height (413 above)."),
     backend: BackendName = typer.Option(BackendName.torch, "--backend", help="torch or onnx (ONNX Runtime)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N."),
-    max_batch: int | None = typer.Option(
-        None, "--max-batch", min=1, help="Most queued requests merged into one forward pass [default: 1 CPU, 8 GPU]."
+    max_batch: int = typer.Option(
+        8, "--max-batch", min=1, help="Most queued requests merged into one forward pass (1 = one at a time)."
     ),
 ) -> None:
     """Serve the model over HTTP: web page at /, POST /predict, GET /health, OpenAPI docs at /docs."""
