@@ -187,3 +187,181 @@ def synth_cmd(
         t.add_row(label, str(n), str(res.marked.get(label, 0)))
     console.print(t)
     console.print(f"next: cxrlab data ingest {res.out} --out <DIR>")
+
+
+# ---------------------------------------------------------------------------------------------------- split
+
+
+def _csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+@data_app.command("split")
+def split_cmd(
+    manifest: Path = typer.Argument(
+        ..., help="manifest.csv from `cxrlab data ingest`, or its folder.", show_default=False
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Output folder: split.csv, split.json, excluded.csv.", show_default=False
+    ),
+    fractions: str = typer.Option("0.8,0.1,0.1", "--fractions", help="train,val,test shares (sum 1)."),
+    seed: int = typer.Option(42, "--seed", help="Random seed (same manifest + seed -> byte-identical split)."),
+    per_class: int | None = typer.Option(
+        None, "--per-class", min=1, help="Draw a balanced subset of N images per class (whole groups) first."
+    ),
+    exclude_flagged: str = typer.Option(
+        "",
+        "--exclude-flagged",
+        help="Leave out images the audit flagged: comma list of blur, exposure (under/over/low contrast), "
+        "underexposed, overexposed, low_contrast, text, unreadable. Needs --audit.",
+    ),
+    audit_dir: Path | None = typer.Option(None, "--audit", help="Audit folder (or its audit_features.csv)."),
+    near_dup_threshold: int = typer.Option(
+        2, "--near-dup-threshold", min=-1, max=64, help="Max pHash Hamming distance of near duplicates (-1: off)."
+    ),
+    name: str | None = typer.Option(
+        None, "--name", help="Dataset name for the W&B artifact data-<name>-split (default xray / xray-tiny)."
+    ),
+    wandb: str = typer.Option(
+        "off", "--wandb", help="Log the split as a W&B dataset artifact: auto|online|offline|off."
+    ),
+    wandb_project: str = typer.Option("cxrlab", "--wandb-project", help="W&B project."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Grouped (patient, sha256, near-duplicate), stratified, seeded train/val/test split of a manifest, with a
+    dataset version id derived from its content."""
+    from cxrlab.config import ConfigError
+    from cxrlab.data.manifest import SPLITS
+    from cxrlab.data.split import SplitConfig, split
+
+    try:
+        fr = [float(x) for x in _csv_list(fractions)]
+    except ValueError:
+        raise ConfigError(f"--fractions {fractions!r} must be three numbers like 0.8,0.1,0.1") from None
+    cfg = build_config(
+        SplitConfig,
+        {
+            "manifest": manifest,
+            "out": out,
+            "fractions": fr,
+            "seed": seed,
+            "per_class": per_class,
+            "exclude_flagged": _csv_list(exclude_flagged),
+            "audit": audit_dir,
+            "near_dup_threshold": near_dup_threshold,
+            "name": name,
+            "wandb": wandb,
+            "wandb_project": wandb_project,
+            "progress": progress,
+        },
+        source="cxrlab data split",
+    )
+    res = split(cfg)
+    t = Table(title=f"split {res.dataset_version}: {res.n_images} images, {res.n_groups} groups", title_justify="left")
+    t.add_column("class", style="bold")
+    for s in SPLITS:
+        t.add_column(s, justify="right")
+    t.add_column("total", justify="right")
+    for c in res.classes:
+        t.add_row(c, *[str(res.counts[c][s]) for s in SPLITS], str(sum(res.counts[c].values())))
+    t.add_section()
+    t.add_row("total", *[str(sum(res.counts[c][s] for c in res.classes)) for s in SPLITS], str(res.n_images))
+    console.print(t)
+    rows: list[tuple[str, Any]] = [
+        ("dataset version", res.dataset_version),
+        ("near-duplicate pairs", res.n_near_dup_pairs),
+        ("excluded", f"{len(res.excluded)}" + (f"  (see {res.excluded_path})" if res.excluded else "")),
+        ("split", res.split_path),
+        ("metadata", res.meta_path),
+    ]
+    if res.wandb_artifact:
+        rows.append(("W&B artifact", f"{res.wandb_artifact} (type dataset) in {res.wandb_dir}"))
+    console.print(_kv_table(None, rows))
+    _warn(res.warnings)
+    console.print(f"next: cxrlab data audit {res.out} --out <DIR>   or   cxrlab train --data {res.out}")
+
+
+# ---------------------------------------------------------------------------------------------------- audit
+
+
+@data_app.command("audit")
+def audit_cmd(
+    data: Path = typer.Argument(
+        ...,
+        help="manifest.csv or split.csv, or the folder holding one (a split adds per-split counts).",
+        show_default=False,
+    ),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        "-o",
+        help="Output folder: audit.html, audit.json, audit_features.csv, duplicates.csv.",
+        show_default=False,
+    ),
+    workers: int = typer.Option(2, "--workers", min=0, help="Decoder processes (0 or 1 = in-process)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the confound score's cross-validation."),
+    near_dup_threshold: int = typer.Option(
+        2, "--near-dup-threshold", min=-1, max=64, help="Max pHash Hamming distance of near duplicates (-1: off)."
+    ),
+    blur_threshold: float = typer.Option(20.0, "--blur-threshold", help="Flag blur below this Laplacian variance."),
+    dark_mean: float = typer.Option(70.0, "--dark-mean", help="Flag underexposed below this mean intensity."),
+    bright_mean: float = typer.Option(185.0, "--bright-mean", help="Flag overexposed above this mean intensity."),
+    low_contrast_std: float = typer.Option(20.0, "--low-contrast-std", help="Flag low contrast below this std."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Measure every image (size, exposure, sharpness, burned-in text, duplicates) and score how well these
+    trivial statistics alone predict the label (the confound score); writes a self-contained audit.html."""
+    from cxrlab.data.audit import FLAGS, AuditConfig, audit
+
+    cfg = build_config(
+        AuditConfig,
+        {
+            "data": data,
+            "out": out,
+            "workers": workers,
+            "seed": seed,
+            "near_dup_threshold": near_dup_threshold,
+            "blur_threshold": blur_threshold,
+            "dark_mean": dark_mean,
+            "bright_mean": bright_mean,
+            "low_contrast_std": low_contrast_std,
+            "progress": progress,
+        },
+        source="cxrlab data audit",
+    )
+    res = audit(cfg)
+    cols = list(next(iter(res.counts.values())).keys()) if res.counts else []
+    t = Table(title=f"audit: {res.n_images} images in {res.elapsed_s:.1f} s", title_justify="left")
+    t.add_column("class", style="bold")
+    for s in cols:
+        t.add_column(s, justify="right")
+    for f in ("text", "blur", "underexposed", "overexposed", "low_contrast", "duplicate"):
+        t.add_column(f, justify="right")
+    for c in res.classes:
+        cells = [str(res.counts[c][s]) for s in cols]
+        cells += [f"{res.flag_share[f][c]:.0%}" for f in ("text", "blur", "underexposed", "overexposed")]
+        cells += [f"{res.flag_share[f][c]:.0%}" for f in ("low_contrast", "duplicate")]
+        t.add_row(c, *cells)
+    console.print(t)
+    conf = res.confound
+    if "all" in conf:
+        ct = Table(title="confound score (cross-validated, trivial statistics only)", title_justify="left")
+        ct.add_column("features", style="bold")
+        ct.add_column("balanced acc.", justify="right")
+        ct.add_column("accuracy", justify="right")
+        ct.add_row("chance", f"{conf['chance_balanced_accuracy']:.2f}", f"{conf['chance_accuracy']:.2f}")
+        ct.add_row("all", f"{conf['all']['balanced_accuracy']:.2f}", f"{conf['all']['accuracy']:.2f}")
+        for g, v in conf["groups"].items():
+            ct.add_row(g, f"{v['balanced_accuracy']:.2f}", f"{v['accuracy']:.2f}")
+        console.print(ct)
+    rows: list[tuple[str, Any]] = [
+        ("unreadable", res.n_unreadable),
+        ("duplicate pairs", f"{res.duplicates['exact_pairs']} exact, {res.duplicates['near_pairs']} near, "
+         f"{res.duplicates['cross_split_pairs']} across splits"),
+        ("report", res.html_path),
+        ("summary", res.json_path),
+        ("features", f"{res.features_path}  (flags: {', '.join(FLAGS)})"),
+        ("duplicates", res.duplicates_path),
+    ]  # fmt: skip
+    console.print(_kv_table(None, rows))
+    _warn(res.warnings)

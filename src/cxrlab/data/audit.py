@@ -255,7 +255,7 @@ def _cv_predict(x: np.ndarray, y: np.ndarray, folds: int, seed: int, model: str)
 
     if model == "gbm":
         clf = HistGradientBoostingClassifier(
-            max_iter=60, learning_rate=0.1, min_samples_leaf=5, early_stopping=False, random_state=seed
+            max_iter=40, learning_rate=0.15, min_samples_leaf=5, early_stopping=False, random_state=seed
         )
     else:
         clf = DecisionTreeClassifier(max_depth=4, min_samples_leaf=5, random_state=seed)
