@@ -192,3 +192,16 @@ def test_real_cxr_tiny_confound(cxr_tiny: Path, tmp_path: Path) -> None:
     assert pc["COVID19"]["text_multi_share"] >= pc["NORMAL"]["text_multi_share"] + 0.15
     assert pc["COVID19"]["text_glyphs_mean"] >= 2 * pc["NORMAL"]["text_glyphs_mean"]
     assert sum(sum(v.values()) for v in res.counts.values()) == len(rows) == 252
+
+
+def test_cli_audit(phantom_manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cxrlab.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(["data", "audit", str(phantom_manifest), "--out", str(out), "--workers", "1", "--no-progress"])
+    assert rc == 0
+    for f in ("audit.html", "audit.json", "audit_features.csv", "duplicates.csv"):
+        assert (out / f).is_file(), f
+    assert "confound score" in capsys.readouterr().out
+    assert main(["data", "audit", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "manifest not found" in capsys.readouterr().err

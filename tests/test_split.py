@@ -256,3 +256,20 @@ def test_real_cxr_tiny_patients(cxr_tiny: Path, tmp_path: Path) -> None:
     for c in ("COVID19", "NORMAL", "PNEUMONIA"):
         for s, f in (("train", 0.8), ("val", 0.1), ("test", 0.1)):
             assert abs(res.counts[c][s] - 500 * f) <= 1
+
+
+def test_cli_split(grouped: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cxrlab.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(["data", "split", str(grouped["manifest"]), "--out", str(out), "--per-class", "20", "--no-progress"])
+    assert rc == 0
+    meta = json.loads((out / "split.json").read_text())
+    assert meta["dataset_version"] in capsys.readouterr().out.replace("\n", "")
+    assert meta["per_class"] == 20 and sum(meta["totals"].values()) == 60
+    # bad input: a clear message and exit 2, no traceback
+    assert main(["data", "split", str(grouped["manifest"]), "--out", str(out), "--exclude-flagged", "fuzzy"]) == 2
+    assert "fuzzy" in capsys.readouterr().err
+    assert main(["data", "split", str(grouped["manifest"]), "--out", str(out), "--exclude-flagged", "blur"]) == 2
+    assert "--audit" in capsys.readouterr().err
+    assert main(["data", "split", str(grouped["manifest"]), "--out", str(out), "--fractions", "0.8,x"]) == 2
