@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -60,6 +61,7 @@ FLAG_ALIASES: dict[str, tuple[str, ...]] = {
     "unreadable": ("unreadable",),
 }
 DEFAULT_NEAR_DUP_THRESHOLD = 2
+_PHASH_RE = re.compile(r"[0-9a-fA-F]{16}")
 
 
 class SplitConfig(StrictModel):
@@ -330,7 +332,7 @@ def _fill_missing_hashes(df: pd.DataFrame, progress: bool) -> tuple[pd.DataFrame
         try:
             if df.at[i, "sha256"] == "":
                 df.at[i, "sha256"] = _file_sha256(p)
-            if not pd.Series([df.at[i, "phash"]]).str.fullmatch(r"[0-9a-fA-F]{16}").iloc[0]:
+            if not _PHASH_RE.fullmatch(str(df.at[i, "phash"])):
                 df.at[i, "phash"] = image_phash(read_gray(p))
         except (OSError, ValueError) as e:  # ImageReadError is a ValueError
             bad.append((p, f"unreadable: {getattr(e, 'reason', None) or e}"))
@@ -407,7 +409,10 @@ def split(cfg: SplitConfig) -> SplitResult:
     df, bad = _fill_missing_hashes(df, cfg.progress)
     excluded += bad
     if len(df) == 0:
-        raise DataError("no images left to split after exclusions; see excluded.csv")
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(excluded, columns=["path", "reason"]).to_csv(out / EXCLUDED_FILE, index=False)
+        raise DataError(f"no images left to split after exclusions; see {out / EXCLUDED_FILE}")
     df = df.sort_values(["sha256", "path"], kind="stable").reset_index(drop=True)
     classes = sorted(df["label"].unique())
     labels = df["label"].to_numpy(dtype=object)
