@@ -6,20 +6,24 @@ Two ratios, measured side by side in one run (targets from issue 3):
   batches (target >= 0.95);
 * cxrlab vs the seed: steps/s of cxrlab's pipeline vs a plain seed-style script -- Lightning + timm +
   albumentations, ``cv2.imread`` + RGB + ``Resize -> HorizontalFlip -> Normalize -> ToTensorV2`` for every image
-  every epoch, NCHW -- with the same model, image size, batch size and threads (target >= 1.3x).
+  every epoch, NCHW, OpenMP defaults -- with the same model, image size, batch size and threads (target >= 1.3x).
 
-Variants, each a Lightning ``Trainer.fit`` of ``--steps`` training steps (+1 warm-up step, not timed; the timed
-window covers loading + forward + backward + optimizer step of each batch):
+Each variant is one ``Trainer.fit`` of ``--steps`` timed training steps after one warm-up step, in a fresh
+process (OpenMP settings only take effect before torch loads); the timed window covers loading + forward +
+backward + optimizer step of each batch:
 
-    seed            the seed-style script
-    nocache_nchw    cxrlab's datamodule decoding every image every epoch (grayscale read), NCHW
-    cache_nchw      + decoded-image cache (images resized once to img_size, kept as uint8)
-    cxrlab          + channels_last (cxrlab's default pipeline)
-    cxrlab_t1       cxrlab with torch.set_num_threads(1) instead of --threads
-    premade         CXRClassifier (channels_last) fed pre-made batches: the loader-overhead reference
+    seed          the seed-style script (OpenMP defaults: idle threads spin)
+    nocache_nchw  cxrlab's datamodule decoding every image every step (grayscale read), NCHW
+    cache_nchw    + decoded-image cache (images resized once to img_size, kept as uint8)
+    cxrlab_spin   + channels_last
+    cxrlab        + OMP_WAIT_POLICY=PASSIVE (idle threads sleep), as `cxrlab train` sets it: cxrlab's default
+    cxrlab_t1     cxrlab with 1 thread instead of --threads
+    premade       CXRClassifier (channels_last, PASSIVE) fed pre-made batches: the loader-overhead reference
 
-Variants run interleaved, round after round (median reported), so load from other processes on this shared
-machine hits all of them alike. The one-time cost of filling the cache is reported separately.
+The first four run with the OpenMP defaults, the last three with OMP_WAIT_POLICY=PASSIVE. Variants run
+interleaved, round after round, and the median is reported, so load from other processes on this shared machine
+hits all of them alike.
+The one-time cost of filling the cache for the whole of cxr-tiny is reported separately.
 
     .venv/bin/python benchmarks/bench_train.py [--model efficientnet_lite0] [--size 192] [--batch 32]
         [--steps 4] [--rounds 3] [--threads 2]
@@ -28,28 +32,29 @@ machine hits all of them alike. The one-time cost of filling the cache is report
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("CXRLAB_SHARED_DATA", REPO.parent / "shared" / "data")) / "cxr-tiny"
-VARIANTS = ("seed", "nocache_nchw", "cache_nchw", "cxrlab", "cxrlab_t1", "premade")
+VARIANTS = ("seed", "nocache_nchw", "cache_nchw", "cxrlab_spin", "cxrlab", "cxrlab_t1", "premade")
+SPINNING = ("seed", "nocache_nchw", "cache_nchw", "cxrlab_spin")  # run with the OpenMP defaults
 
 
 def _split_dir(n: int, out: Path) -> Path:
-    """A split.csv over the first n/3 images of each cxr-tiny class (all 'train', a few 'val')."""
+    """A split.csv over the first n/3 images of each cxr-tiny class (all 'train', 2 per class 'val')."""
     import pandas as pd
 
     rows = []
     classes = sorted(p.name for p in DATA.iterdir() if p.is_dir())
     for c in classes:
-        files = sorted((DATA / c).glob("*.jpg"))[: n // len(classes) + 2]
+        files = sorted((DATA / c).glob("*.jpg"))[: -(-n // len(classes)) + 2]
         rows += [{"path": str(f), "label": c, "split": "train"} for f in files[:-2]]
         rows += [{"path": str(f), "label": c, "split": "val"} for f in files[-2:]]
     out.mkdir(parents=True, exist_ok=True)
@@ -57,18 +62,10 @@ def _split_dir(n: int, out: Path) -> Path:
     return out
 
 
-def main() -> int:  # noqa: C901 - one linear script
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="efficientnet_lite0")
-    ap.add_argument("--size", type=int, default=192)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=4, help="timed training steps per variant and round")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    args = ap.parse_args()
-    if not DATA.is_dir():
-        print(f"skip: real data not found at {DATA}")
-        return 0
+def child(variant: str, args: argparse.Namespace) -> float:
+    """Time one variant in this process; returns training steps/s."""
+    import logging
+    import warnings
 
     import albumentations as A
     import cv2
@@ -81,12 +78,13 @@ def main() -> int:  # noqa: C901 - one linear script
 
     from cxrlab.config import load_config
     from cxrlab.data.manifest import load_split
-    from cxrlab.datamodule import CXRDataModule, ImageCache
+    from cxrlab.datamodule import CXRDataModule
     from cxrlab.module import CXRClassifier
 
-    n_images = args.batch * (args.steps + 1)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    split = load_split(_split_dir(n_images, tmp / "split"))
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")  # Lightning's worker / logging-interval hints
+    torch.set_num_threads(1 if variant == "cxrlab_t1" else args.threads)
+    split = load_split(args.split)
     classes = split.classes
     size = (args.size, args.size)
 
@@ -106,13 +104,10 @@ def main() -> int:  # noqa: C901 - one linear script
             ],
         )
 
-    # ---- the seed-style script
     class SeedDataset(Dataset):
         def __init__(self, paths: list[str], labels: list[int]) -> None:
             self.paths, self.labels = paths, labels
-            self.tf = A.Compose(
-                [A.Resize(*size), A.HorizontalFlip(p=0.5), A.Normalize(), ToTensorV2()]  # the seed's list
-            )
+            self.tf = A.Compose([A.Resize(*size), A.HorizontalFlip(p=0.5), A.Normalize(), ToTensorV2()])
 
         def __len__(self) -> int:
             return len(self.paths)
@@ -140,99 +135,119 @@ def main() -> int:  # noqa: C901 - one linear script
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=5e-6)
 
-    train_tab = split.subset("train")
-    seed_loader = DataLoader(
-        SeedDataset(train_tab["path"].tolist(), [classes.index(c) for c in train_tab["label"]]),
-        batch_size=args.batch,
-        shuffle=True,
-        num_workers=0,
-    )
+    if variant == "seed":
+        tab = split.subset("train")
+        module = SeedModule()
+        data = {
+            "train_dataloaders": DataLoader(
+                SeedDataset(tab["path"].tolist(), [classes.index(c) for c in tab["label"]]),
+                batch_size=args.batch,
+                shuffle=True,
+                num_workers=0,
+            )
+        }
+    elif variant == "premade":
+        g = torch.Generator().manual_seed(0)
+        batches = [
+            (torch.randn(args.batch, 3, *size, generator=g), torch.randint(0, len(classes), (args.batch,), generator=g))
+            for _ in range(args.steps + 1)
+        ]
+        module = CXRClassifier(cfg(), classes)
+        data = {"train_dataloaders": DataLoader(batches, batch_size=None)}
+    else:
+        sets = {"nocache_nchw": ("cache_images=false", "channels_last=false"), "cache_nchw": ("channels_last=false",)}
+        dm = CXRDataModule(cfg(*sets.get(variant, ())), split)
+        dm.setup("fit")  # the cache fill is a one-time cost, reported separately
+        module = CXRClassifier(dm.cfg, classes)
+        data = {"datamodule": dm}
 
-    # ---- cxrlab variants
-    t0 = time.perf_counter()
-    dms = {
-        "nocache_nchw": CXRDataModule(cfg("cache_images=false", "channels_last=false"), split),
-        "cache_nchw": CXRDataModule(cfg("channels_last=false"), split),
-        "cxrlab": CXRDataModule(cfg(), split),
-        "cxrlab_t1": CXRDataModule(cfg("threads=1"), split),
-    }
-    for dm in dms.values():
-        dm.setup("fit")
-    mods = {k: CXRClassifier(dm.cfg, classes) for k, dm in dms.items()}
-    mods["premade"] = CXRClassifier(cfg(), classes)
-    mods["seed"] = SeedModule()
-    gen = torch.Generator().manual_seed(0)
-    premade = [
-        (torch.randn(args.batch, 3, *size, generator=gen), torch.randint(0, len(classes), (args.batch,), generator=gen))
-        for _ in range(args.steps + 1)
-    ]
-    print(f"setup {time.perf_counter() - t0:.1f} s", flush=True)
+    stamps: list[float] = []
 
     class Timer(L.Callback):
-        def __init__(self) -> None:
-            self.t: list[float] = []
-
         def on_train_batch_end(self, *a: object) -> None:
-            self.t.append(time.perf_counter())
+            stamps.append(time.perf_counter())
 
-    def fit(name: str) -> float:
-        threads = 1 if name == "cxrlab_t1" else args.threads
-        torch.set_num_threads(threads)
-        timer = Timer()
-        trainer = L.Trainer(
-            accelerator="cpu",
-            max_epochs=1,
-            limit_train_batches=args.steps + 1,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[timer],
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=args.steps + 1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Timer()],
+    )
+    trainer.fit(module, **data)
+    return args.steps / (stamps[-1] - stamps[0])  # the steps after the warm-up step
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="efficientnet_lite0")
+    ap.add_argument("--size", type=int, default=192)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=4, help="timed training steps per variant and round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--split", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps({"steps_per_s": child(args.child, args)}))
+        return 0
+    if not DATA.is_dir():
+        print(f"skip: real data not found at {DATA}")
+        return 0
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    split = _split_dir(args.batch * (args.steps + 1), tmp / "split")
+    base_env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    base_env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    common = ["--model", args.model, "--size", str(args.size), "--batch", str(args.batch)]
+    common += ["--steps", str(args.steps), "--threads", str(args.threads), "--split", str(split)]
+
+    def run(variant: str) -> float:
+        env = dict(base_env) if variant in SPINNING else {**base_env, "OMP_WAIT_POLICY": "PASSIVE"}
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", variant, *common], env=env, capture_output=True, text=True
         )
-        if name == "seed":
-            trainer.fit(mods[name], train_dataloaders=seed_loader)
-        elif name == "premade":
-            trainer.fit(mods[name], train_dataloaders=DataLoader(premade, batch_size=None))
-        else:
-            trainer.fit(mods[name], datamodule=dms[name])
-        return args.steps / (timer.t[-1] - timer.t[0])  # steps after the warm-up step
+        if out.returncode:
+            raise RuntimeError(f"{variant} failed:\n{out.stderr[-3000:]}")
+        return float(json.loads(out.stdout.strip().splitlines()[-1])["steps_per_s"])
 
-    import logging
-    import warnings
-
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore")  # benchmark script: Lightning's worker / logging-interval hints
     rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(args.rounds):
         for v in VARIANTS:
-            rates[v].append(fit(v))
+            rates[v].append(run(v))
         print(f"round {r + 1}: " + ", ".join(f"{v} {rates[v][-1]:.3f}" for v in VARIANTS), flush=True)
-    torch.set_num_threads(args.threads)
     med = {v: statistics.median(x) for v, x in rates.items()}
 
-    # one-time cost of the cache, for the whole cxr-tiny set at this size
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    from cxrlab.datamodule import ImageCache
+
     paths = [str(p) for p in sorted(DATA.glob("*/*.jpg"))]
     t0 = time.perf_counter()
-    ImageCache(paths, size).fill(threads=args.threads, progress=False)
+    ImageCache(paths, (args.size, args.size)).fill(threads=args.threads, progress=False)
     fill_s = time.perf_counter() - t0
 
     print()
     print(
-        f"model {args.model}, {args.size}x{args.size}, batch {args.batch}, threads {args.threads}, "
-        f"{args.steps} timed steps x {args.rounds} rounds (median), cpu count {os.cpu_count()}"
+        f"model {args.model}, {args.size}x{args.size}, batch {args.batch}, threads {args.threads} (cpu count "
+        f"{os.cpu_count()}), {args.steps} timed steps x {args.rounds} rounds, median; fresh process per run"
     )
     print(f"{'variant':<14} {'steps/s':>8} {'img/s':>7}")
     for v in VARIANTS:
         print(f"{v:<14} {med[v]:8.3f} {med[v] * args.batch:7.1f}")
     print()
-    print(f"loader overhead   cxrlab / premade          = {med['cxrlab'] / med['premade']:.3f}   (target >= 0.95)")
-    print(f"cxrlab vs seed    cxrlab / seed             = {med['cxrlab'] / med['seed']:.2f}x  (target >= 1.3x)")
-    print(f"  lever: grayscale decode  nocache_nchw / seed = {med['nocache_nchw'] / med['seed']:.2f}x")
-    print(f"  lever: cache             cache_nchw / nocache = {med['cache_nchw'] / med['nocache_nchw']:.2f}x")
-    print(f"  lever: channels_last     cxrlab / cache_nchw  = {med['cxrlab'] / med['cache_nchw']:.2f}x")
-    print(f"  lever: threads 1 vs {args.threads}     cxrlab_t1 / cxrlab   = {med['cxrlab_t1'] / med['cxrlab']:.2f}x")
+    print(f"loader overhead  cxrlab / premade            = {med['cxrlab'] / med['premade']:.3f}  (target >= 0.95)")
+    print(f"cxrlab vs seed   cxrlab / seed               = {med['cxrlab'] / med['seed']:.2f}x (target >= 1.3x)")
+    print(f"  lever grayscale decode  nocache_nchw / seed = {med['nocache_nchw'] / med['seed']:.2f}x")
+    print(f"  lever cache             cache_nchw / nocache = {med['cache_nchw'] / med['nocache_nchw']:.2f}x")
+    print(f"  lever channels_last     cxrlab_spin / cache  = {med['cxrlab_spin'] / med['cache_nchw']:.2f}x")
+    print(f"  lever OMP passive wait  cxrlab / cxrlab_spin = {med['cxrlab'] / med['cxrlab_spin']:.2f}x")
+    print(f"  threads 1 vs {args.threads}          cxrlab_t1 / cxrlab   = {med['cxrlab_t1'] / med['cxrlab']:.2f}x")
     print(
         f"cache fill (one-time): {len(paths)} cxr-tiny images in {fill_s:.1f} s "
         f"({fill_s / len(paths) * 1000:.1f} ms/image, {args.threads} threads)"

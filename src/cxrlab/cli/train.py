@@ -5,6 +5,7 @@ The stage module is imported inside the command so ``--help`` stays fast.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -67,6 +68,10 @@ def train_cmd(
     ),
     extra: list[str] | None = typer.Argument(None, hidden=True),
 ) -> None:
+    # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a busy machine (other processes
+    # on the same cores) spinning threads burn the time slices their partner needs: 2 threads ran 2-3x slower
+    # than with PASSIVE in benchmarks/bench_train.py. A value set by the user wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from cxrlab.config import ConfigError, load_config
     from cxrlab.train import resume_config, train
 
