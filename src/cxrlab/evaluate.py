@@ -872,11 +872,12 @@ def _fmt_pt(x: float) -> str:
     return f"{x * 100:+.1f}"
 
 
-def make_verdict(n: int, mc: McNemarResult, diff: float, ci: tuple[float, float], alpha: float) -> tuple[bool, str]:
-    """Plain-language verdict from McNemar's exact p-value and the accuracy difference (challenger - baseline)."""
-    ci_txt = (
-        f", {100 * (1 - alpha):.0f}% CI [{_fmt_pt(ci[0])}, {_fmt_pt(ci[1])}]" if all(map(math.isfinite, ci)) else ""
-    )
+def make_verdict(
+    n: int, mc: McNemarResult, diff: float, ci: tuple[float, float], alpha: float = 0.05, level: float = 0.95
+) -> tuple[bool, str]:
+    """Plain-language verdict from McNemar's exact p-value (significant when p < ``alpha``) and the accuracy
+    difference (challenger - baseline) with its ``level`` bootstrap CI."""
+    ci_txt = f", {100 * level:.0f}% CI [{_fmt_pt(ci[0])}, {_fmt_pt(ci[1])}]" if all(map(math.isfinite, ci)) else ""
     tail = (
         f"McNemar exact p={mc.p_exact:.3g} ({mc.b} vs {mc.c} discordant); "
         f"accuracy difference {_fmt_pt(diff)} pt{ci_txt}"
@@ -1010,7 +1011,7 @@ def compare(cfg: CompareConfig) -> CompareResult:
             }
         )
     errors = pd.DataFrame(rows)
-    significant, verdict = make_verdict(n, mc, diff, diff_ci, cfg.alpha)
+    significant, verdict = make_verdict(n, mc, diff, diff_ci, cfg.alpha, cfg.ci_level)
 
     att_a, att_c = _read_attention(base.run_dir, cfg.split), _read_attention(chal.run_dir, cfg.split)
     attention = None

@@ -211,6 +211,9 @@ def run_cmd(
     set_: list[str] = typer.Option([], "--set", help="Config override key=value (repeatable)."),
     force: list[str] = typer.Option([], "--force", help="Redo this stage and the ones after it (repeatable)."),
     per_class: int | None = typer.Option(None, "--per-class", help="Balanced subset of N images per class."),
+    patient_regex: str | None = typer.Option(
+        None, "--patient-regex", help=r"Patient id from the file name, e.g. '(person\d+)_' for Kermany names."
+    ),
     skip_explain: bool = typer.Option(False, "--skip-explain", help="Do not run the explanation stage."),
     skip_audit: bool = typer.Option(False, "--skip-audit", help="Do not run the data audit."),
     demo_n: int = typer.Option(150, "--demo-n", min=2, help="--demo: phantoms per class."),
@@ -232,6 +235,7 @@ def run_cmd(
             "overrides": list(set_),
             "force": list(force),
             "per_class": per_class,
+            "patient_regex": patient_regex,
             "explain": not skip_explain,
             "audit": not skip_audit,
             "demo_n_per_class": demo_n,
