@@ -1,5 +1,5 @@
 """Deterministic preprocessing that travels in the bundle (applied before the transforms, in training and
-inference alike). Today: optional burned-in text/marker removal (see ``cxrlab.explain`` for the detector)."""
+inference alike). Today: optional burned-in text/marker removal (detector: ``cxrlab.data.textdetect``)."""
 
 from __future__ import annotations
 

@@ -30,10 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +41,7 @@ from pydantic import Field
 
 from cxrlab.config import StrictModel
 from cxrlab.data.manifest import MANIFEST_FILE, SPLIT_FILE, SPLIT_META_FILE, SPLITS, DataError, read_manifest
+from cxrlab.data.parallel import map_files
 from cxrlab.data.split import (
     AUDIT_FEATURES_FILE,
     DEFAULT_NEAR_DUP_THRESHOLD,
@@ -64,7 +62,6 @@ FEATURE_GROUPS: dict[str, list[str]] = {
     "sharpness": ["log_sharpness"],
     "burned-in text/markers": ["text_score", "text_glyphs"],
 }
-POOL_MIN_FILES = 32  # below this a process pool costs more than it saves
 
 
 class AuditConfig(StrictModel):
@@ -173,35 +170,8 @@ def _measure_path(path: str) -> dict[str, Any]:
     return out
 
 
-def _worker_init() -> None:
-    import cv2
-
-    cv2.setNumThreads(1)  # the pool already uses every core; OpenCV's own threads would only contend
-
-
 def _run(paths: list[str], workers: int, progress: bool) -> list[dict[str, Any]]:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    workers = max(1, min(workers, os.cpu_count() or 1, len(paths)))
-    cols = (TextColumn("audit"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    out: list[dict[str, Any]] = []
-    with Progress(*cols, console=Console(stderr=True), disable=not progress) as bar:
-        task = bar.add_task("audit", total=len(paths))
-        if workers <= 1 or len(paths) < POOL_MIN_FILES:
-            for p in paths:
-                out.append(_measure_path(p))
-                bar.advance(task)
-            return out
-        chunk = max(1, min(32, len(paths) // (workers * 8)))
-        # spawn, not fork: a forked child inherits OpenCV's/OpenMP's thread-pool state from a parent that has
-        # already used them (the caller, a test session) and can deadlock on its first cv2 call
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
-            for r in pool.map(_measure_path, paths, chunksize=chunk):
-                out.append(r)
-                bar.advance(task)
-    return out
+    return map_files(_measure_path, paths, workers, "audit", progress)
 
 
 def _flags(feats: pd.DataFrame, cfg: AuditConfig) -> pd.DataFrame:

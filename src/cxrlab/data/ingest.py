@@ -38,7 +38,6 @@ import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from pydantic import Field, field_validator
 from cxrlab.config import StrictModel
 from cxrlab.data.io import IMAGE_EXTENSIONS, ImageReadError, decode_xray, sniff_format
 from cxrlab.data.manifest import MANIFEST_COLUMNS, MANIFEST_FILE, REJECTS_FILE, DataError
+from cxrlab.data.parallel import map_files
 
 INGEST_META_FILE = "ingest.json"
 REJECT_COLUMNS = ["path", "reason", "kind", "label"]
@@ -57,7 +57,6 @@ _CSV_PATH_KEYS = ("path", "file", "filename", "file_name", "image", "image_path"
 _CSV_LABEL_KEYS = ("label", "class", "target", "finding_label")
 _CSV_PATIENT_KEYS = ("patient_id", "patientid", "patient")
 _CSV_SPLIT_KEYS = ("source_split", "split")
-POOL_MIN_FILES = 32  # below this a process pool costs more than it saves
 
 
 class IngestConfig(StrictModel):
@@ -401,26 +400,7 @@ def _inspect(path: str) -> tuple[str, ...]:
 
 
 def _run_all(paths: list[str], workers: int, progress: bool) -> list[tuple[str, ...]]:
-    import imagehash  # noqa: F401  (imported once here so forked workers inherit it instead of importing it)
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    workers = max(1, min(workers, os.cpu_count() or 1, len(paths)))
-    columns = (TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=False) as bar:
-        task = bar.add_task("ingest", total=len(paths))
-        results: list[tuple[str, ...]] = []
-        if workers <= 1 or len(paths) < POOL_MIN_FILES:
-            for p in paths:
-                results.append(_inspect(p))
-                bar.advance(task)
-            return results
-        chunk = max(1, min(64, len(paths) // (workers * 8)))
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for r in pool.map(_inspect, paths, chunksize=chunk):
-                results.append(r)
-                bar.advance(task)
-        return results
+    return map_files(_inspect, paths, workers, "ingest", progress)
 
 
 # ------------------------------------------------------------------------------------------------------ ingest
