@@ -371,10 +371,10 @@ def test_planted_shortcut_moves_attention_on_text(shortcut_runs: dict[str, Path]
 
     Measured with this setup (96 px, 3 x 40 phantoms, 8 epochs, margin target; on_text of the marked COVID19
     test images, marked model vs clean model, the marker region covering ~0.09 of the image):
-    data seed 3 (used here) 0.31 vs 0.02; seed 11: 0.15 vs 0.00; seed 5: 0.11 vs 0.09 although that model
+    data seed 3 (used here) 0.31 vs 0.02; seed 11: 0.15 vs 0.00; seed 13: 0.07 vs 0.01; seed 5: 0.11 vs 0.09 although it
     followed the marker on 95% of relabelled images; seed 7's marked model never learned the marker (the tool
-    rightly showed 0.00 on it). So at this size (a 3 x 3 CAM on a 96 px image) the score moves clearly in 2 of 3
-    runs that learned the shortcut, not in every one: the assertions below are calibrated on seed 3 and the
+    rightly showed 0.00 on it). So at this size (a 3 x 3 CAM on a 96 px image) the score moves in all 4 runs that
+    learned the shortcut, but by >3x only in 3 and above 0.15 only in 1-2: the assertions are calibrated on seed 3; the
     premise (the marked model follows the marker) is asserted first so a training change fails loudly.
     """
     # premise: the marked model learned the shortcut, the clean one did not
