@@ -34,6 +34,7 @@ without detected text has ``on_text = 0``; ``on_text_where_text`` averages over 
     {"format": 1, "subset": "all" | "errors", "split": ..., "data": ..., "model": {...}, "method": "gradcam",
      "target_layer": "bn2", "regions": {...definitions...},
      "summary":   {"in_lungs": m, "on_text": m, "on_border": m, "on_text_where_text": m, "with_text": share,
+                   "text_area": m, "lung_area": m,          # what a uniform CAM would score: the baselines
                    "n_images": n, "accuracy": a},          # flat numbers: the per-model headline
      "per_class": {"<true class>": {same keys}, ...},
      "by_outcome": {"correct": {...}, "wrong": {...}},
@@ -387,7 +388,9 @@ def _means(df: pd.DataFrame) -> dict[str, float]:
     out["with_text"] = float(with_text.mean()) if len(df) else float("nan")
     wt = df.loc[with_text, "on_text"].to_numpy(dtype=float)
     out["on_text_where_text"] = float(np.nanmean(wt)) if np.isfinite(wt).any() else float("nan")
-    out["text_area"] = float(df["text_area"].mean()) if len(df) else float("nan")  # what a uniform CAM would get
+    # what a uniform CAM would put on each region: the baseline to read the shares against
+    out["text_area"] = float(df["text_area"].mean()) if len(df) else float("nan")
+    out["lung_area"] = float(df["lung_area"].mean()) if len(df) else float("nan")
     out["accuracy"] = float(df["correct"].mean()) if len(df) else float("nan")
     return out
 
@@ -579,6 +582,7 @@ def _columns(classes: list[str]) -> list[str]:
         "text_detected",
         "text_score",
         "text_area",
+        "lung_area",
         "lung_method",
         "image",
         "overlay",
@@ -623,6 +627,7 @@ def _row(
     row["text_detected"] = bool(reg.text.any())
     row["text_score"] = reg.text_score
     row["text_area"] = float(reg.text.mean())
+    row["lung_area"] = float(reg.lungs.mean())
     row["lung_method"] = reg.lung_method
     row["image"] = f"{THUMBS_DIR}/{img_name}"
     row["overlay"] = f"{THUMBS_DIR}/{ov_name}"
@@ -683,7 +688,8 @@ def _summary_rows(doc: dict[str, Any]) -> list[list[Any]]:
     groups = [("all images", doc["summary"])]
     groups += [(f"true {c}", s) for c, s in doc["per_class"].items()]
     groups += [(f"{k} predictions", s) for k, s in doc["by_outcome"].items()]
-    keys = ("n_images", "accuracy", "in_lungs", "on_text", "on_border", "with_text", "on_text_where_text", "text_area")
+    keys = ("n_images", "accuracy", "in_lungs", "lung_area", "on_text", "on_text_where_text", "text_area", "with_text")
+    keys += ("on_border",)
     return [[name, *[s.get(k) for k in keys]] for name, s in groups if s and s.get("n_images")]
 
 
@@ -692,6 +698,7 @@ def _write_html(path: Path, table: pd.DataFrame, doc: dict[str, Any], classes: l
 
     e = html.escape
     model = doc["model"]
+    border = float(doc["regions"].get("border_frac", 0.08))
     meta = rh.kv(
         [
             ("model", f"{model['name']} {model.get('run_id') or ''} ({model['bundle']})"),
@@ -710,11 +717,12 @@ def _write_html(path: Path, table: pd.DataFrame, doc: dict[str, Any], classes: l
         "images",
         "accuracy",
         "in lungs",
+        "lung area",
         "on text",
-        "on border",
-        "with text",
         "on text (images with text)",
         "text area",
+        "images with text",
+        f"on border (area {1 - (1 - 2 * border) ** 2:.2f})",
     ]
     summary = rh.section(
         "Mean attention share of the Grad-CAM mass",
@@ -722,8 +730,8 @@ def _write_html(path: Path, table: pd.DataFrame, doc: dict[str, Any], classes: l
         "<p>Attention share = part of the CAM mass (CAM normalised to sum 1 per image) inside a region: "
         "<span class=sw style='background:#50dc50'></span> lung fields (classical segmentation), "
         "<span class=sw style='background:#ff00ff'></span> detected burned-in text/markers, and the outer "
-        f"{doc['regions'].get('border_frac', 0.08):.0%} border. Regions may overlap. <em>text area</em> is what a "
-        "uniform CAM would put on text: a model whose <em>on text</em> is well above it looks at the labels.</p>",
+        f"{border:.0%} border. Regions may overlap. The areas are what a uniform CAM would put on each region: "
+        "a model whose <em>on text</em> is well above the text area looks at the labels.</p>",
     )
     opts = "".join(f"<option>{e(c)}</option>" for c in classes)
     controls = (
