@@ -93,3 +93,32 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         dataset_version="test",
     )
     return save_bundle(model, meta, tmp_path_factory.mktemp("bundle"))
+
+
+CHROMIUM = os.environ.get("CXRLAB_CHROMIUM", "/usr/bin/chromium")
+# No background networking / component updates: the machine has no network and Chromium would retry forever.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian Chromium driven by Playwright (skips cleanly when either is missing)."""
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
+        pytest.skip(f"headless Chromium not found at {CHROMIUM} (apt-get install chromium)")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()

@@ -24,16 +24,6 @@ from cxrlab.explain import (
     resolve_target_layer,
 )
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 # lazy images load when scrolled into view: scroll to each, wait for it, then report every naturalWidth
 LOAD_ALL_IMAGES_JS = """async () => {
   for (const img of document.images) {
@@ -270,35 +260,30 @@ def test_wandb_table_added_to_a_tracked_run(tiny_bundle: Path, phantom_dir: Path
 
 
 @pytest.mark.browser
-def test_html_shows_images_sorts_and_filters_in_chromium(explained, tmp_path: Path) -> None:
-    if not CHROMIUM.exists():
-        pytest.skip("no chromium at /usr/bin/chromium (apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+def test_html_shows_images_sorts_and_filters_in_chromium(explained, browser, tmp_path: Path) -> None:
     res = explained
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(res.html.as_uri())
-            widths = page.evaluate(LOAD_ALL_IMAGES_JS)
-            assert len(widths) == 2 * len(res.table) and min(widths) > 0, widths
-            page.evaluate("window.scrollTo(0, 0)")
-            page.screenshot(path=str(tmp_path / "explain.png"), full_page=True)
-            assert (tmp_path / "explain.png").stat().st_size > 10_000
-            # filter: errors only
-            page.select_option("#foutcome", "wrong")
-            visible = page.evaluate(VISIBLE_ROWS_JS)
-            assert visible == int((~res.table["correct"]).sum())
-            page.select_option("#foutcome", "")
-            # sort by confidence, ascending then descending
-            page.click("th[data-key='confidence']")
-            conf = page.evaluate(CONFIDENCES_JS)
-            assert conf == sorted(conf)
-            page.click("th[data-key='confidence']")
-            conf = page.evaluate(CONFIDENCES_JS)
-            assert conf == sorted(conf, reverse=True)
-        finally:
-            browser.close()
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    try:
+        page.goto(res.html.as_uri())
+        widths = page.evaluate(LOAD_ALL_IMAGES_JS)
+        assert len(widths) == 2 * len(res.table) and min(widths) > 0, widths
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(tmp_path / "explain.png"), full_page=True)
+        assert (tmp_path / "explain.png").stat().st_size > 10_000
+        # filter: errors only
+        page.select_option("#foutcome", "wrong")
+        visible = page.evaluate(VISIBLE_ROWS_JS)
+        assert visible == int((~res.table["correct"]).sum())
+        page.select_option("#foutcome", "")
+        # sort by confidence, ascending then descending
+        page.click("th[data-key='confidence']")
+        conf = page.evaluate(CONFIDENCES_JS)
+        assert conf == sorted(conf)
+        page.click("th[data-key='confidence']")
+        conf = page.evaluate(CONFIDENCES_JS)
+        assert conf == sorted(conf, reverse=True)
+    finally:
+        page.close()
 
 
 # --------------------------------------------------------------------------------------------- planted shortcut

@@ -6,7 +6,6 @@ kept as a test artifact (``$CXRLAB_TEST_ARTIFACTS`` or the test's temp dir; its 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import threading
 import time
@@ -18,16 +17,6 @@ from cxrlab import RESEARCH_NOTICE
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = os.environ.get("CXRLAB_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 CLASSES = ["COVID19", "NORMAL", "PNEUMONIA"]
 
 
@@ -63,19 +52,6 @@ def server(tiny_bundle: Path):
     finally:
         srv.should_exit = True
         thread.join(timeout=20)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
-        pytest.skip(f"headless Chromium not found at {CHROMIUM} (apt-get install chromium)")
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture
