@@ -35,6 +35,7 @@ from pydantic import Field
 from cxrlab.config import StrictModel
 from cxrlab.data.manifest import SPLIT_FILE, SPLIT_META_FILE, DataError, load_split, read_manifest
 from cxrlab.errors import CxrlabError
+from cxrlab.tracking import tracked_run_info
 
 log = logging.getLogger(__name__)
 
@@ -785,44 +786,11 @@ def _write_metrics_json(result: EvalResult, cfg: EvalConfig | None, summary: dic
 # --------------------------------------------------------------------------------------------- W&B
 
 
-def _wandb_run_info(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any] | None:
-    """Id, mode, project and entity of the run's W&B run (train writes ``wandb.json`` = {id, mode}), or None
-    when the run was not tracked."""
-    info: dict[str, Any] = {}
-    wj = run_dir / "wandb.json"
-    if wj.is_file():
-        try:
-            info = json.loads(wj.read_text())
-        except json.JSONDecodeError:
-            info = {}
-    mode = str(info.get("mode") or summary.get("wandb_mode") or "")
-    run_id = info.get("id")
-    if not run_id and summary.get("wandb_dir"):
-        run_id = Path(str(summary["wandb_dir"])).name.rsplit("-", 1)[-1]  # offline-run-<time>-<id>
-    if not run_id or mode in ("", "disabled"):
-        return None
-    cfg: dict[str, Any] = {}
-    if (run_dir / "config.yaml").is_file():
-        import yaml
-
-        try:
-            cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        except yaml.YAMLError:
-            cfg = {}
-    tracking = cfg.get("tracking") if isinstance(cfg.get("tracking"), dict) else {}
-    return {
-        "id": str(run_id),
-        "mode": mode if mode in ("online", "offline") else "offline",
-        "project": summary.get("project") or cfg.get("project") or "cxr-classification",
-        "entity": tracking.get("entity"),
-    }
-
-
 def log_to_wandb(result: EvalResult, run_dir: Path, summary: dict[str, Any]) -> bool:
     """Resume the run's W&B run (same id, same mode) and add the evaluation: summary metrics with their CIs,
     the confusion matrix and the predictions table. Optional and robust: a failure is a warning, never an
     error (the local files are the record)."""
-    info = _wandb_run_info(run_dir, summary)
+    info = tracked_run_info(run_dir, summary)
     if info is None:
         return False
     try:

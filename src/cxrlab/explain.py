@@ -64,6 +64,7 @@ from pydantic import Field
 
 from cxrlab.config import StrictModel
 from cxrlab.errors import CxrlabError
+from cxrlab.tracking import tracked_run_info
 
 log = logging.getLogger(__name__)
 
@@ -792,42 +793,10 @@ def _write_html(path: Path, table: pd.DataFrame, doc: dict[str, Any], classes: l
 # --------------------------------------------------------------------------------------------- W&B
 
 
-def wandb_run_info(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any] | None:
-    """Id, mode and project of the run's W&B run, or None when it was not tracked. ``train`` writes
-    ``wandb.json`` = {id, mode} into the run directory; ``summary.json``'s ``wandb_dir`` (``...-<id>``) and
-    ``wandb_mode`` are the fallback."""
-    info: dict[str, Any] = {}
-    wj = run_dir / "wandb.json"
-    if wj.is_file():
-        try:
-            info = json.loads(wj.read_text())
-        except json.JSONDecodeError:
-            info = {}
-    mode = str(info.get("mode") or summary.get("wandb_mode") or "")
-    run_id = info.get("id") or summary.get("wandb_run_id")
-    if not run_id and summary.get("wandb_dir"):
-        run_id = Path(str(summary["wandb_dir"])).name.rsplit("-", 1)[-1]
-    if not run_id or mode in ("", "disabled"):
-        return None
-    project = summary.get("project")
-    if not project and (run_dir / "config.yaml").is_file():
-        import yaml
-
-        try:
-            project = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("project")
-        except (yaml.YAMLError, AttributeError):
-            project = None
-    return {
-        "id": str(run_id),
-        "mode": mode if mode in ("online", "offline") else "offline",
-        "project": project or "cxr-classification",
-    }
-
-
 def log_to_wandb(result: ExplainResult, run_dir: Path, summary: dict[str, Any], cfg: ExplainConfig) -> bool:
     """Add the explanation table (overlays as images) and the attention means to the run's W&B run (same id and
     mode), when the run was tracked. Optional and robust: a failure is a warning, never an error."""
-    info = wandb_run_info(run_dir, summary)
+    info = tracked_run_info(run_dir, summary)
     if info is None:
         return False
     try:
@@ -839,6 +808,7 @@ def log_to_wandb(result: ExplainResult, run_dir: Path, summary: dict[str, Any], 
             run = wandb.init(
                 id=info["id"],
                 project=info["project"],
+                entity=info["entity"],
                 resume="allow",
                 mode=info["mode"],
                 dir=str(run_dir),

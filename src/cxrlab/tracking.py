@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 WandbMode = Literal["online", "offline", "disabled"]
 WANDB_DIR_VARS = ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR")
@@ -75,3 +75,44 @@ def point_wandb_dirs(base: str | Path) -> Path:
     for var in WANDB_DIR_VARS:
         os.environ.setdefault(var, str(d))
     return Path(os.environ["WANDB_DIR"])
+
+
+def tracked_run_info(run_dir: str | Path, summary: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Id, mode, project and entity of a run directory's W&B run, or None when it was not tracked.
+
+    ``train`` writes ``wandb.json`` = {id, mode} into the run directory; ``summary.json``'s ``wandb_run_id`` /
+    ``wandb_dir`` (``...-<id>``) and ``wandb_mode`` are the fallback. Later stages (evaluate, explain) resume that
+    run with ``resume="allow"`` in the same mode to add their results.
+    """
+    import json
+
+    import yaml
+
+    run_dir = Path(run_dir)
+    summary = summary or {}
+    info: dict[str, Any] = {}
+    wj = run_dir / "wandb.json"
+    if wj.is_file():
+        try:
+            info = json.loads(wj.read_text())
+        except json.JSONDecodeError:
+            info = {}
+    mode = str(info.get("mode") or summary.get("wandb_mode") or "")
+    run_id = info.get("id") or summary.get("wandb_run_id")
+    if not run_id and summary.get("wandb_dir"):
+        run_id = Path(str(summary["wandb_dir"])).name.rsplit("-", 1)[-1]  # offline-run-<time>-<id>
+    if not run_id or mode in ("", "disabled"):
+        return None
+    cfg: dict[str, Any] = {}
+    if (run_dir / "config.yaml").is_file():
+        try:
+            cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        except yaml.YAMLError:
+            cfg = {}
+    tracking = cfg.get("tracking") if isinstance(cfg.get("tracking"), dict) else {}
+    return {
+        "id": str(run_id),
+        "mode": mode if mode in ("online", "offline") else "offline",
+        "project": summary.get("project") or cfg.get("project") or "cxr-classification",
+        "entity": tracking.get("entity"),
+    }
