@@ -152,6 +152,21 @@ def test_fine_tune_trains_only_the_head_and_keeps_backbone_bn_statistics(
     assert all(torch.equal(start[k], end[k]) for k in frozen)
 
 
+def test_fresh_head_on_pretrained_weights_starts_near_uniform(tiny_bundle: Path) -> None:
+    """timm's init gives a 3-class head +-0.58 weights (logits ~+-20 on pretrained features); a head that did not
+    come with the weights gets nn.Linear's +-1/sqrt(in_features); a loaded head is left alone."""
+    from cxrlab.model import build_model
+    from cxrlab.train import _reinit_fresh_head
+
+    m = build_model(load_config(REPO / "configs" / "cpu.yaml"), 3)
+    assert m.classifier.weight.abs().max() > 0.3  # timm's fresh init
+    assert _reinit_fresh_head(m, 3)
+    assert m.classifier.weight.abs().max() <= 1 / m.classifier.in_features**0.5
+    loaded = build_model(load_config(None, [f"model_name={TEST_MODEL}", f"pre_trained={tiny_bundle}"]), 3)
+    before = loaded.classifier.weight.detach().clone()
+    assert not _reinit_fresh_head(loaded, 3) and torch.equal(loaded.classifier.weight, before)
+
+
 # ----------------------------------------------------------------------------------------- W&B offline
 
 
