@@ -408,10 +408,16 @@ def test_compare_refuses_different_splits(tiny_bundle: Path, phantom_dir: Path, 
         compare(CompareConfig(baseline=a, challenger=b, out=tmp_path / "cmp", progress=False))
     # same model on the same split: no discordant pairs, p = 1
     c = _make_run(tmp_path, tiny_bundle, split_dir, "c")
+    for run, lungs in ((a, 0.7), (c, 0.4)):  # explanations as cxrlab.explain writes them: shown side by side
+        (run / "explain-test").mkdir()
+        doc = {"subset": "all", "split": "test", "summary": {"in_lungs": lungs, "on_text": 0.01, "n_images": 12}}
+        (run / "explain-test" / "attention.json").write_text(json.dumps(doc))
     r = compare(
         CompareConfig(baseline=a, challenger=c, out=tmp_path / "same", n_boot=100, progress=False, report=False)
     )
     assert r.mcnemar.b == r.mcnemar.c == 0 and r.mcnemar.p_exact == 1.0 and not r.significant
+    att = r.attention.set_index("score")
+    assert att.loc["in_lungs", "baseline"] == 0.7 and att.loc["in_lungs", "challenger"] == 0.4
 
 
 def test_evaluation_goes_to_the_runs_wandb_run(tiny_bundle: Path, split_dir: Path, tmp_path: Path) -> None:

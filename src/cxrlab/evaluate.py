@@ -986,12 +986,12 @@ def compare(cfg: CompareConfig) -> CompareResult:
     if att_a and att_c:
         keys_att = [k_ for k_ in att_a if k_ in att_c]
         if keys_att:
+
+            def col(att: dict[str, float]) -> list[Any]:  # counts stay integers in the table
+                return [int(att[x]) if x == "n_images" else att[x] for x in keys_att]
+
             attention = pd.DataFrame(
-                {
-                    "score": keys_att,
-                    "baseline": [att_a[x] for x in keys_att],
-                    "challenger": [att_c[x] for x in keys_att],
-                }
+                {"score": keys_att, "baseline": col(att_a), "challenger": col(att_c)}, dtype=object
             )
 
     result = CompareResult(

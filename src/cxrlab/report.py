@@ -553,7 +553,7 @@ def _explain_section(rd: Path, base: Path) -> str:
                 s.get("on_border"),
             ]
         )
-    cols = ["explanation", "images", "n", "attention in lungs", "attention on text", "attention on border"]
+    cols = ["explanation", "subset", "images", "attention in lungs", "attention on text", "attention on border"]
     return rh.section(
         "Explanations",
         rh.paragraph(

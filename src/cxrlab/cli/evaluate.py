@@ -161,7 +161,7 @@ def compare_cmd(
     for col in ("metric", "baseline", "95% CI", "challenger", "95% CI ", "Δ"):
         t.add_column(col, justify="left" if col == "metric" else "right")
     names = ["accuracy", "f1_macro", "precision_macro", "recall_macro", "auc_macro", "ece"]
-    names += [k.split("/", 1)[1] for k in r.baseline.metrics if "/recall_" in k]
+    names += [f"recall_{c}" for c in r.errors["class"]]  # the costly class first
     for n in names:
         k = f"{p}/{n}"
         vb, vc = r.baseline.metrics.get(k, math.nan), r.challenger.metrics.get(k, math.nan)
