@@ -217,7 +217,8 @@ def run_cmd(
     skip_explain: bool = typer.Option(False, "--skip-explain", help="Do not run the explanation stage."),
     skip_audit: bool = typer.Option(False, "--skip-audit", help="Do not run the data audit."),
     demo_n: int = typer.Option(150, "--demo-n", min=2, help="--demo: phantoms per class."),
-    demo_size: int = typer.Option(160, "--demo-size", min=32, help="--demo: phantom size in pixels."),
+    demo_size: int = typer.Option(128, "--demo-size", min=32, help="--demo: phantom size (and training size)."),
+    demo_epochs: int = typer.Option(6, "--demo-epochs", min=1, help="--demo: training epochs (unless --set)."),
     n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Bootstrap resamples of the evaluation CIs."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -240,6 +241,7 @@ def run_cmd(
             "audit": not skip_audit,
             "demo_n_per_class": demo_n,
             "demo_size": demo_size,
+            "demo_epochs": demo_epochs,
             "n_boot": n_boot,
             "progress": progress,
         },
