@@ -11,6 +11,7 @@ never drift from training. Layout::
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -114,10 +115,14 @@ class Bundle:
     path: Path
     weights_path: Path | None = None  # where the weights came from: path/model.safetensors, or a .ckpt/.pt
 
-    def transform(self):  # -> albumentations.Compose
+    @functools.cached_property
+    def _eval_transform(self):  # -> albumentations.Compose, built once per bundle
         from cxrlab.augment import eval_transform
 
         return eval_transform(self.meta.img_size, self.meta.mean, self.meta.std)
+
+    def transform(self):  # -> albumentations.Compose
+        return self._eval_transform
 
     def preprocess(self, gray: np.ndarray) -> torch.Tensor:
         """One 2-D uint8 grayscale image -> CxHxW float tensor, exactly as in training's eval path."""
