@@ -14,16 +14,6 @@ from cxrlab.evaluate import EvalConfig, evaluate
 from cxrlab.report import write_run_report
 
 CLASSES = ["COVID19", "NORMAL", "PNEUMONIA"]
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", re.IGNORECASE)
 
 
@@ -119,10 +109,7 @@ def test_report_cli_regenerates(run_dir: Path) -> None:
 
 
 @pytest.mark.browser
-def test_report_renders_offline_in_chromium(run_dir: Path, tmp_path: Path) -> None:
-    if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium)")
-    pw = pytest.importorskip("playwright.sync_api")
+def test_report_renders_offline_in_chromium(run_dir: Path, browser, tmp_path: Path) -> None:
     page_path = write_run_report(run_dir)
     requests: list[str] = []
 
@@ -134,19 +121,17 @@ def test_report_renders_offline_in_chromium(run_dir: Path, tmp_path: Path) -> No
             requests.append(url)
             r.abort()
 
-    with pw.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            ctx = browser.new_context(offline=True, viewport={"width": 1200, "height": 900})
-            ctx.route("**/*", route)
-            page = ctx.new_page()
-            page.goto(page_path.as_uri(), wait_until="load")
-            shot = tmp_path / "report.png"
-            page.screenshot(path=str(shot), full_page=True)
-            widths = page.evaluate("Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
-            title = page.title()
-        finally:
-            browser.close()
+    ctx = browser.new_context(offline=True, viewport={"width": 1200, "height": 900})
+    try:
+        ctx.route("**/*", route)
+        page = ctx.new_page()
+        page.goto(page_path.as_uri(), wait_until="load")
+        shot = tmp_path / "report.png"
+        page.screenshot(path=str(shot), full_page=True)
+        widths = page.evaluate("Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
+        title = page.title()
+    finally:
+        ctx.close()
     assert shot.stat().st_size > 10_000
     assert len(widths) >= 4 and all(w > 0 for w in widths), widths  # curves, confusion, reliability, ROC, ...
     assert requests == []
