@@ -69,8 +69,9 @@ def train_cmd(
     extra: list[str] | None = typer.Argument(None, hidden=True),
 ) -> None:
     # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a busy machine (other processes
-    # on the same cores) spinning threads burn the time slices their partner needs: 2 threads ran 2-3x slower
-    # than with PASSIVE in benchmarks/bench_train.py. A value set by the user wins.
+    # on the same cores) spinning threads burn the time slices their partner needs: lite0 training with 2 threads
+    # ran 2-3x slower spinning than with PASSIVE (up to 5x in benchmarks/bench_train.py); on an idle machine
+    # PASSIVE costs ~9%. A value set by the user wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from cxrlab.config import ConfigError, load_config
     from cxrlab.train import resume_config, train
