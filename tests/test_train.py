@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file as load_safetensors
 
 from conftest import REPO, TEST_MODEL
 from cxrlab.bundle import load_bundle
@@ -153,18 +154,19 @@ def test_fine_tune_trains_only_the_head_and_keeps_backbone_bn_statistics(
 
 
 def test_fresh_head_on_pretrained_weights_starts_near_uniform(tiny_bundle: Path) -> None:
-    """timm's init gives a 3-class head +-0.58 weights (logits ~+-20 on pretrained features); a head that did not
-    come with the weights gets nn.Linear's +-1/sqrt(in_features); a loaded head is left alone."""
-    from cxrlab.model import build_model
-    from cxrlab.train import _reinit_fresh_head
+    """timm's init gives a 3-class head +-0.58 weights (logits ~+-20 on pretrained features); build_model gives a
+    head that did not come with the weights nn.Linear's +-1/sqrt(in_features); a loaded head is left alone."""
+    import timm
 
+    from cxrlab.model import build_model
+
+    fresh = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=3)
+    assert fresh.classifier.weight.abs().max() > 0.3  # timm's own init, what the head would start from
     m = build_model(load_config(REPO / "configs" / "cpu.yaml"), 3)
-    assert m.classifier.weight.abs().max() > 0.3  # timm's fresh init
-    assert _reinit_fresh_head(m, 3)
     assert m.classifier.weight.abs().max() <= 1 / m.classifier.in_features**0.5
+    saved = load_safetensors(tiny_bundle / "model.safetensors")["classifier.weight"]
     loaded = build_model(load_config(None, [f"model_name={TEST_MODEL}", f"pre_trained={tiny_bundle}"]), 3)
-    before = loaded.classifier.weight.detach().clone()
-    assert not _reinit_fresh_head(loaded, 3) and torch.equal(loaded.classifier.weight, before)
+    assert torch.equal(loaded.classifier.weight.detach(), saved)
 
 
 # ----------------------------------------------------------------------------------------- W&B offline

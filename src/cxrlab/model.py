@@ -81,6 +81,29 @@ class PretrainedWeightsWarning(UserWarning):
 # ============================================================================================ model
 
 
+def _reinit_fresh_head(model: torch.nn.Module, num_classes: int) -> bool:
+    """Give a classifier head that did not come with the pretrained weights ``nn.Linear``'s init.
+
+    timm's EfficientNet init draws a fresh head from +-1/sqrt(num_classes) (+-0.58 for 3 classes, meant for 1000):
+    on pretrained features the first logits are ~+-20, the first losses 4-17 instead of ln 3, and the first steps
+    push large gradients into the pretrained backbone. ``nn.Linear.reset_parameters`` (+-1/sqrt(in_features))
+    starts near uniform probabilities. In place, so ``fine_tune``'s frozen/trainable split is untouched.
+    """
+    source = str(getattr(model, "pretrained_source", ""))
+    if not getattr(model, "pretrained_loaded", False):
+        return False
+    pretrained_classes = int(dict(getattr(model, "pretrained_cfg", {}) or {}).get("num_classes", 1000) or 1000)
+    hub = source.startswith(("timm hub", "hub cache"))
+    if not ("new classifier head" in source or (hub and num_classes != pretrained_classes)):
+        return False
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, torch.nn.Linear):
+        return False
+    head.reset_parameters()
+    return True
+
+
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
     """A timm ``cfg.model_name`` with ``num_classes`` outputs, ``cfg.in_chans`` inputs and the weights of
     ``cfg.pre_trained``; the backbone is frozen when ``cfg.fine_tune``. See the module docstring."""
@@ -96,6 +119,7 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
             _record(model, "random init (pre_trained=false)", loaded=False)
         else:
             load_pretrained(model, source)
+    _reinit_fresh_head(model, num_classes)
     if cfg.fine_tune:
         if not model.pretrained_loaded:
             _warn(

@@ -372,7 +372,6 @@ def train(
                 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
             L.seed_everything(cfg.seed, workers=True, verbose=False)
             model = build_model(cfg, len(info.classes))
-            _reinit_fresh_head(model, len(info.classes))
             mean, std = model_data_config(model)
             dm = CXRDataModule(cfg, info, mean, std)
             weights = dm.class_weights() if cfg.imbalance == "loss" else None
@@ -388,30 +387,6 @@ def train(
     if rank_zero_only.rank == 0:
         _write_summary(result, cfg)
     return result
-
-
-def _reinit_fresh_head(model: torch.nn.Module, num_classes: int) -> bool:
-    """Give a classifier head that did not come with the pretrained weights ``nn.Linear``'s init.
-
-    timm's EfficientNet init draws a fresh head from +-1/sqrt(num_classes) (+-0.58 for 3 classes, meant for 1000):
-    on pretrained features the first logits are ~+-20, the first losses 4-17 instead of ln 3, and the first steps
-    push large gradients into the pretrained backbone. ``nn.Linear.reset_parameters`` (+-1/sqrt(in_features))
-    starts near uniform probabilities. In place, so ``fine_tune``'s frozen/trainable split is untouched.
-    (Belongs in ``cxrlab.model.build_model``; kept here until it moves there.)
-    """
-    source = str(getattr(model, "pretrained_source", ""))
-    if not getattr(model, "pretrained_loaded", False):
-        return False
-    pretrained_classes = int(dict(getattr(model, "pretrained_cfg", {}) or {}).get("num_classes", 1000) or 1000)
-    hub = source.startswith(("timm hub", "hub cache"))
-    if not ("new classifier head" in source or (hub and num_classes != pretrained_classes)):
-        return False
-    get = getattr(model, "get_classifier", None)
-    head = get() if callable(get) else None
-    if not isinstance(head, torch.nn.Linear):
-        return False
-    head.reset_parameters()
-    return True
 
 
 @contextmanager

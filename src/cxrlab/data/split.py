@@ -81,7 +81,7 @@ class SplitConfig(StrictModel):
     )
     name: str | None = Field(None, description="dataset name for the W&B artifact data-<name>-split")
     wandb: Literal["auto", "online", "offline", "off"] = "off"
-    wandb_project: str = "cxrlab"
+    wandb_project: str = "cxr-classification"  # the training Config's project
     wandb_entity: str | None = None
     table_rows: int = Field(300, ge=0, description="rows (thumbnails) in the W&B split table, stratified sample")
     progress: bool = True
@@ -546,15 +546,19 @@ def _table_sample(table: pd.DataFrame, rows: int, seed: int) -> pd.DataFrame:
 
 def _log_wandb(cfg: SplitConfig, res: SplitResult, table: pd.DataFrame) -> None:
     """Log split.csv/split.json as a dataset artifact and a thumbnail table when tracking is on."""
-    from cxrlab.tracking import point_wandb_dirs, resolve_wandb_mode
+    from cxrlab.tracking import resolve_wandb_mode, wandb_dirs
 
     mode = resolve_wandb_mode(cfg.wandb)
     if mode == "disabled":
         return
+    with wandb_dirs(res.out) as wdir:  # this run's W&B files in the split dir, the environment restored after
+        _log_wandb_run(cfg, res, table, mode, wdir)
+
+
+def _log_wandb_run(cfg: SplitConfig, res: SplitResult, table: pd.DataFrame, mode: str, wdir: Path) -> None:
     import cv2
     import wandb
 
-    wdir = point_wandb_dirs(res.out)
     run = wandb.init(
         project=cfg.wandb_project,
         entity=cfg.wandb_entity,
