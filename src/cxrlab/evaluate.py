@@ -35,7 +35,7 @@ from pydantic import Field
 from cxrlab.config import StrictModel
 from cxrlab.data.manifest import SPLIT_FILE, SPLIT_META_FILE, DataError, load_split, read_manifest
 from cxrlab.errors import CxrlabError
-from cxrlab.tracking import tracked_run_info
+from cxrlab.tracking import resumed_run, tracked_run_info
 
 log = logging.getLogger(__name__)
 
@@ -796,37 +796,22 @@ def log_to_wandb(result: EvalResult, run_dir: Path, summary: dict[str, Any]) -> 
     try:
         import wandb
 
-        from cxrlab.tracking import wandb_dirs
-
-        with wandb_dirs(run_dir):
-            run = wandb.init(
-                id=info["id"],
-                project=info["project"],
-                entity=info["entity"],
-                resume="allow",
-                mode=info["mode"],
-                dir=str(run_dir),
-                job_type="evaluate",
-                settings=wandb.Settings(silent=True, console="off"),
+        with resumed_run(run_dir, info, "evaluate") as run:
+            summ = {k: v for k, v in result.metrics.items() if math.isfinite(v)}
+            for k, (lo, hi) in result.ci.items():
+                if math.isfinite(lo) and math.isfinite(hi):
+                    summ[f"{k}_ci_low"], summ[f"{k}_ci_high"] = lo, hi
+            run.summary.update(summ)
+            p = result.prefix
+            preds = result.predictions.assign(correct=result.predictions["correct"].astype(int))
+            run.log(
+                {
+                    f"{p}/confusion_matrix": wandb.plot.confusion_matrix(
+                        y_true=result.y_true.tolist(), preds=result.y_pred.tolist(), class_names=result.classes
+                    ),
+                    f"{p}/predictions": wandb.Table(dataframe=preds),
+                }
             )
-            try:
-                summ = {k: v for k, v in result.metrics.items() if math.isfinite(v)}
-                for k, (lo, hi) in result.ci.items():
-                    if math.isfinite(lo) and math.isfinite(hi):
-                        summ[f"{k}_ci_low"], summ[f"{k}_ci_high"] = lo, hi
-                run.summary.update(summ)
-                p = result.prefix
-                preds = result.predictions.assign(correct=result.predictions["correct"].astype(int))
-                run.log(
-                    {
-                        f"{p}/confusion_matrix": wandb.plot.confusion_matrix(
-                            y_true=result.y_true.tolist(), preds=result.y_pred.tolist(), class_names=result.classes
-                        ),
-                        f"{p}/predictions": wandb.Table(dataframe=preds),
-                    }
-                )
-            finally:
-                run.finish()
         return True
     except Exception as e:  # tracking must never break an evaluation
         log.warning("could not log the evaluation to W&B run %s: %s", info["id"], e)

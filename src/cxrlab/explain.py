@@ -64,7 +64,7 @@ from pydantic import Field
 
 from cxrlab.config import StrictModel
 from cxrlab.errors import CxrlabError
-from cxrlab.tracking import tracked_run_info
+from cxrlab.tracking import resumed_run, tracked_run_info
 
 log = logging.getLogger(__name__)
 
@@ -802,36 +802,21 @@ def log_to_wandb(result: ExplainResult, run_dir: Path, summary: dict[str, Any], 
     try:
         import wandb
 
-        from cxrlab.tracking import wandb_dirs
-
-        with wandb_dirs(run_dir):
-            run = wandb.init(
-                id=info["id"],
-                project=info["project"],
-                entity=info["entity"],
-                resume="allow",
-                mode=info["mode"],
-                dir=str(run_dir),
-                job_type="explain",
-                settings=wandb.Settings(silent=True, console="off"),
-            )
-            try:
-                t = result.table
-                cols = ["image", "overlay", *[c for c in t.columns if c not in ("image", "overlay", "index")]]
-                table = wandb.Table(columns=cols)
-                for r in t.to_dict("records"):
-                    table.add_data(
-                        wandb.Image(str(result.out_dir / r["image"])),
-                        wandb.Image(str(result.out_dir / r["overlay"])),
-                        *[r[c] for c in cols[2:]],
-                    )
-                prefix = f"explain/{cfg.split if cfg.data is None else 'ext'}"
-                run.log({f"{prefix}/table": table})
-                run.summary.update(
-                    {f"{prefix}/{k}": v for k, v in result.summary.items() if isinstance(v, float) and math.isfinite(v)}
+        with resumed_run(run_dir, info, "explain") as run:
+            t = result.table
+            cols = ["image", "overlay", *[c for c in t.columns if c not in ("image", "overlay", "index")]]
+            table = wandb.Table(columns=cols)
+            for r in t.to_dict("records"):
+                table.add_data(
+                    wandb.Image(str(result.out_dir / r["image"])),
+                    wandb.Image(str(result.out_dir / r["overlay"])),
+                    *[r[c] for c in cols[2:]],
                 )
-            finally:
-                run.finish()
+            prefix = f"explain/{cfg.split if cfg.data is None else 'ext'}"
+            run.log({f"{prefix}/table": table})
+            run.summary.update(
+                {f"{prefix}/{k}": v for k, v in result.summary.items() if isinstance(v, float) and math.isfinite(v)}
+            )
         return True
     except Exception as e:  # tracking must never break an explanation
         log.warning("could not log the explanation to W&B run %s: %s", info["id"], e)

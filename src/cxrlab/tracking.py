@@ -116,3 +116,26 @@ def tracked_run_info(run_dir: str | Path, summary: dict[str, Any] | None = None)
         "project": summary.get("project") or cfg.get("project") or "cxr-classification",
         "entity": tracking.get("entity"),
     }
+
+
+@contextmanager
+def resumed_run(run_dir: str | Path, info: dict[str, Any], job_type: str) -> Iterator[Any]:
+    """Resume a run directory's W&B run (``info`` from ``tracked_run_info``: same id, project, mode) so a later
+    stage (evaluate, explain) can add its results; the run is finished when the block ends."""
+    import wandb
+
+    with wandb_dirs(run_dir):
+        run = wandb.init(
+            id=info["id"],
+            project=info["project"],
+            entity=info["entity"],
+            resume="allow",
+            mode=info["mode"],
+            dir=str(run_dir),
+            job_type=job_type,
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+        try:
+            yield run
+        finally:
+            run.finish()
