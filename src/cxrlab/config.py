@@ -206,15 +206,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
     out = yaml.safe_load(yaml.safe_dump(data)) if data else {}
     for ov in overrides or []:
         keys, value = parse_override(ov)
-        cur = out
-        for k in keys[:-1]:
-            nxt = cur.get(k)
-            if not isinstance(nxt, dict):
-                nxt = {}
-                cur[k] = nxt
-            cur = nxt
-        cur[keys[-1]] = value
+        set_dotted(out, keys, value)
     return out
+
+
+def set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    """``data[k0][k1]...[kn] = value`` in place, creating (or replacing non-dict) intermediate levels."""
+    cur = data
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[k] = nxt
+        cur = nxt
+    cur[keys[-1]] = value
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -64,7 +64,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from cxrlab.config import Config, ConfigError, StrictModel, apply_overrides, build_config, parse_override, read_yaml
+from cxrlab.config import (
+    Config,
+    ConfigError,
+    StrictModel,
+    apply_overrides,
+    build_config,
+    parse_override,
+    read_yaml,
+    set_dotted,
+)
 from cxrlab.errors import CxrlabError
 
 if TYPE_CHECKING:
@@ -373,18 +382,6 @@ def check_param_keys(keys: list[str]) -> None:
         raise SweepSpecError(f"sweep parameter(s) {', '.join(reserved)} are set by the sweep itself per trial")
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    cur = data
-    parts = key.split(".")
-    for k in parts[:-1]:
-        nxt = cur.get(k)
-        if not isinstance(nxt, dict):
-            nxt = {}
-            cur[k] = nxt
-        cur = nxt
-    cur[parts[-1]] = value
-
-
 def flatten_params(data: dict[str, Any], prefix: str = "", keys: set[str] | None = None) -> dict[str, Any]:
     """Flatten W&B's nested run config ``{augment: {hflip_p: 0}}`` to ``{"augment.hflip_p": 0}``.
 
@@ -543,7 +540,7 @@ class _Runner:
                 raise SweepError(f"--set {ov} conflicts with the sweep parameter '{key}'; remove one of them")
         self.base = apply_overrides(base, cfg.overrides)
         for k, v in spec.constants.items():
-            _set_dotted(self.base, k, v)
+            set_dotted(self.base, k.split("."), v)
         src = f"{cfg.base_config or 'defaults'} + sweep overrides"
         self.base_cfg = build_config(Config, self.base, source=src)  # the user's own mistakes fail before any trial
         swept_data = "data" in swept
@@ -558,7 +555,7 @@ class _Runner:
     def build(self, params: dict[str, Any], number: int | str) -> Config:
         data = json.loads(json.dumps(self.base))
         for k, v in params.items():
-            _set_dotted(data, k, v)
+            set_dotted(data, k.split("."), v)
         data["output_dir"] = str(self.runs_dir)
         data["run_name"] = self.run_name(number)
         return build_config(Config, data, source=f"trial {self.run_name(number)}")
