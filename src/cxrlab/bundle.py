@@ -50,6 +50,9 @@ class BundleMeta:
     cxrlab_version: str = ""
     timm_version: str = ""
     format: int = BUNDLE_FORMAT
+    # label-shift / OOD reference (cxrlab.shift): class names, validation confusion matrix, training prior,
+    # feature-distance and polarity thresholds; the feature statistics are in shift.safetensors beside it
+    shift: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:

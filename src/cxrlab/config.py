@@ -135,6 +135,9 @@ class Config(StrictModel):
     channels_last: bool = Field(True, description="NHWC memory format (faster convolutions on CPU and GPU)")
     cache_images: bool = Field(True, description="decode + resize each image once and keep it in memory")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; default = all cores")
+    shift_stats: bool = Field(
+        True, description="store label-shift / OOD statistics in the bundle (one extra pass over train + val)"
+    )
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output_dir: str = Field("runs", description="parent of the run directories")

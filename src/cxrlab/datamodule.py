@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cxrlab.augment import norm_constants, resize_gray, to_channels
 from cxrlab.config import Config, ConfigError
-from cxrlab.data.manifest import SPLITS, DataError, SplitInfo, load_split
+from cxrlab.data.manifest import ALL_SPLITS, DataError, SplitInfo, load_split
 from cxrlab.preprocess import apply_preprocess
 
 log = logging.getLogger(__name__)
@@ -117,9 +117,12 @@ class XrayDataset(Dataset):
         preprocess: dict[str, Any] | None = None,
         cache: ImageCache | None = None,
         seed: int | None = None,
+        sources: Sequence[str] | None = None,
     ) -> None:
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        if sources is not None and len(sources) != len(paths):
+            raise ValueError(f"{len(paths)} paths but {len(sources)} sources")
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
@@ -128,6 +131,8 @@ class XrayDataset(Dataset):
         self.preprocess = preprocess
         self.cache = cache
         self.seed = seed
+        # where each image comes from ("" when the split records no source): per-source metrics and sampling
+        self.sources: list[str] = list(sources) if sources is not None else [""] * len(self.paths)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -221,9 +226,9 @@ def check_split(info: SplitInfo, evaluate: str = "val") -> None:
     unknown = sorted(set(table["label"]) - set(info.classes))
     if unknown:
         raise DataError(f"{where} has labels {unknown} that are not in split.json's classes {info.classes}")
-    bad = sorted(set(table["split"]) - set(SPLITS))
+    bad = sorted(set(table["split"]) - set(ALL_SPLITS))
     if bad:
-        raise DataError(f"{where} has split values {bad}; expected {list(SPLITS)}")
+        raise DataError(f"{where} has split values {bad}; expected {list(ALL_SPLITS)}")
     needed = ["train", "val"] + (["test"] if evaluate == "test" else [])
     for s in needed:
         if not (table["split"] == s).any():
@@ -306,6 +311,7 @@ class CXRDataModule(L.LightningDataModule):
         paths = tab["path"].astype(str).tolist()
         index = {c: i for i, c in enumerate(self.classes)}
         labels = [index[c] for c in tab["label"]]
+        sources = tab["source"].astype(str).tolist() if "source" in tab.columns else None
         preprocess = cfg.preprocess.model_dump()
         cache = None
         if cfg.cache_images:
@@ -328,6 +334,7 @@ class CXRDataModule(L.LightningDataModule):
                 cache.data = cache.data[keep].clone().share_memory_()
                 cache.paths = [paths[i] for i in keep]
                 paths, labels = cache.paths, [labels[i] for i in keep]
+                sources = [sources[i] for i in keep] if sources is not None else None
                 cache.failed = {}
         return XrayDataset(
             paths,
@@ -338,6 +345,7 @@ class CXRDataModule(L.LightningDataModule):
             preprocess,
             cache,
             seed=cfg.seed if split == "train" else None,
+            sources=sources,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -395,7 +403,14 @@ class CXRDataModule(L.LightningDataModule):
         if split == "train":
             ds = self.dataset("train")
             ds = XrayDataset(
-                ds.paths, ds.labels, self._transform(False), ds.in_chans, ds.img_size, ds.preprocess, ds.cache
+                ds.paths,
+                ds.labels,
+                self._transform(False),
+                ds.in_chans,
+                ds.img_size,
+                ds.preprocess,
+                ds.cache,
+                sources=ds.sources,
             )
             return self._loader(ds)
         return self._loader(self.dataset(split))

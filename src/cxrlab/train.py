@@ -545,6 +545,13 @@ def _finish(
         out = trainer.test(module, datamodule=dm, verbose=False)
         metrics.update({k: float(v) for k, v in (out[0] if out else {}).items() if k.startswith("test/")})
 
+    shift_meta, shift_arrays = {}, None
+    if cfg.shift_stats and trainer.is_global_zero:
+        from cxrlab.shift import fit_from_datamodule
+
+        shift_meta, shift_arrays = fit_from_datamodule(
+            module.model, dm, next(module.model.parameters()).device, seed=cfg.seed
+        )
     mean, std = dm.mean, dm.std
     meta = BundleMeta(
         model_name=cfg.model_name,
@@ -558,10 +565,15 @@ def _finish(
         metrics=dict(metrics),
         config=cfg.model_dump(mode="json"),
         run_id=run_id,
+        shift=shift_meta,
     )
     bundle_dir = run_dir / BUNDLE_DIR
     if trainer.is_global_zero:
         save_bundle(module.model, meta, bundle_dir)
+        if shift_arrays is not None:
+            from cxrlab.shift import save_statistics
+
+            save_statistics(bundle_dir, shift_meta, shift_arrays)
         if wandb_logger is not None and cfg.tracking.log_model:
             _log_model_artifact(wandb_logger.experiment, bundle_dir, run_id, best_epoch, metrics, info)
         if wandb_logger is not None:

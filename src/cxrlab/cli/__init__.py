@@ -31,9 +31,9 @@ def _register_all() -> None:
     global _registered
     if _registered:
         return
-    from cxrlab.cli import data, evaluate, explain, serve, sweep, train
+    from cxrlab.cli import data, evaluate, explain, serve, sources, sweep, train
 
-    for mod in (data, train, evaluate, explain, sweep, serve):
+    for mod in (data, train, evaluate, explain, sweep, serve, sources):
         mod.register(app)
     _registered = True
 

@@ -52,24 +52,31 @@ def register(app: typer.Typer) -> None:
 # -------------------------------------------------------------------------------------------------- predict
 
 
+OOD_COLUMNS = ("ood", "ood_score", "ood_reasons")
+
+
 def format_csv(preds, classes: list[str]) -> str:
-    """CSV text: path, label, prob_<class>..., error, cam_path, notice (the notice on every row)."""
+    """CSV text: path, label, prob_<class>..., error, cam_path, ood, ood_score, ood_reasons, notice (the notice on
+    every row; the ood columns are empty for a bundle without shift statistics)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "label", *[f"prob_{c}" for c in classes], "error", "cam_path", "notice"])
+    w.writerow(["path", "label", *[f"prob_{c}" for c in classes], "error", "cam_path", *OOD_COLUMNS, "notice"])
     for p in preds:
         probs = [f"{p.probabilities[c]:.6f}" if p.ok else "" for c in classes]
-        w.writerow([p.path, p.label or "", *probs, p.error or "", p.cam_path or "", cxrlab.RESEARCH_NOTICE])
+        ood = ["" if p.ood is None else str(p.ood).lower(), "" if p.ood_score is None else f"{p.ood_score:.3f}"]
+        row = [p.path, p.label or "", *probs, p.error or "", p.cam_path or "", *ood, "; ".join(p.ood_reasons)]
+        w.writerow([*row, cxrlab.RESEARCH_NOTICE])
     return buf.getvalue()
 
 
-def format_json(preds, model_info: dict) -> str:
-    """JSON text: {notice, model, summary, predictions: [...]}."""
+def format_json(preds, model_info: dict, shift=None) -> str:  # noqa: ANN001 - shift: cxrlab.shift.LabelShift
+    """JSON text: {notice, model, summary, predictions: [...], label_shift (null without shift statistics)}."""
     doc = {
         "notice": cxrlab.RESEARCH_NOTICE,
         "model": model_info,
         "summary": {"images": len(preds), "errors": sum(not p.ok for p in preds)},
         "predictions": [p.to_dict() for p in preds],
+        "label_shift": shift.to_json() if shift is not None else None,
     }
     return json.dumps(doc, indent=2)
 
@@ -94,12 +101,13 @@ def format_table(preds, classes: list[str]) -> Table:
     t.add_column("label", style="bold")
     for c in classes:
         t.add_column(c, justify="right")
-    t.add_column("error / cam", overflow="fold")
+    t.add_column("error / cam / out of distribution", overflow="fold")
     for p in preds:
         name = str(Path(p.path).resolve().relative_to(root)) if root is not None else p.path
         if p.ok:
             probs = [f"{p.probabilities[c]:.3f}" for c in classes]
-            t.add_row(name, p.label, *probs, p.cam_path or "")
+            note = "; ".join(x for x in [p.cam_path or "", *(f"[red]OOD: {r}[/]" for r in p.ood_reasons)] if x)
+            t.add_row(name, p.label, *probs, note)
         else:
             t.add_row(name, "[red]-[/]", *["" for _ in classes], f"[red]{p.error}[/]")
     return t
@@ -132,6 +140,7 @@ def predict_cmd(
     )
     preds = predictor.predict(paths, cam_dir=cam)
     n_err = sum(not p.ok for p in preds)
+    shift = predictor.label_shift(preds)
     if fmt is OutputFormat.table:
         table = format_table(preds, predictor.classes)
         if out is not None:
@@ -143,7 +152,7 @@ def predict_cmd(
         text = (
             format_csv(preds, predictor.classes)
             if fmt is OutputFormat.csv
-            else format_json(preds, predictor.model_info)
+            else format_json(preds, predictor.model_info, shift)
         )
         if out is not None:
             Path(out).write_text(text)
@@ -155,6 +164,14 @@ def predict_cmd(
     if out is not None:
         summary += f"; written to {out}"
     err_console.print(summary)
+    n_ood = sum(bool(p.ood) for p in preds)
+    if n_ood:
+        err_console.print(
+            f"[bold red]warning:[/] {n_ood} of {len(preds) - n_err} images are unlike the training images "
+            "(out of distribution); do not trust their predictions (see the ood columns)"
+        )
+    if shift is not None and shift.shifted:
+        err_console.print(f"[bold red]warning:[/] {shift.message}")
     if fmt is not OutputFormat.table or out is not None:
         err_console.print(f"[yellow]{cxrlab.RESEARCH_NOTICE}[/]")
     if n_err and (strict or n_err == len(preds)):
