@@ -7,6 +7,7 @@ never drift from training. Layout::
     bundle/
       model.safetensors
       bundle.json
+      shift.safetensors   label-shift / out-of-distribution feature statistics (cxrlab.shift), when fitted
 """
 
 from __future__ import annotations

@@ -51,7 +51,8 @@ LABEL_SHIFT_MIN_TV = 0.10  # ... when the predicted shares also differ by this m
 LABEL_SHIFT_MIN_N = 30  # fewer images than this: no label-shift test (report only)
 ESTIMATE_GAP = 0.15  # |BBSE estimate - true share| of a class above this: the shift is not only in the class mix
 COLLAPSE_ALPHA = 1e-3
-COLLAPSE_MIN_EXCESS = 0.15  # predicted minus true share of one class
+COLLAPSE_MIN_EXCESS = 0.15  # predicted minus true share of one class ...
+COLLAPSE_MIN_SHARE = 0.5  # ... which gets at least this share of all predictions
 OOD_QUANTILE = 0.99  # Mahalanobis threshold at this quantile of the validation images' distances
 POLARITY_QUANTILE = 0.002  # polarity threshold at this quantile of the training images' polarity (never above 0)
 CONSTANT_STD = 2.0  # grey-level standard deviation below which an image is "constant"
@@ -234,17 +235,23 @@ def stuart_maxwell(cm: np.ndarray) -> tuple[float, float, int]:
 
 
 def collapse_check(
-    confusion: np.ndarray, classes: list[str], alpha: float = COLLAPSE_ALPHA, min_excess: float = COLLAPSE_MIN_EXCESS
+    confusion: np.ndarray,
+    classes: list[str],
+    alpha: float = COLLAPSE_ALPHA,
+    min_excess: float = COLLAPSE_MIN_EXCESS,
+    min_share: float = COLLAPSE_MIN_SHARE,
 ) -> Collapse:
     """Do the predictions pile up on one class? Warns when the Stuart-Maxwell test rejects equal predicted and
-    true class counts (p < ``alpha``) and one class gets at least ``min_excess`` of the images more than it has."""
+    true class counts (p < ``alpha``) and one class gets at least ``min_excess`` of the images more than it has
+    and at least ``min_share`` of all predictions (a model that is merely inaccurate spreads its errors; one
+    that does not recognise the data answers one class for most of it)."""
     cm = np.asarray(confusion, dtype=np.int64)
     n = int(cm.sum())
     true, pred = cm.sum(axis=1), cm.sum(axis=0)
     stat, p, dof = stuart_maxwell(cm)
     diff = (pred - true) / max(n, 1)
     j = int(np.argmax(diff)) if n else 0
-    collapsed = bool(n > 0 and p < alpha and diff[j] >= min_excess)
+    collapsed = bool(n > 0 and p < alpha and diff[j] >= min_excess and pred[j] / n >= min_share)
     res = Collapse(
         n=n,
         true={c: int(v) for c, v in zip(classes, true, strict=True)},
@@ -529,8 +536,11 @@ def fit_bundle(target: str | Path, data: str | Path | None = None, device: str =
     info = resolve_split(data)
     if list(info.classes) != list(bundle.meta.class_names):
         raise ShiftError(f"the split's classes {info.classes} are not the bundle's {bundle.meta.class_names}")
-    known = {k: v for k, v in (bundle.meta.config or {}).items() if k in Config.model_fields}
-    cfg = build_config(Config, {**known, "data": str(info.root), "num_classes": None}, source=str(bdir))
+    m = bundle.meta
+    known = {k: v for k, v in (m.config or {}).items() if k in Config.model_fields}
+    # what the bundle owns wins over its stored config (a bare bundle may have none)
+    own = {"img_size": list(m.img_size), "in_chans": m.in_chans, "preprocess": m.preprocess, "model_name": m.model_name}
+    cfg = build_config(Config, {**known, **own, "data": str(info.root), "num_classes": None}, source=str(bdir))
     dm = CXRDataModule(cfg, info, bundle.meta.mean, bundle.meta.std)
     meta, arrays = fit_from_datamodule(bundle.model, dm, dev, seed=cfg.seed)
     save_statistics(bdir, meta, arrays)

@@ -345,7 +345,9 @@ def _scan_csv(src: Path, source_column: str = "source") -> _Scan:
 
 
 def _load_sources(paths: list[Path], column: str = "patient_id") -> tuple[dict[str, str], dict[str, str]]:
-    """(absolute path -> value, file name -> value for names that are unique) of ``column`` in SOURCES.csv files."""
+    """(absolute path -> value, "<csv folder>/<file name>" -> value for names unique in that CSV) of ``column`` in
+    SOURCES.csv files. A file name only matches images below the CSV's own folder (:func:`sources_lookup`):
+    another root's ``NORMAL/1.png`` is not this one's."""
     by_path: dict[str, str] = {}
     by_name: dict[str, str | None] = {}
     column = column.strip().lower()
@@ -366,11 +368,25 @@ def _load_sources(paths: list[Path], column: str = "patient_id") -> tuple[dict[s
                     if not name or not pid:
                         continue
                     by_path[os.path.normpath(os.path.join(p.parent, name))] = pid
-                    base = os.path.basename(name)
+                    base = os.path.join(str(p.parent), os.path.basename(name))
                     by_name[base] = pid if by_name.get(base, pid) == pid else None
         except (OSError, UnicodeDecodeError, csvlib.Error):
             continue  # it stays listed under "ignored"; patient ids fall back to the next rule
     return by_path, {k: v for k, v in by_name.items() if v is not None}
+
+
+def sources_lookup(sources: tuple[dict[str, str], dict[str, str]], path: Path) -> str:
+    """The SOURCES.csv value of ``path`` (absolute): by its path, else by its file name in the CSV of its nearest
+    ancestor folder that has one; "" when none matches."""
+    by_path, by_name = sources
+    hit = by_path.get(str(path))
+    if hit or not by_name:
+        return hit or ""
+    for parent in path.parents:
+        hit = by_name.get(os.path.join(str(parent), path.name))
+        if hit:
+            return hit
+    return ""
 
 
 def _path_id(path: Path, root: Path) -> str:
@@ -385,7 +401,6 @@ def _patient_ids(
     cands: list[_Candidate], regex: str | None, sources: tuple[dict[str, str], dict[str, str]], root: Path
 ) -> tuple[list[str], Counter[str]]:
     rx = re.compile(regex) if regex else None
-    by_path, by_name = sources
     out: list[str] = []
     used: Counter[str] = Counter()
     for c in cands:
@@ -395,8 +410,8 @@ def _patient_ids(
             if m:
                 pid = next((g for g in m.groups() if g), None) or m.group(0)
                 src = "regex"
-        if not pid and (by_path or by_name):
-            pid = by_path.get(str(c.path)) or by_name.get(c.path.name, "")
+        if not pid and (sources[0] or sources[1]):
+            pid = sources_lookup(sources, c.path)
             src = "SOURCES.csv"
         if not pid:
             pid, src = _path_id(c.path, root), "path"
@@ -478,7 +493,6 @@ def _sources(
 ) -> tuple[list[str], Counter[str]]:
     """The source of every candidate and how many got it from each rule (see the module doc for the order)."""
     rx = re.compile(cfg.source_regex) if cfg.source_regex else None
-    by_path, by_name = from_csv
     out: list[str] = []
     used: Counter[str] = Counter()
     for c in cands:
@@ -493,8 +507,8 @@ def _sources(
                 src, how = next((g for g in m.groups() if g), None) or m.group(0), "regex"
         if not src and c.root < len(cfg.source_names):
             src, how = cfg.source_names[c.root], "name"
-        if not src and (by_path or by_name):
-            src, how = by_path.get(str(c.path)) or by_name.get(c.path.name, ""), "SOURCES.csv"
+        if not src and (from_csv[0] or from_csv[1]):
+            src, how = sources_lookup(from_csv, c.path), "SOURCES.csv"
         if not src:
             src, how = root_names[c.root], "root"
         out.append(src)

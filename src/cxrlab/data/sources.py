@@ -28,15 +28,12 @@ SOURCE_MARGIN = 0.2  # warn when the source alone predicts the class this far ab
 def folder_sources(root: str | Path, paths: list[str], column: str = SOURCE_COLUMN) -> list[str]:
     """The source of each path under ``root``: a ``SOURCES.csv`` in ``root`` (or a sub-folder) with a ``column``
     column matched by path, else by unique file name; else ``root``'s folder name."""
-    from cxrlab.data.ingest import _load_sources
+    from cxrlab.data.ingest import _load_sources, sources_lookup
 
     root = Path(root).resolve()
     csvs = sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower() == SOURCES_CSV.lower())
-    by_path, by_name = _load_sources(csvs, column) if csvs else ({}, {})
-    out = []
-    for p in paths:
-        out.append(by_path.get(str(Path(p))) or by_name.get(Path(p).name) or root.name)
-    return out
+    maps = _load_sources(csvs, column) if csvs else ({}, {})
+    return [sources_lookup(maps, Path(p)) or root.name for p in paths]
 
 
 def source_class_table(df: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
