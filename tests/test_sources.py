@@ -312,3 +312,18 @@ def test_validate_holds_out_each_source_and_resumes(
     out = capsys.readouterr().out
     assert "leave-source-out validation" in out and "pooled" in out
     assert (tmp_path / "v" / "folds" / "x" / "model" / "summary.json").stat().st_mtime != mtime
+
+
+def test_compare_puts_sources_side_by_side(
+    tiny_bundle: Path, manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_bundle, other)
+    argv = ["compare", str(tiny_bundle), str(other), "--data", str(manifest), "--n-boot", "20", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "c")]) == 0
+    assert "accuracy per source" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert [r["source"] for r in doc["per_source"]["baseline"]] == ["site-b", "x", "y"]
+    assert doc["per_source"]["baseline"] == doc["per_source"]["challenger"]  # the same weights

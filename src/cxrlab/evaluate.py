@@ -1221,6 +1221,11 @@ def _write_compare_json(r: CompareResult, cfg: CompareConfig) -> None:
         "verdict": r.verdict,
         "errors": r.errors.to_dict(orient="records"),
         "attention": r.attention.to_dict(orient="records") if r.attention is not None else None,
+        "per_source": {
+            name: e.per_source.to_dict(orient="records") if e.per_source is not None else None
+            for name, e in (("baseline", r.baseline), ("challenger", r.challenger))
+        },
+        "warnings": {"baseline": r.baseline.warnings, "challenger": r.challenger.warnings},
     }
     r.paths["json"].write_text(json.dumps(_json_safe(doc), indent=2))
 

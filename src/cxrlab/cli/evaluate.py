@@ -220,6 +220,22 @@ def compare_cmd(
     for row in r.errors.itertuples(index=False):
         e.add_row(*[str(v) for v in row])
     console.print(e)
+    if r.baseline.per_source is not None and r.challenger.per_source is not None:
+        ps = Table(title="accuracy per source [95% CI]", title_justify="left")
+        for col in ("source", "n", "baseline", "challenger"):
+            ps.add_column(col, justify="left" if col == "source" else "right")
+        chal = r.challenger.per_source.set_index("source")
+        for row in r.baseline.per_source.to_dict(orient="records"):
+            c = chal.loc[row["source"]] if row["source"] in chal.index else None
+            cells = [f"{_f(row['accuracy'], 3)} {_ci((row['accuracy_lo'], row['accuracy_hi']), 2)}"]
+            cells.append(
+                f"{_f(c['accuracy'], 3)} {_ci((c['accuracy_lo'], c['accuracy_hi']), 2)}" if c is not None else "–"
+            )
+            ps.add_row(str(row["source"]), str(row["n"]), *cells)
+        console.print(ps)
+    for name, side in (("baseline", r.baseline), ("challenger", r.challenger)):
+        for w in side.warnings:
+            err_console.print(f"[bold red]warning ({name}):[/] {w}")
     mc = r.mcnemar
     console.print(
         f"McNemar: only baseline right b={mc.b}, only challenger right c={mc.c}; exact p={mc.p_exact:.4g}, "
