@@ -219,6 +219,7 @@ def run_cmd(
     demo_n: int = typer.Option(150, "--demo-n", min=2, help="--demo: phantoms per class."),
     demo_size: int = typer.Option(128, "--demo-size", min=32, help="--demo: phantom size (and training size)."),
     demo_epochs: int = typer.Option(6, "--demo-epochs", min=1, help="--demo: training epochs (unless --set)."),
+    demo_seed: int = typer.Option(0, "--demo-seed", help="--demo: seed of the generated phantoms."),
     n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Bootstrap resamples of the evaluation CIs."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -242,6 +243,7 @@ def run_cmd(
             "demo_n_per_class": demo_n,
             "demo_size": demo_size,
             "demo_epochs": demo_epochs,
+            "demo_seed": demo_seed,
             "n_boot": n_boot,
             "progress": progress,
         },
