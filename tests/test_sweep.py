@@ -440,8 +440,10 @@ WORKER = textwrap.dedent(
         acc = 0.9 if cfg.optimizer == "RAdam" else 0.8
         return SimpleNamespace(run_dir=run_dir, metrics={"val/accuracy": acc})
 
+    # a long grace period: a worker starved of CPU for a few seconds must not look dead to the other one (a dead
+    # worker on this machine is found by its pid at once, whatever the grace period)
     cfg = SweepConfig(sweep_file=args["sweep"], out=args["out"], data="x", storage=args.get("storage"),
-                      name=args.get("name"), verbose=False, heartbeat_s=1)
+                      name=args.get("name"), verbose=False, heartbeat_s=1, grace_s=300)
     sweep(cfg, train_fn=train)
     """
 )
