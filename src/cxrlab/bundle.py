@@ -73,6 +73,8 @@ class BundleMeta:
         missing = [k for k in ("model_name", "class_names", "img_size", "in_chans", "mean", "std") if k not in known]
         if missing:
             raise BundleError(f"{source} lacks {missing}: it is not a complete cxrlab bundle.json")
+        if not isinstance(known["class_names"], list):
+            raise BundleError(f"{source}: class_names must be a list of names, got {known['class_names']!r}")
         try:
             known["img_size"] = tuple(int(v) for v in known["img_size"])
             known["mean"] = tuple(float(v) for v in known["mean"])
@@ -80,7 +82,9 @@ class BundleMeta:
             known["in_chans"] = int(known["in_chans"])
             known["class_names"] = list(known["class_names"])
         except (TypeError, ValueError) as e:
-            raise BundleError(f"{source}: img_size, mean, std, in_chans or class_names has the wrong type ({e})") from None
+            raise BundleError(
+                f"{source}: img_size, mean, std, in_chans or class_names has the wrong type ({e})"
+            ) from None
         meta = cls(**known)
         meta.validate(source)
         return meta
@@ -133,9 +137,17 @@ def save_bundle(model: torch.nn.Module, meta: BundleMeta, out_dir: str | Path) -
     meta.cxrlab_version = meta.cxrlab_version or cxrlab.__version__
     meta.timm_version = meta.timm_version or timm.__version__
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_FILE), metadata={"model_name": meta.model_name})
-    meta.weights_sha256 = file_sha256(out / WEIGHTS_FILE)
-    (out / META_FILE).write_text(json.dumps(meta.to_json(), indent=2))
+    # each file appears whole or not at all (a crash mid-save leaves no truncated weights behind a valid json)
+    from cxrlab.atomic import _tmp_name, write_text_atomic
+
+    tmp = _tmp_name(out / WEIGHTS_FILE)
+    try:
+        save_file(state, str(tmp), metadata={"model_name": meta.model_name})
+        meta.weights_sha256 = file_sha256(tmp)
+        tmp.replace(out / WEIGHTS_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_text_atomic(out / META_FILE, json.dumps(meta.to_json(), indent=2))
     return out
 
 

@@ -520,6 +520,31 @@ def _metric_from_csv(run_dir: Path, metric: str, goal: str) -> float | None:
     return max(vals) if goal == "maximize" else min(vals)
 
 
+# Keys that say where or how a trial runs, not what it computes: they may differ between the workers of a study.
+_MACHINE_KEYS = ("tracking", "output_dir", "run_name", "num_workers", "threads", "device", "devices", "cache_images")
+
+
+def _data_identity(data: str) -> str:
+    """A split directory as its dataset version (the same on every machine that holds a copy), else its path."""
+    p = Path(data).expanduser()
+    meta = (p if p.is_dir() else p.parent) / "split.json"
+    try:
+        version = json.loads(meta.read_text()).get("dataset_version")
+    except (OSError, ValueError, AttributeError):
+        version = None
+    return f"dataset_version:{version}" if version else os.path.abspath(p)
+
+
+def _dict_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for each dotted key whose value differs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new)):
+            out += _dict_diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
 class _Runner:
     """Builds a trial's Config from the base + overrides + parameters and runs ``train_fn`` on it."""
 
@@ -536,6 +561,11 @@ class _Runner:
         swept = {p.key for p in spec.params}
         for ov in cfg.overrides:
             key = ".".join(parse_override(ov)[0])
+            if key in RESERVED_KEYS:
+                raise SweepError(
+                    f"--set {ov}: a sweep names and places every trial itself ({name}-tNNN under "
+                    f"{sweep_dir / 'runs'}); choose the place with --out and the name with --name instead"
+                )
             if key in swept:
                 raise SweepError(f"--set {ov} conflicts with the sweep parameter '{key}'; remove one of them")
         self.base = apply_overrides(base, cfg.overrides)
@@ -548,6 +578,22 @@ class _Runner:
             raise SweepError("trials need data: pass --data SPLIT_DIR or set `data:` in the base config (--config)")
         self.runs_dir = sweep_dir / "runs"
         self.logs_dir = sweep_dir / "logs"
+
+    def trial_input(self) -> dict[str, Any]:
+        """What every trial starts from (the resolved base config after --config, --data and --set, without the
+        sweep's own and the per-machine keys; the data as its dataset version when it has one): a resumed or joined
+        study must be run with the same."""
+        d = self.base_cfg.model_dump(mode="json")
+        for k in _MACHINE_KEYS:
+            d.pop(k, None)
+        for k in ("enable_progress_bar", "log_every_n_steps"):
+            d.get("trainer", {}).pop(k, None)
+        if d.get("data"):
+            d["data"] = _data_identity(d["data"])
+        return d
+
+    def trial_fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.trial_input(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def run_name(self, number: int | str) -> str:
         return f"{self.name}-t{number:03d}" if isinstance(number, int) else f"{self.name}-{number}"
@@ -757,6 +803,18 @@ class _OptunaSweep:
             raise SweepError(
                 f"study '{self.name}' in {redact_url(self.url)} was created from a different sweep spec "
                 "(method, metric or parameters changed); give this sweep a new --name or --out"
+            )
+        trial_fp = self.runner.trial_fingerprint()
+        if "cxrlab_trial_fingerprint" not in attrs:  # a new study, or one made before trial inputs were recorded
+            self.study.set_user_attr("cxrlab_trial_fingerprint", trial_fp)
+            self.study.set_user_attr("cxrlab_trial_input", self.runner.trial_input())
+        elif attrs["cxrlab_trial_fingerprint"] != trial_fp:
+            diff = _dict_diff(attrs.get("cxrlab_trial_input") or {}, self.runner.trial_input())
+            shown = "; ".join(diff[:5]) + (f" and {len(diff) - 5} more" if len(diff) > 5 else "")
+            raise SweepError(
+                f"study '{self.name}' in {redact_url(self.url)} was run with other trial settings "
+                f"({shown or 'changed'}): its results would mix with these. Re-run with the same --config, "
+                "--data and --set as before, or give this sweep a new --name or --out"
             )
         want = "maximize" if self.spec.goal == "maximize" else "minimize"
         if self.study.direction.name.lower() != want:

@@ -89,6 +89,8 @@ def train_cmd(
         cfg = load_config(config, sets)
     result = train(cfg, resume=resume)
     _print_summary(result)
+    for w in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {w}")
 
 
 def _print_summary(r) -> None:  # r: cxrlab.train.RunResult
