@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TEST_MODEL
+from conftest import REPO, TEST_MODEL
 from cxrlab.bundle import META_FILE, WEIGHTS_FILE, BundleError, BundleMeta, load_bundle, save_bundle
 from cxrlab.cli import main
 
@@ -384,7 +384,7 @@ def test_serve_decompression_bomb_is_413(tiny_bundle: Path) -> None:
     with TestClient(create_app(tiny_bundle, ServeSettings(device="cpu"))) as c:
         r = c.post("/predict", files={"file": ("bomb.png", _bomb_png(), "image/png")})
         assert r.status_code == 413, r.text
-        assert "too many pixels" in r.json()["detail"]
+        assert "decompression bomb" in r.json()["detail"]
 
 
 def test_serve_token_from_file_or_env_and_help_says_so(
@@ -474,3 +474,86 @@ def test_resumed_sweep_with_other_trial_input_refuses(tmp_path: Path) -> None:
     cfg_file.write_text("epochs: 2\nlearning_rate: 0.01\n")
     with pytest.raises(SweepError, match="learning_rate"):
         sweep(SweepConfig(**base, base_config=cfg_file), train_fn=_fake_train)
+
+
+# ------------------------------------------------------------------------------------- train (slow: trains)
+
+
+def _train_sets(split: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"model_name={TEST_MODEL}",
+        "pre_trained=false",
+        "img_size=[48,48]",
+        "batch_size=8",
+        "epochs=2",
+        "threads=1",
+        f"data={split}",
+        f"output_dir={out}",
+        "tracking.wandb=off",
+        "trainer.enable_progress_bar=false",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_train_warns_on_a_class_absent_from_test_and_resume_survives_a_truncated_last_ckpt(
+    phantom_split: Path, tmp_path: Path
+) -> None:
+    import pandas as pd
+
+    from cxrlab.config import ConfigError, load_config
+    from cxrlab.train import RunError, resume_config, train
+
+    split = Path(shutil.copytree(phantom_split, tmp_path / "split"))
+    df = pd.read_csv(split / "split.csv", dtype=str, keep_default_na=False)
+    df[~((df["split"] == "test") & (df["label"] == "COVID19"))].to_csv(split / "split.csv", index=False)
+    out = tmp_path / "runs"
+
+    # a typo in model_name fails before anything is written
+    with pytest.raises(ConfigError, match="notamodel"):
+        train(load_config(None, _train_sets(split, out, "model_name=notamodel", "run_name=typo")))
+    assert not out.exists() or not any(out.iterdir())
+
+    res = train(load_config(None, _train_sets(split, out, "run_name=r", "evaluate=test")))
+    assert "test/recall_COVID19" not in res.metrics and "test/recall_NORMAL" in res.metrics
+    assert any("COVID19 has no images in the test split" in w for w in res.warnings)
+    assert "test/recall_COVID19" not in json.loads((res.run_dir / "summary.json").read_text())["metrics"]
+
+    ckpts = res.run_dir / "checkpoints"
+    last, best = ckpts / "last.ckpt", ckpts / "best.ckpt"
+    best_copy = best.read_bytes()
+    last.write_bytes(last.read_bytes()[:1000])  # a crash while last.ckpt was written
+    with pytest.raises(RunError, match="Resume from the best checkpoint instead: cxrlab train --resume"):
+        train(resume_config(last, ["epochs=3"]), resume=last)  # named explicitly: no silent fallback
+    resumed = train(resume_config(res.run_dir, ["epochs=3"]), resume=res.run_dir)
+    assert "is damaged" in resumed.warnings[0] and "resuming from" in resumed.warnings[0]
+    assert resumed.epochs_run == 3
+
+    last.write_bytes(b"")
+    best.write_bytes(best_copy[:500])
+    with pytest.raises(RunError, match=r"is damaged too\. Start again: cxrlab train --config"):
+        train(resume_config(res.run_dir, ["epochs=4"]), resume=res.run_dir)
+
+
+# ------------------------------------------------------------------------------ acceptance: hostile inputs
+
+
+def test_hostile_inputs_script_every_file_accounted_for_same_verdict_no_traceback(tmp_path: Path) -> None:
+    """benchmarks/hostile_inputs.py: the bad-input folder through ingest, predict and serve (its own tiny bundle)."""
+    import importlib.util
+
+    pytest.importorskip("pydicom.data")
+    spec = importlib.util.spec_from_file_location("hostile_inputs", REPO / "benchmarks" / "hostile_inputs.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["hostile_inputs"] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    report = mod.run(tmp_path / "work")
+    mod.print_report(report)
+    assert len(report.rows) >= 20
+    assert not report.missing and not report.disagree and not report.tracebacks
+    by_file = {r["file"]: r for r in report.rows}
+    assert by_file["NORMAL/bomb.png"]["serve"].text.startswith("413")
+    assert by_file["NORMAL/linked/linked.png"]["agree"] == "yes" and by_file["NORMAL/linked/linked.png"]["ingest"].ok
+    assert [r["agree"] for r in report.rows].count("name") == 1
+    logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "work").rglob("*.log"))
+    assert "Traceback" not in logs

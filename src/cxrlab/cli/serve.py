@@ -63,13 +63,16 @@ def format_csv(preds, classes: list[str]) -> str:
     return buf.getvalue()
 
 
-def format_json(preds, model_info: dict) -> str:
-    """JSON text: {notice, model, summary, predictions: [...]}."""
+def format_json(preds, model_info: dict, ignored: list[tuple[str, str]] | None = None) -> str:
+    """JSON text: {notice, model, summary, predictions: [...], ignored: [{path, reason}]} (``ignored``: files in the
+    input folders that are not image inputs, with the reason)."""
+    ignored = ignored or []
     doc = {
         "notice": cxrlab.RESEARCH_NOTICE,
         "model": model_info,
-        "summary": {"images": len(preds), "errors": sum(not p.ok for p in preds)},
+        "summary": {"images": len(preds), "errors": sum(not p.ok for p in preds), "ignored": len(ignored)},
         "predictions": [p.to_dict() for p in preds],
+        "ignored": [{"path": p, "reason": why} for p, why in ignored],
     }
     return json.dumps(doc, indent=2)
 
@@ -144,7 +147,7 @@ def predict_cmd(
         text = (
             format_csv(preds, predictor.classes)
             if fmt is OutputFormat.csv
-            else format_json(preds, predictor.model_info)
+            else format_json(preds, predictor.model_info, predictor.ignored)
         )
         if out is None:
             sys.stdout.write(text if text.endswith("\n") else text + "\n")

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import UnidentifiedImageError
 from pydantic import Field
 
 import cxrlab
@@ -405,7 +406,11 @@ def create_app(bundle_path: str | Path, settings: ServeSettings | None = None) -
             width, height = _probe_dims(data, fmt, name)
         except _TooManyPixels as e:
             raise HTTPException(
-                413, f"{name} has too many pixels (a decompression bomb?): {e}; the limit is {s.max_pixels:,}"
+                413, f"{name}: decompression bomb: {e} (this server's limit: {s.max_pixels:,})"
+            ) from None
+        except UnidentifiedImageError:
+            raise HTTPException(
+                422, f"{name}: corrupt {fmt}: has a {fmt} signature but its header cannot be decoded"
             ) from None
         except Exception as e:  # any header parser failure means the same thing to the client
             raise HTTPException(422, f"{name}: corrupt {fmt} header ({type(e).__name__}: {e})") from None
