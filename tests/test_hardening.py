@@ -476,6 +476,47 @@ def test_resumed_sweep_with_other_trial_input_refuses(tmp_path: Path) -> None:
         sweep(SweepConfig(**base, base_config=cfg_file), train_fn=_fake_train)
 
 
+class _CkptTrain:
+    """A fake trial that writes what a real run writes (checkpoints + bundle); interrupts on call ``interrupt_on``."""
+
+    def __init__(self, interrupt_on: int | None = None) -> None:
+        self.calls, self.interrupt_on = 0, interrupt_on
+
+    def __call__(self, cfg):
+        from types import SimpleNamespace
+
+        self.calls += 1
+        run_dir = Path(cfg.output_dir) / cfg.run_name
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "bundle").mkdir(exist_ok=True)
+        for f in ("checkpoints/best.ckpt", "checkpoints/last.ckpt", "bundle/model.safetensors"):
+            (run_dir / f).write_bytes(b"x" * 1000)
+        if self.calls == self.interrupt_on:
+            raise KeyboardInterrupt
+        score = 0.9 if cfg.optimizer == "RAdam" else 0.5
+        return SimpleNamespace(run_dir=run_dir, run_id=cfg.run_name, metrics={"val/f1_macro": score}, best_epoch=0)
+
+
+def test_sweep_keeps_bundles_and_the_best_trials_last_ckpt_only(tmp_path: Path) -> None:
+    from cxrlab.sweep import SweepConfig, sweep
+
+    base = {"sweep_file": _sweep_yaml(tmp_path), "data": "d", "verbose": False}
+    with pytest.raises(KeyboardInterrupt):
+        sweep(SweepConfig(**base, out=tmp_path / "sw"), train_fn=_CkptTrain(interrupt_on=2))
+    runs = tmp_path / "sw" / "s" / "runs"
+    assert (runs / "s-t001" / "checkpoints" / "last.ckpt").is_file()  # the interrupted trial's leftovers
+    res = sweep(SweepConfig(**base, out=tmp_path / "sw"), train_fn=_CkptTrain())
+    assert res.complete and res.best["params"] == {"optimizer": "RAdam"}
+    best_dir, other_dir = Path(res.best["run_dir"]), runs / "s-t000"
+    assert sorted(p.name for p in (best_dir / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert (best_dir / "bundle" / "model.safetensors").is_file() and (other_dir / "bundle").is_dir()
+    assert not (other_dir / "checkpoints").exists() and not (runs / "s-t001").exists()
+    assert res.freed_bytes == 2000 + 1000 + 3000 and res.disk_bytes > 0  # t000 ckpts, best.ckpt, t001
+
+    kept = sweep(SweepConfig(**base, out=tmp_path / "all", keep="all"), train_fn=_CkptTrain())
+    assert all((Path(r["run_dir"]) / "checkpoints" / "best.ckpt").is_file() for r in kept.rows)
+
+
 # ------------------------------------------------------------------------------------- train (slow: trains)
 
 
@@ -517,7 +558,9 @@ def test_train_warns_on_a_class_absent_from_test_and_resume_survives_a_truncated
     res = train(load_config(None, _train_sets(split, out, "run_name=r", "evaluate=test")))
     assert "test/recall_COVID19" not in res.metrics and "test/recall_NORMAL" in res.metrics
     assert any("COVID19 has no images in the test split" in w for w in res.warnings)
-    assert "test/recall_COVID19" not in json.loads((res.run_dir / "summary.json").read_text())["metrics"]
+    summary = json.loads((res.run_dir / "summary.json").read_text())
+    assert "test/recall_COVID19" not in summary["metrics"]
+    assert summary["disk_bytes"] == res.disk_bytes > (res.run_dir / "bundle" / WEIGHTS_FILE).stat().st_size
 
     ckpts = res.run_dir / "checkpoints"
     last, best = ckpts / "last.ckpt", ckpts / "best.ckpt"

@@ -416,6 +416,12 @@ class SweepConfig(StrictModel):
     overrides: list[str] = Field(default_factory=list, description="key=value applied to every trial")
     retry_failed: bool = Field(False, description="re-run points whose trial failed with an error")
     seed: int | None = Field(None, description="sampler seed (random/bayes); default the base config's seed")
+    keep: Literal["best", "all"] = Field(
+        "best",
+        description="disk retention when the sweep ends: 'best' keeps every trial's bundle/ plus last.ckpt of the "
+        "best trial (the other checkpoints, with their optimizer state, are deleted, and so are the leftover "
+        "directories of interrupted trials); 'all' keeps everything",
+    )
     heartbeat_s: int = Field(30, ge=1, description="seconds between a running trial's heartbeats")
     grace_s: int | None = Field(None, ge=1, description="a RUNNING trial without heartbeat this long is dead")
     verbose: bool = True
@@ -446,6 +452,8 @@ class SweepResult:
     summary_csv: Path
     plot_html: Path | None
     ignored_keys: tuple[str, ...] = ()
+    disk_bytes: int = 0  # the sweep directory after retention
+    freed_bytes: int = 0  # deleted by retention in this command
 
     @property
     def complete(self) -> bool:
@@ -1298,6 +1306,47 @@ def summary_table(result: SweepResult, max_reason: int = 60) -> Table:
     return t
 
 
+def apply_retention(rows: list[dict[str, Any]], best: dict[str, Any] | None, runner: _Runner) -> int:
+    """``keep=best``: the best trial keeps bundle/ + last.ckpt, other finished trials keep bundle/ only, interrupted
+    trials' leftover directories go. Only finished trials are touched (never one running elsewhere). Returns the
+    bytes freed."""
+    import shutil
+
+    from cxrlab.train import disk_usage
+
+    runs = runner.runs_dir.resolve()
+    freed = 0
+
+    def inside(p: Path) -> bool:
+        try:
+            return p.resolve().is_relative_to(runs) and p.resolve() != runs
+        except OSError:
+            return False
+
+    def drop(p: Path) -> None:
+        nonlocal freed
+        if not p.exists() or not inside(p):
+            return
+        size = disk_usage(p) if p.is_dir() else p.stat().st_size
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        freed += size
+
+    best_trial = best["trial"] if best else None
+    for r in rows:
+        if r["status"] == "COMPLETE" and r["run_dir"]:
+            ckpts = Path(r["run_dir"]) / "checkpoints"
+            if r["trial"] == best_trial:
+                drop(ckpts / "best.ckpt")  # its weights are the bundle's; last.ckpt continues training
+            else:
+                drop(ckpts)
+        elif r["status"] == "INTERRUPTED":
+            drop(runner.runs_dir / runner.run_name(r["trial"]))
+    return freed
+
+
 def _write_outputs(rows: list[dict[str, Any]], spec: SweepSpec, name: str, sweep_dir: Path) -> tuple[Path, Path | None]:
     params = [p.key for p in spec.searched]
     csv_path = write_summary_csv(rows, params, spec.metric, sweep_dir / "summary.csv")
@@ -1435,6 +1484,9 @@ def sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, console: Console | 
         rows = _trial_rows(opt.trials(), spec)
         csv_path, plot = _write_outputs(rows, spec, name, sweep_dir)
     pending, running = opt.counts()
+    freed = apply_retention(rows, _best(rows, spec.goal), runner) if cfg.keep == "best" else 0
+    from cxrlab.train import disk_usage
+
     return SweepResult(
         name=name,
         sweep_dir=sweep_dir,
@@ -1454,6 +1506,8 @@ def sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, console: Console | 
         summary_csv=csv_path,
         plot_html=plot,
         ignored_keys=spec.ignored,
+        disk_bytes=disk_usage(sweep_dir),
+        freed_bytes=freed,
     )
 
 

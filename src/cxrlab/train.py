@@ -28,6 +28,7 @@ import os
 import re
 import secrets
 import signal
+import stat
 import string
 import sys
 import threading
@@ -77,6 +78,7 @@ class RunResult:
     wall_s: float = 0.0
     skipped_images: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # what the user should know (also printed by the CLI)
+    disk_bytes: int = 0  # size of the run directory when the run finished
 
     @property
     def wandb_sync(self) -> str | None:
@@ -444,11 +446,25 @@ def train(
         if os.environ.get(_DDP_RUN_DIR) == str(run_dir) and int(os.environ.get("LOCAL_RANK", "0")) == 0:
             os.environ.pop(_DDP_RUN_DIR, None)
     result.wall_s = round(time.perf_counter() - t0, 1)
+    result.disk_bytes = disk_usage(run_dir)
     from lightning.pytorch.utilities import rank_zero_only
 
     if rank_zero_only.rank == 0:
         _write_summary(result, cfg)
     return result
+
+
+def disk_usage(path: str | Path) -> int:
+    """Bytes of the regular files under ``path`` (symlinks not followed)."""
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, f))
+            except OSError:
+                continue
+            total += 0 if stat.S_ISLNK(st.st_mode) else st.st_size
+    return total
 
 
 def _remove_if_only_config(run_dir: Path) -> None:

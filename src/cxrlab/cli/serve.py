@@ -158,10 +158,14 @@ def predict_cmd(
     if predictor.ignored:
         shown = "; ".join(f"{p} ({why})" for p, why in predictor.ignored[:5])
         more = f" and {len(predictor.ignored) - 5} more" if len(predictor.ignored) > 5 else ""
-        err_console.print(f"{len(predictor.ignored)} file(s) not classified (not image inputs): {shown}{more}")
+        err_console.print(
+            f"{len(predictor.ignored)} file(s) not classified (not image inputs): {shown}{more}",
+            markup=False,
+            highlight=False,
+        )
     summary = f"{len(preds) - n_err} of {len(preds)} images classified with {predictor.meta.model_name}"
     if n_err:
-        summary += f"; [red]{n_err} could not be read[/] (see the error column)"
+        summary += f"; [red]{n_err} could not be read or classified[/] (see the error column)"
     if out is not None:
         summary += f"; written to {out}"
     err_console.print(summary)
