@@ -461,15 +461,23 @@ def test_sweep_refuses_set_output_dir(tmp_path: Path) -> None:
 def test_resumed_sweep_with_other_trial_input_refuses(tmp_path: Path) -> None:
     from cxrlab.sweep import SweepConfig, SweepError, sweep
 
-    base = {"sweep_file": _sweep_yaml(tmp_path), "out": tmp_path / "sw", "data": "d", "verbose": False}
+    splits = {}
+    for version in ("v1", "v2"):  # two split directories: the data is fingerprinted by its dataset version
+        splits[version] = tmp_path / f"split-{version}"
+        splits[version].mkdir()
+        (splits[version] / "split.json").write_text(json.dumps({"dataset_version": version}))
+    copy_of_v1 = Path(shutil.copytree(splits["v1"], tmp_path / "copy-of-v1"))
+    base = {"sweep_file": _sweep_yaml(tmp_path), "out": tmp_path / "sw", "data": str(splits["v1"]), "verbose": False}
     first = sweep(SweepConfig(**base, overrides=["epochs=2"]), train_fn=_fake_train)
     assert first.complete
     again = sweep(SweepConfig(**base, overrides=["epochs=2", "tracking.wandb=off"]), train_fn=_fake_train)
     assert again.complete and not again.ran_here  # the same trial input (tracking does not count): resumes
     with pytest.raises(SweepError, match=r"other trial settings \(epochs: 2 -> 3\)"):
         sweep(SweepConfig(**base, overrides=["epochs=3"]), train_fn=_fake_train)
-    with pytest.raises(SweepError, match="other trial settings"):
-        sweep(SweepConfig(**{**base, "data": "other-split"}, overrides=["epochs=2"]), train_fn=_fake_train)
+    same_data = SweepConfig(**{**base, "data": str(copy_of_v1)}, overrides=["epochs=2"])  # e.g. another machine
+    assert sweep(same_data, train_fn=_fake_train).complete
+    with pytest.raises(SweepError, match="other trial settings .data: 'dataset_version:v1' -> 'dataset_version:v2'"):
+        sweep(SweepConfig(**{**base, "data": str(splits["v2"])}, overrides=["epochs=2"]), train_fn=_fake_train)
     cfg_file = tmp_path / "base.yaml"
     cfg_file.write_text("epochs: 2\nlearning_rate: 0.01\n")
     with pytest.raises(SweepError, match="learning_rate"):

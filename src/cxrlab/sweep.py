@@ -532,9 +532,12 @@ def _metric_from_csv(run_dir: Path, metric: str, goal: str) -> float | None:
 _MACHINE_KEYS = ("tracking", "output_dir", "run_name", "num_workers", "threads", "device", "devices", "cache_images")
 
 
-def _data_identity(data: str) -> str:
-    """A split directory as its dataset version (the same on every machine that holds a copy), else its path."""
+def _data_identity(data: str) -> str | None:
+    """A split directory as its dataset version (the same on every machine that holds a copy), else its absolute
+    path; None for a path that does not exist (no trial could train on it: nothing to mix up)."""
     p = Path(data).expanduser()
+    if not p.exists():
+        return None
     meta = (p if p.is_dir() else p.parent) / "split.json"
     try:
         version = json.loads(meta.read_text()).get("dataset_version")
@@ -598,6 +601,8 @@ class _Runner:
             d.get("trainer", {}).pop(k, None)
         if d.get("data"):
             d["data"] = _data_identity(d["data"])
+        if d.get("data") is None:
+            d.pop("data", None)
         return d
 
     def trial_fingerprint(self) -> str:

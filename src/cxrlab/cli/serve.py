@@ -70,7 +70,7 @@ def format_json(preds, model_info: dict, ignored: list[tuple[str, str]] | None =
     doc = {
         "notice": cxrlab.RESEARCH_NOTICE,
         "model": model_info,
-        "summary": {"images": len(preds), "errors": sum(not p.ok for p in preds), "ignored": len(ignored)},
+        "summary": {"images": len(preds), "errors": sum(not p.ok for p in preds)},
         "predictions": [p.to_dict() for p in preds],
         "ignored": [{"path": p, "reason": why} for p, why in ignored],
     }
