@@ -13,6 +13,7 @@ import cv2
 import pandas as pd
 import pytest
 
+from conftest import TEST_SEED
 from cxrlab.data.audit import CONFOUND_MARGIN, FLAGS, AuditConfig, audit, confound_score
 from cxrlab.data.ingest import IngestConfig, ingest
 from cxrlab.data.manifest import MANIFEST_FILE
@@ -38,11 +39,12 @@ def shortcut_audit(tmp_path_factory: pytest.TempPathFactory):
     """3 x 20 phantoms of 96 px where every COVID19 image carries a text marker, ingested and audited with the
     2-process pool."""
     root = tmp_path_factory.mktemp("shortcut")
-    generate(SynthConfig(out=root / "img", n_per_class=20, size=96, seed=3, shortcut_class="COVID19"))
+    generate(SynthConfig(out=root / "img", n_per_class=20, size=96, seed=TEST_SEED, shortcut_class="COVID19"))
     man = _ingest(root / "img", root / "ingest")
     return audit(AuditConfig(data=man, out=root / "audit", workers=2, progress=False))
 
 
+@pytest.mark.trains  # the confound score is a cross-validated classifier fitted on the drawn phantoms
 def test_planted_shortcut_is_flagged(shortcut_audit) -> None:
     res = shortcut_audit
     assert res.n_images == 60 and res.n_unreadable == 0

@@ -140,18 +140,42 @@ def test_oversize_without_content_length_is_cut_off(client) -> None:
     assert r.status_code == 413 and "limit" in r.json()["detail"]
 
 
-def test_concurrent_requests_are_batched(client, xray) -> None:
-    """Requests that arrive together share forward passes and each gets its own answer."""
+def test_concurrent_requests_are_batched(client, xray, monkeypatch) -> None:
+    """Requests that arrive while a forward pass runs share the next forward passes, and each gets its own answer.
+    The first pass is held until the other requests are queued, so batching is certain, not a race."""
+    import threading
+    import time
     from concurrent.futures import ThreadPoolExecutor
 
     worker = client.app.state.worker
     images = [xray[1], _png((300, 200))]
     refs = [list(_ok(client, "ref", img)["probabilities"].values()) for img in images]
     assert not np.allclose(refs[0], refs[1], atol=1e-6)  # distinguishable answers
-    before = worker.requests
-    with ThreadPoolExecutor(6) as pool:
-        bodies = list(pool.map(lambda i: _ok(client, f"img{i}", images[i % 2]), range(12)))
-    assert worker.requests - before == 12
+
+    gate, entered = threading.Event(), threading.Event()
+    forward = worker.predictor.forward
+
+    def held_forward(x):
+        if not entered.is_set():  # the first pass waits until every other request is queued behind it
+            entered.set()
+            assert gate.wait(60), "gate never opened"
+        return forward(x)
+
+    monkeypatch.setattr(worker.predictor, "forward", held_forward)
+    before_req, before_batches = worker.requests, worker.batches
+    n = 12
+    with ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(_ok, client, f"img{i}", images[i % 2]) for i in range(n)]
+        assert entered.wait(60), "no forward pass started"
+        deadline = time.monotonic() + 60
+        while worker._q.qsize() < n - 1:  # a condition, not a timing guess: wait until the rest are queued
+            assert time.monotonic() < deadline, f"only {worker._q.qsize()} requests queued"
+            time.sleep(0.01)
+        gate.set()
+        bodies = [f.result(timeout=60) for f in futures]
+    assert worker.requests - before_req == n
+    # 1 held pass of one request, then the other 11 in passes of at most max_batch=4: 3 passes
+    assert worker.batches - before_batches == 1 + -(-(n - 1) // 4), worker.batches - before_batches
     for i, body in enumerate(bodies):  # nobody got another request's answer, whichever batch it landed in
         np.testing.assert_allclose(list(body["probabilities"].values()), refs[i % 2], atol=1e-5)
 

@@ -10,6 +10,7 @@ import math
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -420,15 +421,17 @@ WORKER = textwrap.dedent(
     args = json.loads(sys.argv[1])
     log, ready = Path(args["log"]), Path(args["ready"])
     ready.mkdir(exist_ok=True)
-    (ready / str(os.getpid())).touch()
 
     def train(cfg):
         n_done = sum(1 for _ in open(log)) if log.exists() else 0
         with open(log, "a") as f:  # O_APPEND: lines from both workers never interleave
             f.write(f"{cfg.model_name},{cfg.optimizer},{os.getpid()}\\n")
-        deadline = time.time() + 60
+        # barrier: a worker's first trial ends only once every worker is inside a trial of its own (has claimed a
+        # point), so each does part of the grid however slowly the other one starts
+        (ready / str(os.getpid())).touch()
+        deadline = time.time() + 120
         while len(list(ready.iterdir())) < args["workers"] and time.time() < deadline:
-            time.sleep(0.05)  # every worker waits for the others before its first trial ends
+            time.sleep(0.05)
         if args.get("hang_after") is not None and n_done >= args["hang_after"]:
             time.sleep(600)  # stands still until killed
         time.sleep(args.get("sleep", 0.3))
@@ -437,8 +440,10 @@ WORKER = textwrap.dedent(
         acc = 0.9 if cfg.optimizer == "RAdam" else 0.8
         return SimpleNamespace(run_dir=run_dir, metrics={"val/accuracy": acc})
 
+    # a long grace period: a worker starved of CPU for a few seconds must not look dead to the other one (a dead
+    # worker on this machine is found by its pid at once, whatever the grace period)
     cfg = SweepConfig(sweep_file=args["sweep"], out=args["out"], data="x", storage=args.get("storage"),
-                      name=args.get("name"), verbose=False, heartbeat_s=1)
+                      name=args.get("name"), verbose=False, heartbeat_s=1, grace_s=300)
     sweep(cfg, train_fn=train)
     """
 )
@@ -537,9 +542,15 @@ def test_worker_lost_on_another_machine_is_rerun_after_heartbeat_grace(tmp_path:
     # the point held by a live-looking worker elsewhere is left alone ...
     assert {(c.model_name, c.optimizer) for c in fresh.calls} == SEED_POINTS - {ghost_point, FIRST_POINT}
     assert res.running_elsewhere == 1 and not res.complete
-    time.sleep(2.2)
+    # the other machine's worker dies: its last heartbeat ages past the grace period. The clock is moved, not
+    # waited for: the stored heartbeat is set back an hour (Optuna compares it with the database's now()).
+    with sqlite3.connect(tmp_path / "sweeps" / "cxr-sweep" / "study.db") as db:
+        n = db.execute(
+            "UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-3600 seconds') WHERE trial_id = ?", (tid,)
+        ).rowcount
+    assert n == 1
     late = FakeTrain()
-    res = sweep(_cfg(tmp_path, SEED_SWEEP, heartbeat_s=1, grace_s=1), train_fn=late)
+    res = sweep(_cfg(tmp_path, SEED_SWEEP, heartbeat_s=1, grace_s=30), train_fn=late)
     assert [(c.model_name, c.optimizer) for c in late.calls] == [ghost_point]
     assert res.complete and sorted(_points(res.rows)) == sorted(SEED_POINTS)  # ... until its heartbeat is stale
 
@@ -548,6 +559,7 @@ def test_worker_lost_on_another_machine_is_rerun_after_heartbeat_grace(tmp_path:
 
 
 @pytest.mark.slow
+@pytest.mark.trains
 def test_cli_sweep_with_real_training_and_a_failing_trial(
     phantom_split: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -70,6 +70,7 @@ def runs(phantom_split: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     return res
 
 
+@pytest.mark.trains
 def test_run_directory_contract(runs: dict[str, RunResult], phantom_split: Path) -> None:
     r = runs["a"]
     d = r.run_dir
@@ -95,6 +96,7 @@ def test_run_directory_contract(runs: dict[str, RunResult], phantom_split: Path)
     assert stored.num_classes == 3 and stored.model_name == TEST_MODEL and Path(stored.data) == Path(summary["data"])
 
 
+@pytest.mark.trains
 def test_bundle_is_the_best_model_with_its_preprocessing(runs: dict[str, RunResult], phantom_split: Path) -> None:
     """Predicting the test files through the bundle reproduces the run's test metrics: same weights (best epoch),
     same preprocessing as the training cache."""
@@ -115,6 +117,7 @@ def test_bundle_is_the_best_model_with_its_preprocessing(runs: dict[str, RunResu
     assert all(torch.equal(v, w[k]) for k, v in b.model.state_dict().items())
 
 
+@pytest.mark.trains
 def test_same_seed_gives_the_same_metrics(runs: dict[str, RunResult]) -> None:
     a, b = read_metrics(runs["a"].run_dir), read_metrics(runs["b"].run_dir)
     assert a == b
@@ -122,6 +125,7 @@ def test_same_seed_gives_the_same_metrics(runs: dict[str, RunResult]) -> None:
     assert len({row["train/loss"] for row in a}) == 3  # it did train: the loss changes
 
 
+@pytest.mark.trains
 def test_resumed_run_ends_like_an_uninterrupted_one(runs: dict[str, RunResult]) -> None:
     crashed = runs["crashed_rows"]
     assert [row["epoch"] for row in crashed] == [0]  # killed in epoch 1: only epoch 0 was complete
@@ -135,6 +139,7 @@ def test_resumed_run_ends_like_an_uninterrupted_one(runs: dict[str, RunResult]) 
     assert c.metrics == runs["a"].metrics
 
 
+@pytest.mark.trains
 def test_fine_tune_trains_only_the_head_and_keeps_backbone_bn_statistics(
     phantom_split: Path, tiny_bundle: Path, tmp_path: Path
 ) -> None:
@@ -195,6 +200,7 @@ def _wandb_records(path: Path) -> Iterator[object]:
 
 
 @pytest.mark.slow
+@pytest.mark.trains
 def test_offline_wandb_run_holds_config_history_and_model_and_nothing_leaks(
     phantom_split: Path, tmp_path: Path
 ) -> None:
@@ -310,6 +316,7 @@ def test_seed_configs_carry_the_seed_values() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.trains
 @pytest.mark.parametrize("name", ["baseline", "challenger", "cpu"])
 def test_seed_configs_smoke_run_unchanged_on_cpu(
     name: str, phantom_split: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -51,6 +51,9 @@ class BundleMeta:
     cxrlab_version: str = ""
     timm_version: str = ""
     format: int = BUNDLE_FORMAT
+    # sha256 of model.safetensors, written by save_bundle and checked by load_bundle ("" in bundles made before
+    # the check existed: those load unchecked)
+    weights_sha256: str = ""
     # label-shift / OOD reference (cxrlab.shift): class names, validation confusion matrix, training prior,
     # feature-distance and polarity thresholds; the feature statistics are in shift.safetensors beside it
     shift: dict[str, Any] = field(default_factory=dict)
@@ -66,14 +69,57 @@ class BundleMeta:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> BundleMeta:
+    def from_json(cls, d: dict[str, Any], source: str = META_FILE) -> BundleMeta:
+        """Metadata from ``bundle.json``'s dict; a wrong type or value raises ``BundleError`` naming ``source``."""
+        if not isinstance(d, dict):
+            raise BundleError(f"{source} holds {type(d).__name__}, not a JSON object: it is not a cxrlab bundle.json")
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         missing = [k for k in ("model_name", "class_names", "img_size", "in_chans", "mean", "std") if k not in known]
         if missing:
-            raise BundleError(f"bundle metadata lacks {missing}")
-        known["img_size"] = tuple(known["img_size"])
-        known["mean"], known["std"] = tuple(known["mean"]), tuple(known["std"])
-        return cls(**known)
+            raise BundleError(f"{source} lacks {missing}: it is not a complete cxrlab bundle.json")
+        if not isinstance(known["class_names"], list):
+            raise BundleError(f"{source}: class_names must be a list of names, got {known['class_names']!r}")
+        try:
+            known["img_size"] = tuple(int(v) for v in known["img_size"])
+            known["mean"] = tuple(float(v) for v in known["mean"])
+            known["std"] = tuple(float(v) for v in known["std"])
+            known["in_chans"] = int(known["in_chans"])
+            known["class_names"] = list(known["class_names"])
+        except (TypeError, ValueError) as e:
+            raise BundleError(
+                f"{source}: img_size, mean, std, in_chans or class_names has the wrong type ({e})"
+            ) from None
+        meta = cls(**known)
+        meta.validate(source)
+        return meta
+
+    def validate(self, source: str = META_FILE) -> None:
+        """Values that would make every prediction wrong or NaN raise ``BundleError`` (checked on save and load)."""
+        names = self.class_names
+        if not isinstance(self.model_name, str) or not self.model_name:
+            raise BundleError(f"{source}: model_name must be a non-empty string, got {self.model_name!r}")
+        if not names or not all(isinstance(c, str) and c for c in names):
+            raise BundleError(f"{source}: class_names must be a non-empty list of names, got {names!r}")
+        dup = sorted({c for c in names if names.count(c) > 1})
+        if dup:
+            raise BundleError(
+                f"{source}: class_names {names} repeat {dup}: each class needs a distinct name (the labels would "
+                "be ambiguous); fix class_names to the training data's classes"
+            )
+        if len(self.img_size) != 2 or min(self.img_size) < 1:
+            raise BundleError(f"{source}: img_size must be [height, width] > 0, got {list(self.img_size)}")
+        if self.in_chans < 1:
+            raise BundleError(f"{source}: in_chans must be at least 1, got {self.in_chans}")
+        for key, vals in (("mean", self.mean), ("std", self.std)):
+            if len(vals) not in (1, self.in_chans) or not all(np.isfinite(vals)):
+                raise BundleError(
+                    f"{source}: {key} {list(vals)} must be {self.in_chans} finite numbers (one per input channel)"
+                )
+        if not all(v > 0 for v in self.std):
+            raise BundleError(
+                f"{source}: std {list(self.std)} has a value <= 0: normalising by it gives inf/NaN inputs and "
+                "meaningless predictions; restore the std the model was trained with"
+            )
 
 
 def create_model(meta: BundleMeta) -> torch.nn.Module:
@@ -89,14 +135,35 @@ def save_bundle(model: torch.nn.Module, meta: BundleMeta, out_dir: str | Path) -
 
     import cxrlab
 
+    meta.validate(f"bundle metadata for {out_dir}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta.cxrlab_version = meta.cxrlab_version or cxrlab.__version__
     meta.timm_version = meta.timm_version or timm.__version__
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_FILE), metadata={"model_name": meta.model_name})
-    (out / META_FILE).write_text(json.dumps(meta.to_json(), indent=2))
+    # each file appears whole or not at all (a crash mid-save leaves no truncated weights behind a valid json)
+    from cxrlab.atomic import _tmp_name, write_text_atomic
+
+    tmp = _tmp_name(out / WEIGHTS_FILE)
+    try:
+        save_file(state, str(tmp), metadata={"model_name": meta.model_name})
+        meta.weights_sha256 = file_sha256(tmp)
+        tmp.replace(out / WEIGHTS_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_text_atomic(out / META_FILE, json.dumps(meta.to_json(), indent=2))
     return out
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def resolve_bundle_dir(path: str | Path) -> Path:
@@ -205,20 +272,92 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     """
     ckpt = Path(path) if Path(path).suffix.lower() in CHECKPOINT_SUFFIXES else None
     d = _bundle_dir_for_checkpoint(ckpt) if ckpt is not None else resolve_bundle_dir(path)
+    meta_path = d / META_FILE
     try:
-        meta = BundleMeta.from_json(json.loads((d / META_FILE).read_text()))
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{d / META_FILE} is not valid JSON: {e}") from e
+        meta = BundleMeta.from_json(json.loads(meta_path.read_text(encoding="utf-8")), source=str(meta_path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{meta_path} is not valid JSON ({e}); the bundle is damaged: copy it again") from None
+    except OSError as e:
+        raise BundleError(f"cannot read {meta_path}: {e.strerror or e}") from None
     wpath = ckpt if ckpt is not None else d / WEIGHTS_FILE
     if not wpath.is_file():
         raise BundleError(f"bundle {d} has no {WEIGHTS_FILE}")
-    model = create_model(meta)
-    state = load_checkpoint_state(wpath) if ckpt is not None else load_file(str(wpath))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise BundleError(
-            f"weights in {wpath} do not match {meta.model_name}: missing {list(missing)[:5]}, "
-            f"unexpected {list(unexpected)[:5]}"
-        )
+    model = _create_for_bundle(meta, meta_path)
+    if ckpt is not None:
+        state = load_checkpoint_state(wpath)
+    else:
+        if meta.weights_sha256:
+            actual = file_sha256(wpath)
+            if actual != meta.weights_sha256:
+                raise BundleError(
+                    f"{wpath} does not match its bundle.json: sha256 {actual[:16]}... but {META_FILE} records "
+                    f"{meta.weights_sha256[:16]}... The weights were changed or damaged after the bundle was saved: "
+                    "copy the bundle again from the run that made it"
+                )
+        state = _read_safetensors(wpath)
+    _load_weights(model, state, meta, wpath)
     model.eval().to(device)
     return Bundle(meta=meta, model=model, path=d, weights_path=wpath)
+
+
+def _create_for_bundle(meta: BundleMeta, meta_path: Path) -> torch.nn.Module:
+    import timm
+
+    if ":" not in meta.model_name and not timm.is_model(meta.model_name):
+        raise BundleError(
+            f"{meta_path} names model_name {meta.model_name!r}, which this timm ({timm.__version__}) does not know: "
+            "the bundle.json was edited or comes from a newer timm; restore the model_name it was trained with"
+        )
+    try:
+        return create_model(meta)
+    except Exception as e:  # timm's errors for impossible settings (e.g. in_chans) are plain RuntimeError/ValueError
+        raise BundleError(
+            f"cannot build {meta.model_name} with {meta.num_classes} classes and in_chans={meta.in_chans} from "
+            f"{meta_path}: {type(e).__name__}: {e}"
+        ) from None
+
+
+def _read_safetensors(wpath: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError) as e:
+        first = " ".join(str(e).split())[:200]
+        raise BundleError(
+            f"{wpath} is not a readable safetensors file ({first}): it is truncated or damaged; copy the bundle "
+            "again from the run that made it"
+        ) from None
+
+
+def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], meta: BundleMeta, wpath: Path) -> None:
+    """Load ``state`` into ``model``; any difference in keys or shapes raises ``BundleError`` saying which field of
+    bundle.json (model_name, class count, in_chans) disagrees with the weights."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise BundleError(
+            f"weights in {wpath} do not match model_name={meta.model_name!r} in {META_FILE}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}; the weights come from another architecture (fix model_name to the one "
+            "the bundle was trained with)"
+        )
+    wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items() if state[k].shape != v.shape]
+    if wrong:
+        hint = ""
+        head_w = wrong[-1]
+        if len(head_w[1]) >= 1 and len(head_w[1]) == len(head_w[2]) and head_w[1][1:] == head_w[2][1:]:
+            hint = (
+                f"; the weights have {head_w[1][0]} outputs but {META_FILE} lists {meta.num_classes} class_names"
+                if head_w[2][0] == meta.num_classes
+                else ""
+            )
+        first = wrong[0]
+        if len(first[1]) == 4 and first[1][0] == first[2][0] and first[1][1] != first[2][1]:
+            hint = f"; the weights take {first[1][1]} input channels but {META_FILE} says in_chans={meta.in_chans}"
+        shapes = ", ".join(f"{k}: {a} in the file, {b} expected" for k, a, b in wrong[:3])
+        raise BundleError(
+            f"weights in {wpath} do not match {META_FILE} ({meta.model_name}, {meta.num_classes} classes, "
+            f"in_chans={meta.in_chans}): {shapes}{hint}. bundle.json and the weights must come from the same run"
+        )
+    model.load_state_dict(state, strict=True)

@@ -87,7 +87,7 @@ class RunConfig(StrictModel):
 @dataclass
 class StageStatus:
     name: str
-    status: str  # done | skipped (up to date) | not available | off
+    status: str  # done | skipped (up to date) | off
     seconds: float = 0.0
     output: str | None = None
     note: str = ""

@@ -40,6 +40,12 @@ class PredictError(CxrlabError):
     """Prediction cannot start (bad backend, no inputs, missing path)."""
 
 
+NONFINITE_ERROR = (
+    "the model gave non-finite output (NaN/inf) for this image: no label. The bundle's weights or its "
+    "normalisation (mean/std in bundle.json) are broken; copy the bundle again from the run that made it"
+)
+
+
 @dataclass
 class Prediction:
     """One input's result. ``error`` is None on success; otherwise ``label`` is None and ``probabilities`` empty."""
@@ -72,30 +78,55 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise PredictError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from e
 
 
-def expand_inputs(paths: Iterable[str | Path]) -> list[tuple[Path, str | None]]:
-    """Files as given and folders walked recursively (sorted) -> ``[(path, problem or None)]``.
+@dataclass
+class Inputs:
+    """What :func:`collect_inputs` found: ``items`` to classify (``(path, problem or None)``, a problem makes an
+    error row) and ``ignored`` names with the reason they are not inputs (``(path, reason)``)."""
 
-    Inside folders, files with an image/DICOM extension (``cxrlab.data.io.IMAGE_EXTENSIONS``) and extension-less
-    files (DICOM often has none) are taken; hidden files and other extensions (``.csv``, ``.txt`` ...) are
-    skipped. A path given explicitly is always tried; one that does not exist is reported as a problem.
+    items: list[tuple[Path, str | None]]
+    ignored: list[tuple[Path, str]]
+
+
+def collect_inputs(paths: Iterable[str | Path]) -> Inputs:
+    """Files as given and folders walked recursively (sorted) with the walker ``data ingest`` uses
+    (:mod:`cxrlab.data.walk`), so both stages see the same files.
+
+    Inside folders, image candidates (an image/DICOM extension, or no extension and image content: the rule of
+    ``data ingest``) are inputs; dangling symlinks and symlink loops are inputs with a problem (an error row);
+    other files, hidden files and folders not searched (hidden, or a symlink back to a folder already searched)
+    are ``ignored`` with their reason. A path given explicitly is always tried; one that does not exist is
+    reported as a problem.
     """
-    from cxrlab.data.io import IMAGE_EXTENSIONS
+    from cxrlab.data.walk import classify_file, walk
 
-    out: list[tuple[Path, str | None]] = []
+    items: list[tuple[Path, str | None]] = []
+    ignored: list[tuple[Path, str]] = []
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                rel = f.relative_to(p).parts
-                if any(part.startswith(".") for part in rel) or not f.is_file():
-                    continue
-                if f.suffix.lower() in IMAGE_EXTENSIONS or f.suffix == "":
-                    out.append((f, None))
+            for f in walk(p):
+                if f.verdict == "broken":
+                    items.append((f.path, f.reason))
+                elif f.verdict == "ignored":
+                    ignored.append((f.path, f.reason))
+                else:
+                    why = classify_file(f.path)
+                    if why is None:
+                        items.append((f.path, None))
+                    else:
+                        ignored.append((f.path, why))
         elif p.exists():
-            out.append((p, None))
+            items.append((p, None))
+        elif p.is_symlink():
+            items.append((p, "dangling symlink or symlink loop: it leads to no file"))
         else:
-            out.append((p, "file not found"))
-    return out
+            items.append((p, "file not found"))
+    return Inputs(items, ignored)
+
+
+def expand_inputs(paths: Iterable[str | Path]) -> list[tuple[Path, str | None]]:
+    """The inputs of :func:`collect_inputs` (without the ignored names)."""
+    return collect_inputs(paths).items
 
 
 def _read_gray(path: Path) -> np.ndarray:
@@ -121,7 +152,10 @@ def read_gray_colour(path: Path, need_colour: bool) -> tuple[np.ndarray, float]:
 
 
 def _reason(e: Exception) -> str:
-    return str(getattr(e, "reason", None) or f"{type(e).__name__}: {e}")
+    from cxrlab.data.walk import display_path
+
+    # display_path: a message that quotes a non-UTF-8 file name must still print and go into a UTF-8 table
+    return display_path(str(getattr(e, "reason", None) or f"{type(e).__name__}: {e}"))
 
 
 class Predictor:
@@ -161,6 +195,7 @@ class Predictor:
         self.onnx_path: Path | None = None
         self._session = None
         self._cam_lock = threading.Lock()
+        self.ignored: list[tuple[str, str]] = []  # (path, reason) of the last predict(): files that are not inputs
         from cxrlab.shift import load_scorer
 
         # label-shift / OOD statistics stored at training (None for bundles trained before they existed)
@@ -231,7 +266,8 @@ class Predictor:
         if self.ood is None:
             return
         for p, r in zip(preds, self.ood.score(feats, grays, colours), strict=True):
-            p.ood, p.ood_score, p.ood_reasons = r.flag, r.score, r.reasons
+            if p.ok:  # a non-finite output is already an error, not a prediction to flag
+                p.ood, p.ood_score, p.ood_reasons = r.flag, r.score, r.reasons
 
     def label_shift(self, preds: Sequence[Prediction]):  # -> cxrlab.shift.LabelShift | None
         """The label-shift check over a set of predictions (None without shift statistics)."""
@@ -251,7 +287,10 @@ class Predictor:
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
 
     def to_prediction(self, name: str, probs: np.ndarray) -> Prediction:
-        """A successful ``Prediction`` for ``name`` from one row of class probabilities."""
+        """The ``Prediction`` for ``name`` from one row of class probabilities: an error (no label) when the row is
+        not finite, so a broken model can never pass a NaN off as a confident label."""
+        if not np.all(np.isfinite(probs)):
+            return Prediction(path=name, label=None, probabilities={}, error=NONFINITE_ERROR)
         return Prediction(
             path=name,
             label=self.classes[int(np.argmax(probs))],
@@ -273,15 +312,22 @@ class Predictor:
         return out
 
     def predict(self, paths: Iterable[str | Path], cam_dir: str | Path | None = None) -> list[Prediction]:
-        """Classify files and folders (recursive). Unreadable files come back with ``error`` set, in order.
+        """Classify files and folders (recursive). Unreadable files come back with ``error`` set, in order; files
+        in the folders that are not inputs are listed in ``self.ignored`` with the reason (see ``collect_inputs``).
+        A ``path`` whose name is not valid UTF-8 is reported with ``\\xNN`` escapes (``display_path``).
 
         With ``cam_dir``, a Grad-CAM overlay PNG per image is written there and named in ``cam_path``.
         """
         from tqdm.auto import tqdm
 
-        items = expand_inputs([paths] if isinstance(paths, str | Path) else paths)
+        from cxrlab.data.walk import display_path
+
+        found = collect_inputs([paths] if isinstance(paths, str | Path) else paths)
+        items = found.items
+        self.ignored = [(display_path(p), why) for p, why in found.ignored]
         if not items:
-            raise PredictError("no input images: pass image files or folders that contain images")
+            what = f" ({len(self.ignored)} file(s) there are not images)" if self.ignored else ""
+            raise PredictError(f"no input images{what}: pass image files or folders that contain images")
         cam_out = Path(cam_dir) if cam_dir is not None else None
         if cam_out is not None:
             cam_out.mkdir(parents=True, exist_ok=True)
@@ -320,11 +366,11 @@ class Predictor:
                 batch_preds: list[Prediction] = []
                 for i, ((path, _), (_, _, err)) in enumerate(zip(chunk, loaded, strict=True)):
                     if err is not None:
-                        results.append(Prediction(path=str(path), label=None, probabilities={}, error=err))
+                        results.append(Prediction(path=display_path(path), label=None, probabilities={}, error=err))
                         continue
                     k = good.index(i)
-                    pred = self.to_prediction(str(path), probs[k])
-                    if cams is not None:
+                    pred = self.to_prediction(display_path(path), probs[k])
+                    if cams is not None and pred.ok:
                         out = _unique(cam_out, path, cam_names)
                         out.write_bytes(encode_png(cams[k]))
                         pred.cam_path = str(out)

@@ -479,17 +479,16 @@ def fit_statistics(
 
 def save_statistics(bundle_dir: str | Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     """Write ``shift.safetensors`` and the ``shift`` field of ``bundle.json`` into a saved bundle."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
+    from cxrlab.atomic import write_bytes_atomic, write_text_atomic
     from cxrlab.bundle import META_FILE
 
     d = Path(bundle_dir)
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(d / SHIFT_WEIGHTS))
+    write_bytes_atomic(d / SHIFT_WEIGHTS, save({k: np.ascontiguousarray(v) for k, v in arrays.items()}))
     doc = json.loads((d / META_FILE).read_text())
     doc["shift"] = meta
-    tmp = d / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    tmp.replace(d / META_FILE)
+    write_text_atomic(d / META_FILE, json.dumps(doc, indent=2))
 
 
 def fit_from_datamodule(model: torch.nn.Module, dm: Any, device: torch.device | str, seed: int = 0) -> tuple:

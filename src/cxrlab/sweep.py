@@ -416,6 +416,12 @@ class SweepConfig(StrictModel):
     overrides: list[str] = Field(default_factory=list, description="key=value applied to every trial")
     retry_failed: bool = Field(False, description="re-run points whose trial failed with an error")
     seed: int | None = Field(None, description="sampler seed (random/bayes); default the base config's seed")
+    keep: Literal["best", "all"] = Field(
+        "best",
+        description="disk retention when the sweep ends: 'best' keeps every trial's bundle/ plus last.ckpt of the "
+        "best trial (the other checkpoints, with their optimizer state, are deleted, and so are the leftover "
+        "directories of interrupted trials); 'all' keeps everything",
+    )
     heartbeat_s: int = Field(30, ge=1, description="seconds between a running trial's heartbeats")
     grace_s: int | None = Field(None, ge=1, description="a RUNNING trial without heartbeat this long is dead")
     verbose: bool = True
@@ -446,6 +452,8 @@ class SweepResult:
     summary_csv: Path
     plot_html: Path | None
     ignored_keys: tuple[str, ...] = ()
+    disk_bytes: int = 0  # the sweep directory after retention
+    freed_bytes: int = 0  # deleted by retention in this command
 
     @property
     def complete(self) -> bool:
@@ -520,6 +528,34 @@ def _metric_from_csv(run_dir: Path, metric: str, goal: str) -> float | None:
     return max(vals) if goal == "maximize" else min(vals)
 
 
+# Keys that say where or how a trial runs, not what it computes: they may differ between the workers of a study.
+_MACHINE_KEYS = ("tracking", "output_dir", "run_name", "num_workers", "threads", "device", "devices", "cache_images")
+
+
+def _data_identity(data: str) -> str | None:
+    """A split directory as its dataset version (the same on every machine that holds a copy), else its absolute
+    path; None for a path that does not exist (no trial could train on it: nothing to mix up)."""
+    p = Path(data).expanduser()
+    if not p.exists():
+        return None
+    meta = (p if p.is_dir() else p.parent) / "split.json"
+    try:
+        version = json.loads(meta.read_text()).get("dataset_version")
+    except (OSError, ValueError, AttributeError):
+        version = None
+    return f"dataset_version:{version}" if version else os.path.abspath(p)
+
+
+def _dict_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for each dotted key whose value differs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new)):
+            out += _dict_diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
 class _Runner:
     """Builds a trial's Config from the base + overrides + parameters and runs ``train_fn`` on it."""
 
@@ -536,6 +572,11 @@ class _Runner:
         swept = {p.key for p in spec.params}
         for ov in cfg.overrides:
             key = ".".join(parse_override(ov)[0])
+            if key in RESERVED_KEYS:
+                raise SweepError(
+                    f"--set {ov}: a sweep names and places every trial itself ({name}-tNNN under "
+                    f"{sweep_dir / 'runs'}); choose the place with --out and the name with --name instead"
+                )
             if key in swept:
                 raise SweepError(f"--set {ov} conflicts with the sweep parameter '{key}'; remove one of them")
         self.base = apply_overrides(base, cfg.overrides)
@@ -548,6 +589,24 @@ class _Runner:
             raise SweepError("trials need data: pass --data SPLIT_DIR or set `data:` in the base config (--config)")
         self.runs_dir = sweep_dir / "runs"
         self.logs_dir = sweep_dir / "logs"
+
+    def trial_input(self) -> dict[str, Any]:
+        """What every trial starts from (the resolved base config after --config, --data and --set, without the
+        sweep's own and the per-machine keys; the data as its dataset version when it has one): a resumed or joined
+        study must be run with the same."""
+        d = self.base_cfg.model_dump(mode="json")
+        for k in _MACHINE_KEYS:
+            d.pop(k, None)
+        for k in ("enable_progress_bar", "log_every_n_steps"):
+            d.get("trainer", {}).pop(k, None)
+        if d.get("data"):
+            d["data"] = _data_identity(d["data"])
+        if d.get("data") is None:
+            d.pop("data", None)
+        return d
+
+    def trial_fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.trial_input(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def run_name(self, number: int | str) -> str:
         return f"{self.name}-t{number:03d}" if isinstance(number, int) else f"{self.name}-{number}"
@@ -757,6 +816,18 @@ class _OptunaSweep:
             raise SweepError(
                 f"study '{self.name}' in {redact_url(self.url)} was created from a different sweep spec "
                 "(method, metric or parameters changed); give this sweep a new --name or --out"
+            )
+        trial_fp = self.runner.trial_fingerprint()
+        if "cxrlab_trial_fingerprint" not in attrs:  # a new study, or one made before trial inputs were recorded
+            self.study.set_user_attr("cxrlab_trial_fingerprint", trial_fp)
+            self.study.set_user_attr("cxrlab_trial_input", self.runner.trial_input())
+        elif attrs["cxrlab_trial_fingerprint"] != trial_fp:
+            diff = _dict_diff(attrs.get("cxrlab_trial_input") or {}, self.runner.trial_input())
+            shown = "; ".join(diff[:5]) + (f" and {len(diff) - 5} more" if len(diff) > 5 else "")
+            raise SweepError(
+                f"study '{self.name}' in {redact_url(self.url)} was run with other trial settings "
+                f"({shown or 'changed'}): its results would mix with these. Re-run with the same --config, "
+                "--data and --set as before, or give this sweep a new --name or --out"
             )
         want = "maximize" if self.spec.goal == "maximize" else "minimize"
         if self.study.direction.name.lower() != want:
@@ -1240,6 +1311,47 @@ def summary_table(result: SweepResult, max_reason: int = 60) -> Table:
     return t
 
 
+def apply_retention(rows: list[dict[str, Any]], best: dict[str, Any] | None, runner: _Runner) -> int:
+    """``keep=best``: the best trial keeps bundle/ + last.ckpt, other finished trials keep bundle/ only, interrupted
+    trials' leftover directories go. Only finished trials are touched (never one running elsewhere). Returns the
+    bytes freed."""
+    import shutil
+
+    from cxrlab.train import disk_usage
+
+    runs = runner.runs_dir.resolve()
+    freed = 0
+
+    def inside(p: Path) -> bool:
+        try:
+            return p.resolve().is_relative_to(runs) and p.resolve() != runs
+        except OSError:
+            return False
+
+    def drop(p: Path) -> None:
+        nonlocal freed
+        if not p.exists() or not inside(p):
+            return
+        size = disk_usage(p) if p.is_dir() else p.stat().st_size
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        freed += size
+
+    best_trial = best["trial"] if best else None
+    for r in rows:
+        if r["status"] == "COMPLETE" and r["run_dir"]:
+            ckpts = Path(r["run_dir"]) / "checkpoints"
+            if r["trial"] == best_trial:
+                drop(ckpts / "best.ckpt")  # its weights are the bundle's; last.ckpt continues training
+            else:
+                drop(ckpts)
+        elif r["status"] == "INTERRUPTED":
+            drop(runner.runs_dir / runner.run_name(r["trial"]))
+    return freed
+
+
 def _write_outputs(rows: list[dict[str, Any]], spec: SweepSpec, name: str, sweep_dir: Path) -> tuple[Path, Path | None]:
     params = [p.key for p in spec.searched]
     csv_path = write_summary_csv(rows, params, spec.metric, sweep_dir / "summary.csv")
@@ -1377,6 +1489,9 @@ def sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, console: Console | 
         rows = _trial_rows(opt.trials(), spec)
         csv_path, plot = _write_outputs(rows, spec, name, sweep_dir)
     pending, running = opt.counts()
+    freed = apply_retention(rows, _best(rows, spec.goal), runner) if cfg.keep == "best" else 0
+    from cxrlab.train import disk_usage
+
     return SweepResult(
         name=name,
         sweep_dir=sweep_dir,
@@ -1396,6 +1511,8 @@ def sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, console: Console | 
         summary_csv=csv_path,
         plot_html=plot,
         ignored_keys=spec.ignored,
+        disk_bytes=disk_usage(sweep_dir),
+        freed_bytes=freed,
     )
 
 

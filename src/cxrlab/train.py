@@ -28,6 +28,7 @@ import os
 import re
 import secrets
 import signal
+import stat
 import string
 import sys
 import threading
@@ -76,6 +77,8 @@ class RunResult:
     data: str = ""
     wall_s: float = 0.0
     skipped_images: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what the user should know (also printed by the CLI)
+    disk_bytes: int = 0  # size of the run directory when the run finished
 
     @property
     def wandb_sync(self) -> str | None:
@@ -210,6 +213,53 @@ def locate_resume(resume: str | Path) -> tuple[Path, Path]:
     return run_dir.resolve(), ckpt.resolve()
 
 
+def _unreadable_checkpoint(path: Path) -> str | None:
+    """None when ``path`` loads (``weights_only``, as Lightning will load it), else why not, in one line."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a pickle error, an I/O error: all mean "cannot resume from it"
+        first = " ".join(str(e).split())[:160] or type(e).__name__
+        return f"{type(e).__name__}: {first}"
+    if not isinstance(obj, dict) or "state_dict" not in obj or "epoch" not in obj:
+        return "not a Lightning checkpoint (no state_dict/epoch)"
+    return None
+
+
+def resume_checkpoint(run_dir: Path, ckpt: Path, explicit: bool = False) -> tuple[Path, str | None]:
+    """The checkpoint to resume ``run_dir`` from and a warning (or None).
+
+    A damaged ``last.ckpt`` (a crash or a full disk while it was written) falls back to ``best.ckpt`` when that one
+    loads, with a warning: the epochs after best are trained again. Otherwise ``RunError`` says exactly what to do.
+    ``explicit``: the user named ``ckpt`` (no silent fallback then; the message names the alternative).
+    """
+    why = _unreadable_checkpoint(ckpt)
+    if why is None:
+        return ckpt, None
+    best = run_dir / CKPT_DIR / "best.ckpt"
+    best_ok = best.is_file() and best.resolve() != ckpt.resolve() and _unreadable_checkpoint(best) is None
+    restart = f"cxrlab train --config {run_dir / CONFIG_FILE} (a new run from the stored config)"
+    if best_ok and not explicit:
+        epoch = int(torch.load(best, map_location="cpu", weights_only=True)["epoch"])
+        msg = (
+            f"{ckpt} is damaged ({why}); resuming from {best} (epoch {epoch}) instead: the epochs after it are "
+            "trained again"
+        )
+        log.warning(msg)
+        return best, msg
+    if best_ok:
+        raise RunError(
+            f"cannot resume from {ckpt}: it is damaged ({why}). Resume from the best checkpoint instead: "
+            f"cxrlab train --resume {best}, or start again: {restart}"
+        )
+    if best.is_file() and best.resolve() != ckpt.resolve():
+        other = f"{best} is damaged too"
+    else:
+        other = "there is no best.ckpt to fall back to"
+    raise RunError(
+        f"cannot resume {run_dir}: {ckpt} is damaged ({why}) and {other}. Start again: {restart}; then remove {run_dir}"
+    )
+
+
 def resume_config(resume: str | Path, overrides: Sequence[str] | None = None) -> Config:
     """The stored config of a run (``runs/<id>/config.yaml``) plus ``key=value`` overrides (e.g. more epochs)."""
     from cxrlab.config import apply_overrides
@@ -338,9 +388,16 @@ def train(
         )
     cfg = cfg.model_copy(update={"num_classes": len(info.classes), "data": str(info.root)})
 
+    from cxrlab.model import check_model_name
+
+    check_model_name(cfg.model_name)  # before the run directory exists: a typo leaves nothing behind
+    notes: list[str] = []
     ckpt_path: Path | None = None
+    new_run = False
     if resume is not None:
         run_dir, ckpt_path = locate_resume(resume)
+        ckpt_path, note = resume_checkpoint(run_dir, ckpt_path, explicit=Path(resume).expanduser().is_file())
+        notes += [note] if note else []
         run_id = run_dir.name
         _check_resume_compatible(cfg, run_dir)
         cfg = cfg.model_copy(update={"run_name": run_id, "output_dir": str(run_dir.parent)})
@@ -351,6 +408,7 @@ def train(
         cfg = cfg.model_copy(update={"run_name": run_id})
     else:
         run_dir, run_id = new_run_dir(cfg)
+        new_run = True
         cfg = cfg.model_copy(update={"run_name": run_id})
         os.environ[_DDP_RUN_DIR] = str(run_dir)  # inherited by DDP workers started inside trainer.fit
     dump_config(cfg, run_dir / CONFIG_FILE)
@@ -371,22 +429,78 @@ def train(
             if cfg.fine_tune:  # the frozen backbone's BatchNorm layers are in eval mode on purpose
                 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
             L.seed_everything(cfg.seed, workers=True, verbose=False)
-            model = build_model(cfg, len(info.classes))
-            mean, std = model_data_config(model)
-            dm = CXRDataModule(cfg, info, mean, std)
-            weights = dm.class_weights() if cfg.imbalance == "loss" else None
-            module = CXRClassifier(cfg, info.classes, class_weights=weights, model=model)
+            try:
+                model = build_model(cfg, len(info.classes))
+                mean, std = model_data_config(model)
+                dm = CXRDataModule(cfg, info, mean, std)
+                weights = dm.class_weights() if cfg.imbalance == "loss" else None
+                module = CXRClassifier(cfg, info.classes, class_weights=weights, model=model)
+            except BaseException:
+                if new_run:
+                    _remove_if_only_config(run_dir)  # nothing was trained: leave no orphan run directory
+                raise
             result = _fit_and_finish(cfg, info, dm, module, run_dir, run_id, ckpt_path, mode, callbacks or [])
+            result.warnings[:0] = notes
     finally:
         torch.set_num_threads(prev_threads)
         if os.environ.get(_DDP_RUN_DIR) == str(run_dir) and int(os.environ.get("LOCAL_RANK", "0")) == 0:
             os.environ.pop(_DDP_RUN_DIR, None)
     result.wall_s = round(time.perf_counter() - t0, 1)
+    result.disk_bytes = disk_usage(run_dir)
     from lightning.pytorch.utilities import rank_zero_only
 
     if rank_zero_only.rank == 0:
         _write_summary(result, cfg)
     return result
+
+
+def disk_usage(path: str | Path) -> int:
+    """Bytes of the regular files under ``path`` (symlinks not followed)."""
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, f))
+            except OSError:
+                continue
+            total += 0 if stat.S_ISLNK(st.st_mode) else st.st_size
+    return total
+
+
+def _remove_if_only_config(run_dir: Path) -> None:
+    """Delete a run directory that holds nothing but its config.yaml (a run that failed before training)."""
+    import shutil
+
+    try:
+        if {p.name for p in run_dir.iterdir()} <= {CONFIG_FILE}:
+            shutil.rmtree(run_dir)
+    except OSError:
+        pass
+
+
+def _absent_class_metrics(info: Any, metrics: dict[str, float]) -> list[str]:
+    """Drop the per-class metrics of classes with no images in the val/test split (their recall is undefined, not
+    0.0) and return one warning per split that lacks classes."""
+    table = info.table
+    notes: list[str] = []
+    for split in ("val", "test"):
+        if not any(k.startswith(f"{split}/") for k in metrics):
+            continue
+        present = set(table.loc[table["split"] == split, "label"])
+        absent = [c for c in info.classes if c not in present]
+        if not absent:
+            continue
+        for c in absent:
+            for name in ("recall", "acc"):
+                metrics.pop(f"{split}/{name}_{c}", None)
+        notes.append(
+            f"class {', '.join(absent)} has no images in the {split} split: {split}/recall_<class> is undefined for it "
+            f"(not reported; it is not 0.0) and the {split} macro averages count it as 0. Re-split so that every "
+            f"class is in {split} (cxrlab data split), or read `cxrlab evaluate`, which reports it as absent"
+        )
+    for n in notes:
+        log.warning(n)
+    return notes
 
 
 @contextmanager
@@ -545,6 +659,7 @@ def _finish(
         out = trainer.test(module, datamodule=dm, verbose=False)
         metrics.update({k: float(v) for k, v in (out[0] if out else {}).items() if k.startswith("test/")})
 
+    notes = _absent_class_metrics(info, metrics)
     shift_meta, shift_arrays = {}, None
     if cfg.shift_stats and trainer.is_global_zero:
         from cxrlab.shift import fit_from_datamodule
@@ -593,6 +708,7 @@ def _finish(
         class_names=list(info.classes),
         data=str(info.root),
         skipped_images=dict(dm.skipped),
+        warnings=notes,
     )
 
 

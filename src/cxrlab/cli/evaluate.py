@@ -262,9 +262,30 @@ def report_cmd(
     console.print(f"report: {path}")
 
 
+def split_src_and_overrides(args: list[str]) -> tuple[Path | None, list[str]]:
+    """``run``'s positional words -> (SRC or None, extra ``key=value`` overrides).
+
+    Several overrides may follow one ``--set`` (as in ``train`` and ``sweep``): a word with ``=`` that is not an
+    existing path is an override. More than one remaining word is a ``ConfigError``.
+    """
+    from cxrlab.config import ConfigError
+
+    sets = [a for a in args if "=" in a and not Path(a).exists()]
+    rest = [a for a in args if a not in sets]
+    if len(rest) > 1:
+        raise ConfigError(
+            f"cxrlab run takes one SRC, got {rest}; overrides look like key=value (e.g. --set epochs=3 seed=1)"
+        )
+    return (Path(rest[0]) if rest else None), sets
+
+
 def run_cmd(
-    src: Path | None = typer.Argument(
-        None, help="Raw data: folder of class folders, Kaggle train/test folder or CSV.", show_default=False
+    args: list[str] | None = typer.Argument(
+        None,
+        help="SRC, the raw data: folder of class folders, Kaggle train/test folder or CSV. key=value words after "
+        "--set are more overrides (--set a=1 b=2).",
+        show_default=False,
+        metavar="[SRC]",
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (data/, split/, audit/, runs/<id>/, report)."),
     demo: bool = typer.Option(False, "--demo", help="Generate synthetic phantoms as SRC (nothing downloaded)."),
@@ -282,6 +303,7 @@ def run_cmd(
     demo_n: int = typer.Option(150, "--demo-n", min=2, help="--demo: phantoms per class."),
     demo_size: int = typer.Option(128, "--demo-size", min=32, help="--demo: phantom size (and training size)."),
     demo_epochs: int = typer.Option(6, "--demo-epochs", min=1, help="--demo: training epochs (unless --set)."),
+    demo_seed: int = typer.Option(0, "--demo-seed", help="--demo: seed of the generated phantoms."),
     n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Bootstrap resamples of the evaluation CIs."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -289,6 +311,8 @@ def run_cmd(
     stage (a finished stage is not redone)."""
     from cxrlab.pipeline import RunConfig, run_pipeline
 
+    src, more_sets = split_src_and_overrides(args or [])
+    set_ = [*set_, *more_sets]
     cfg = build_config(
         RunConfig,
         {
@@ -305,6 +329,7 @@ def run_cmd(
             "demo_n_per_class": demo_n,
             "demo_size": demo_size,
             "demo_epochs": demo_epochs,
+            "demo_seed": demo_seed,
             "n_boot": n_boot,
             "progress": progress,
         },

@@ -69,13 +69,17 @@ def format_csv(preds, classes: list[str]) -> str:
     return buf.getvalue()
 
 
-def format_json(preds, model_info: dict, shift=None) -> str:  # noqa: ANN001 - shift: cxrlab.shift.LabelShift
-    """JSON text: {notice, model, summary, predictions: [...], label_shift (null without shift statistics)}."""
+def format_json(preds, model_info: dict, ignored: list[tuple[str, str]] | None = None, shift=None) -> str:  # noqa: ANN001
+    """JSON text: {notice, model, summary, predictions: [...], ignored: [{path, reason}], label_shift} (``ignored``:
+    files in the input folders that are not image inputs, with the reason; ``label_shift``: the check over all
+    predictions, cxrlab.shift.LabelShift, null for a bundle without shift statistics)."""
+    ignored = ignored or []
     doc = {
         "notice": cxrlab.RESEARCH_NOTICE,
         "model": model_info,
         "summary": {"images": len(preds), "errors": sum(not p.ok for p in preds)},
         "predictions": [p.to_dict() for p in preds],
+        "ignored": [{"path": p, "reason": why} for p, why in ignored],
         "label_shift": shift.to_json() if shift is not None else None,
     }
     return json.dumps(doc, indent=2)
@@ -144,23 +148,34 @@ def predict_cmd(
     if fmt is OutputFormat.table:
         table = format_table(preds, predictor.classes)
         if out is not None:
-            with open(out, "w") as f:
-                Console(file=f, width=200).print(table)
+            buf = io.StringIO()
+            Console(file=buf, width=200).print(table)
+            text = buf.getvalue()
         else:
             console.print(table)
     else:
         text = (
             format_csv(preds, predictor.classes)
             if fmt is OutputFormat.csv
-            else format_json(preds, predictor.model_info, shift)
+            else format_json(preds, predictor.model_info, predictor.ignored, shift)
         )
-        if out is not None:
-            Path(out).write_text(text)
-        else:
+        if out is None:
             sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    if out is not None:  # atomic: an error while writing leaves no 0-byte or partial file
+        from cxrlab.atomic import write_text_atomic
+
+        write_text_atomic(out, text)
+    if predictor.ignored:
+        shown = "; ".join(f"{p} ({why})" for p, why in predictor.ignored[:5])
+        more = f" and {len(predictor.ignored) - 5} more" if len(predictor.ignored) > 5 else ""
+        err_console.print(
+            f"{len(predictor.ignored)} file(s) not classified (not image inputs): {shown}{more}",
+            markup=False,
+            highlight=False,
+        )
     summary = f"{len(preds) - n_err} of {len(preds)} images classified with {predictor.meta.model_name}"
     if n_err:
-        summary += f"; [red]{n_err} could not be read[/] (see the error column)"
+        summary += f"; [red]{n_err} could not be read or classified[/] (see the error column)"
     if out is not None:
         summary += f"; written to {out}"
     err_console.print(summary)
@@ -225,12 +240,39 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+TOKEN_ENV = "CXRLAB_TOKEN"
+
+
+def read_token_file(path: Path) -> str:
+    """The bearer token: the first line of ``path``, stripped; an empty or unreadable file is a ``ConfigError``."""
+    from cxrlab.config import ConfigError
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read --token-file {path}: {getattr(e, 'strerror', None) or e}") from None
+    token = lines[0].strip() if lines else ""
+    if not token:
+        raise ConfigError(f"--token-file {path} is empty: put the token on its first line")
+    return token
+
+
 def serve_cmd(
     bundle: Path = typer.Argument(..., help="Bundle directory, run directory (uses its bundle/) or bundle.json."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback by default)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535),
     token: str | None = typer.Option(
-        None, "--token", envvar="CXRLAB_TOKEN", help="Require 'Authorization: Bearer TOKEN' (or set CXRLAB_TOKEN)."
+        None,
+        "--token",
+        envvar=TOKEN_ENV,
+        help=f"Require 'Authorization: Bearer TOKEN'. A token on the command line is visible to every user in `ps`: "
+        f"prefer the {TOKEN_ENV} environment variable or --token-file.",
+    ),
+    token_file: Path | None = typer.Option(
+        None,
+        "--token-file",
+        help="Read the bearer token from this file (its first line; keep the file readable only by you).",
+        show_default=False,
     ),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest upload in MiB (413 above)."),
     max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest width*height (413 above)."),
@@ -241,10 +283,22 @@ def serve_cmd(
     ),
 ) -> None:
     """Serve the model over HTTP: web page at /, POST /predict, GET /health, OpenAPI docs at /docs."""
+    import os
+
     import uvicorn
 
-    from cxrlab.config import build_config
+    from cxrlab.config import ConfigError, build_config
     from cxrlab.serve.app import ServeSettings, create_app
+
+    if token_file is not None:
+        if token is not None:
+            raise ConfigError(f"give the token once: --token-file or --token/{TOKEN_ENV}, not both")
+        token = read_token_file(token_file)
+    elif token is not None and os.environ.get(TOKEN_ENV) != token:
+        err_console.print(
+            f"[yellow]warning:[/] --token on the command line is visible to other users (ps, shell history); "
+            f"use {TOKEN_ENV}=... or --token-file instead"
+        )
 
     settings = build_config(
         ServeSettings,

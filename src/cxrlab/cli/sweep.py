@@ -43,6 +43,12 @@ def sweep_cmd(
     name: str | None = typer.Option(None, "--name", help="sweep/study name; default the YAML's name or file stem"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="re-run points whose trial failed with an error"),
     seed: int | None = typer.Option(None, "--seed", help="sampler seed for random/bayes (default: config seed)"),
+    keep: str = typer.Option(
+        "best",
+        "--keep",
+        help="disk retention at the end: best = every trial's bundle plus last.ckpt of the best trial (other "
+        "checkpoints and interrupted trials' leftovers are deleted); all = keep everything",
+    ),
     extra: list[str] | None = typer.Argument(None, hidden=True),
 ) -> None:
     """Run a hyper-parameter sweep; re-running the same command resumes it, several copies share it."""
@@ -67,6 +73,7 @@ def sweep_cmd(
             "name": name,
             "retry_failed": retry_failed,
             "seed": seed,
+            "keep": keep,
         },
         source="command line",
     )
@@ -87,6 +94,8 @@ def sweep_cmd(
         out_console.print(f"[red]{len(res.failed)} failed trial(s)[/]: {which} (reasons in the table and logs/)")
     state = "complete" if res.complete else f"{res.pending} to run, {res.running_elsewhere} running elsewhere"
     out_console.print(f"ran {len(res.ran_here)} trial(s) here; sweep {state}; storage {res.storage}")
+    freed = f" ({res.freed_bytes / 1e6:.1f} MB of checkpoints freed, --keep {cfg.keep})" if res.freed_bytes else ""
+    out_console.print(f"disk: {res.disk_bytes / 1e6:.1f} MB in {res.sweep_dir}{freed}")
     out_console.print(f"table: {res.summary_csv}\nplot:  {res.plot_html}")
     if not res.best and res.failed:
         raise typer.Exit(1)

@@ -89,6 +89,8 @@ def train_cmd(
         cfg = load_config(config, sets)
     result = train(cfg, resume=resume)
     _print_summary(result)
+    for w in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {w}")
 
 
 def _print_summary(r) -> None:  # r: cxrlab.train.RunResult
@@ -110,6 +112,8 @@ def _print_summary(r) -> None:  # r: cxrlab.train.RunResult
     t.add_row("bundle", str(r.bundle_dir))
     t.add_row("data", f"{r.data} ({r.dataset_version})")
     t.add_row("wall time", f"{r.wall_s:.0f} s")
+    if r.disk_bytes:
+        t.add_row("disk used", f"{r.disk_bytes / 1e6:.1f} MB")
     if r.wandb_dir:
         t.add_row(f"W&B ({r.wandb_mode})", str(r.wandb_dir))
     if r.wandb_sync:

@@ -14,7 +14,10 @@ and extension-less files whose content sniffs as an image or DICOM. Every candid
 manifest or in ``rejects.csv`` with its reason (a ``.png`` that holds text is a reject, not skipped). Other files
 (``SOURCES.csv``, ``README.md``, hidden files such as ``.DS_Store``) are not images: they are listed under
 ``ignored`` in ``ingest.json`` and counted in the summary, never dropped silently. Images outside any class
-folder cannot be labelled and are rejects.
+folder cannot be labelled and are rejects. Folders are read by :mod:`cxrlab.data.walk`, the walker ``predict``
+uses too: symlinked folders are followed (a loop is listed under ``ignored``), dangling symlinks and symlink
+loops are rejects with their reason, and a file whose name is not valid UTF-8 is a reject (``bad_name``: the
+manifest is UTF-8 text) instead of ending the run.
 
 Source (the hospital or collection an image comes from; the ``source`` column), first that applies: the CSV
 listing's ``source_column`` (default ``source``); ``source_regex`` on the image's path below the root's parent
@@ -44,17 +47,20 @@ import os
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator
 
+from cxrlab.atomic import atomic_open, write_text_atomic
 from cxrlab.config import StrictModel
-from cxrlab.data.io import IMAGE_EXTENSIONS, ImageReadError, decode_xray, sniff_format
+from cxrlab.data.io import ImageReadError, decode_xray
 from cxrlab.data.manifest import MANIFEST_COLUMNS, MANIFEST_FILE, REJECTS_FILE, DataError
 from cxrlab.data.parallel import map_files
+from cxrlab.data.walk import Found, display_path, name_problem, scan_dir, subdirs, walk
+from cxrlab.data.walk import classify_file as _classify_file
 
 INGEST_META_FILE = "ingest.json"
 REJECT_COLUMNS = ["path", "reason", "kind", "label"]
@@ -168,66 +174,66 @@ class _Scan:
     warnings: list[str] = field(default_factory=list)
 
 
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
+def _note(scan: _Scan, f: Found, label: str = "") -> None:
+    """A name the walker could not read as a file (a reject with its reason) or did not search (ignored)."""
+    if f.verdict == "broken":
+        scan.rejects.append({"path": display_path(f.path), "reason": f.reason, "kind": f.kind, "label": label})
+    else:
+        scan.ignored.append({"path": display_path(f.path), "reason": f.reason})
 
 
-def _classify_file(path: Path) -> str | None:
-    """None when ``path`` is an image candidate, else the reason it is not one."""
-    if _is_hidden(path.name):
-        return "hidden file"
-    suffix = path.suffix.lower()
-    if suffix in IMAGE_EXTENSIONS:
-        return None
-    if suffix == "" or not suffix[1:].isalpha():  # no real extension: decide by content
-        try:
-            with open(path, "rb") as f:
-                head = f.read(132)
-        except OSError as e:
-            return f"unreadable: {e.strerror or e}"
-        return None if head and sniff_format(head, path.name) else "no image extension and not an image by content"
-    return f"not an image extension ({suffix})"
-
-
-def _walk_files(root: Path, skip: Path | None) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        d = Path(dirpath)
-        dirnames[:] = sorted(n for n in dirnames if not _is_hidden(n) and (skip is None or d / n != skip))
-        for n in sorted(filenames):
-            yield d / n
+def _add_candidate(scan: _Scan, cand: _Candidate) -> bool:
+    """Queue ``cand`` for decoding, or reject it when its path cannot be written to the (UTF-8) manifest."""
+    why = name_problem(cand.path)
+    if why is not None:
+        scan.rejects.append({"path": display_path(cand.path), "reason": why, "kind": "bad_name", "label": cand.label})
+        return False
+    scan.candidates.append(cand)
+    return True
 
 
 def _scan_class_dir(scan: _Scan, class_dir: Path, label: str, split: str, skip: Path | None) -> None:
     n = 0
-    for f in _walk_files(class_dir, skip):
-        why = _classify_file(f)
+    for f in walk(class_dir, skip):
+        if f.verdict != "file":
+            _note(scan, f, label)
+            continue
+        why = _classify_file(f.path)
         if why is None:
-            scan.candidates.append(_Candidate(f, label, split))
-            n += 1
+            n += _add_candidate(scan, _Candidate(f.path, label, split))
         else:
-            scan.ignored.append({"path": str(f), "reason": why})
-            if f.name.lower() in SOURCES_NAMES:
-                scan.sources_csvs.append(f)
+            scan.ignored.append({"path": display_path(f.path), "reason": why})
+            if f.path.name.lower() in SOURCES_NAMES:
+                scan.sources_csvs.append(f.path)
     if n == 0:
         scan.empty_classes.append(f"{split}/{label}" if split else label)
 
 
 def _scan_loose_files(scan: _Scan, folder: Path, where: str) -> None:
     """Files directly in SRC (or a split folder): images there have no class; the rest is ignored."""
-    for f in sorted(p for p in folder.iterdir() if p.is_file()):
-        why = _classify_file(f)
+    for f in scan_dir(folder):
+        if f.verdict == "dir":
+            continue
+        if f.verdict != "file":
+            _note(scan, f)
+            continue
+        why = _classify_file(f.path)
         if why is None:
             scan.rejects.append(
-                {"path": str(f), "reason": f"image outside any class folder ({where}): no label", "kind": "no_label"}
+                {
+                    "path": display_path(f.path),
+                    "reason": f"image outside any class folder ({where}): no label",
+                    "kind": "no_label",
+                }
             )
         else:
-            scan.ignored.append({"path": str(f), "reason": why})
-            if f.name.lower() in SOURCES_NAMES:
-                scan.sources_csvs.append(f)
+            scan.ignored.append({"path": display_path(f.path), "reason": why})
+            if f.path.name.lower() in SOURCES_NAMES:
+                scan.sources_csvs.append(f.path)
 
 
 def _subdirs(folder: Path, skip: Path | None) -> list[Path]:
-    return sorted(d for d in folder.iterdir() if d.is_dir() and not _is_hidden(d.name) and d != skip)
+    return subdirs(folder, skip)
 
 
 def _split_dirs(folder: Path, skip: Path | None) -> list[Path]:
@@ -259,13 +265,16 @@ def _scan_folder(src: Path, skip: Path | None) -> _Scan:
     scan.layout = "kaggle"
     for other in (d for d in subdirs if d not in splits):
         scan.warnings.append(f"{other} sits beside the split folders of a Kaggle layout; its images are rejects")
-        for f in _walk_files(other, skip):
-            why = _classify_file(f)
+        for f in walk(other, skip):
+            if f.verdict != "file":
+                _note(scan, f)
+                continue
+            why = _classify_file(f.path)
             if why is None:
                 reason = f"image in {other.name}/, not in a class folder under {'/'.join(d.name for d in splits)}"
-                scan.rejects.append({"path": str(f), "reason": reason, "kind": "no_label"})
+                scan.rejects.append({"path": display_path(f.path), "reason": reason, "kind": "no_label"})
             else:
-                scan.ignored.append({"path": str(f), "reason": why})
+                scan.ignored.append({"path": display_path(f.path), "reason": why})
     for sd in splits:
         split = SPLIT_DIR_NAMES[sd.name.lower()]
         _scan_loose_files(scan, sd, f"{sd.name}/")
@@ -335,7 +344,7 @@ def _scan_csv(src: Path, source_column: str = "source") -> _Scan:
             scan.rejects.append({"path": str(p), "reason": f"{why} (CSV row {i})", "kind": "not_found", "label": label})
             continue
         split = cell(isplit).lower()
-        scan.candidates.append(_Candidate(p, label, SPLIT_DIR_NAMES.get(split, split), cell(ipat), cell(isrc)))
+        _add_candidate(scan, _Candidate(p, label, SPLIT_DIR_NAMES.get(split, split), cell(ipat), cell(isrc)))
     if not scan.candidates and not scan.rejects:
         raise DataError(f"CSV {src} lists no images: expected rows of path,label[,patient_id]")
     return scan
@@ -450,13 +459,12 @@ def _run_all(paths: list[str], workers: int, progress: bool) -> list[tuple[str, 
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    # atomic: a failure half-way leaves the previous file (or none) and no temp file
+    with atomic_open(path, "w", newline="", encoding="utf-8") as f:
         w = csvlib.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         for r in rows:
             w.writerow({c: r.get(c, "") for c in columns})
-    tmp.replace(path)
 
 
 def _scan_src(src: Path, cfg: IngestConfig, out: Path) -> _Scan:
@@ -595,7 +603,7 @@ def ingest(cfg: IngestConfig) -> IngestResult:
     rejects = list(scan.rejects)
     for c, r in zip(scan.candidates, results, strict=True):
         if r[0] != "ok":
-            rejects.append({"path": str(c.path), "reason": r[2], "kind": r[1], "label": c.label})
+            rejects.append({"path": display_path(c.path), "reason": r[2], "kind": r[1], "label": c.label})
     rejects.sort(key=lambda r: r["path"])
 
     # summary numbers
@@ -705,7 +713,7 @@ def ingest(cfg: IngestConfig) -> IngestResult:
         "elapsed_s": round(elapsed, 3),
         "files": {"manifest": str(manifest_path), "rejects": str(rejects_path)},
     }
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
     if not rows:
         raise DataError(f"all {len(rejects)} candidate file(s) under {src} were rejected; reasons in {rejects_path}")
     if cfg.strict and rejects:

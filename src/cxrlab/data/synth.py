@@ -9,17 +9,26 @@ exposure and noise. Classes differ by pathology:
 
 ``shortcut_class`` plants a burned-in text marker in that class only (a known shortcut for testing the audit
 and the explanation tools); ``marker_all`` puts markers on every class (so the marker carries no label).
+``marker_style`` chooses the marker: ``"laterality"`` (default) is a small 'R' or 'L' at a random spot near the
+top-left corner, as on real radiographs; ``"corner"`` is the word "AP" one eighth of the side tall at a fixed
+spot in the top-left corner, in the background outside the body: a shortcut strong enough that every training
+learns it (the explanation tests need one that does not depend on the data seed) and that the burned-in text
+detector still finds, so text removal can take it away. (A bolder marker or a solid block is learned even more
+easily but is not text to the detector: its strokes are wider than the detector's top-hat.)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
 
 CLASSES = ("COVID19", "NORMAL", "PNEUMONIA")
+MarkerStyle = Literal["laterality", "corner"]
+MARKER_STYLES: tuple[str, ...] = ("laterality", "corner")
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,7 @@ class SynthConfig:
     shortcut_class: str | None = None  # this class carries a text marker ...
     shortcut_prob: float = 1.0  # ... in this share of its images
     marker_all: bool = False  # markers on every class (no shortcut)
+    marker_style: MarkerStyle = "laterality"
     fmt: str = "png"
 
 
@@ -57,8 +67,33 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, scale: int) -> np.nd
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
 
 
+def _draw_marker(out: np.ndarray, rng: np.random.Generator, style: str) -> np.ndarray:
+    """Burn a marker into ``out`` (in place, white); returns its ground-truth pixel mask."""
+    size = out.shape[0]
+    s = size / 256.0
+    if style == "corner":  # the word "AP", side/8 tall, fixed in the top-left corner (no randomness)
+        text, height = "AP", max(8, size // 8)
+        thick = 2
+        scale = cv2.getFontScaleFromHeight(cv2.FONT_HERSHEY_SIMPLEX, height, thick)
+        org = (int(round(0.06 * size)), int(round(0.06 * size)) + height)
+    else:  # laterality: small 'R'/'L' at a random spot near the top-left corner
+        text = "R" if rng.random() < 0.5 else "L"
+        scale = 1.1 * s
+        thick = max(1, int(round(2 * s)))
+        org = (int(rng.uniform(6, 24) * s), int(rng.uniform(28, 40) * s))
+    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, 255, thick, cv2.LINE_AA)
+    mk = np.zeros(out.shape, np.uint8)
+    cv2.putText(mk, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, 1, thick, cv2.LINE_AA)
+    return mk > 0
+
+
 def make_phantom(
-    label: str, rng: np.random.Generator, size: int = 256, marker: bool = False, masks: dict | None = None
+    label: str,
+    rng: np.random.Generator,
+    size: int = 256,
+    marker: bool = False,
+    masks: dict | None = None,
+    marker_style: MarkerStyle = "laterality",
 ) -> np.ndarray:
     """One phantom radiograph (``size`` x ``size`` uint8) of class ``label``.
 
@@ -67,6 +102,8 @@ def make_phantom(
     """
     if label not in CLASSES:
         raise ValueError(f"unknown phantom class {label!r}; valid: {', '.join(CLASSES)}")
+    if marker_style not in MARKER_STYLES:
+        raise ValueError(f"unknown marker_style {marker_style!r}; valid: {', '.join(MARKER_STYLES)}")
     h = w = size
     s = size / 256.0
     img = np.zeros((h, w), np.float32)
@@ -112,15 +149,9 @@ def make_phantom(
     img += 0.03 * _smooth_noise(rng, h, w, max(2, int(16 * s))) + rng.normal(0, 0.012, (h, w))
     out = np.clip(img * 255 / 0.8, 0, 255).astype(np.uint8)
     if marker:
-        letter = "R" if rng.random() < 0.5 else "L"
-        scale = 1.1 * s
-        thick = max(1, int(round(2 * s)))
-        org = (int(rng.uniform(6, 24) * s), int(rng.uniform(28, 40) * s))
-        cv2.putText(out, letter, org, cv2.FONT_HERSHEY_SIMPLEX, scale, 255, thick, cv2.LINE_AA)
+        mk = _draw_marker(out, rng, marker_style)
         if masks is not None:
-            mk = np.zeros((h, w), np.uint8)
-            cv2.putText(mk, letter, org, cv2.FONT_HERSHEY_SIMPLEX, scale, 1, thick, cv2.LINE_AA)
-            masks["marker"] = mk > 0
+            masks["marker"] = mk
     if masks is not None:
         masks["lungs"] = lung_any > 0
         masks.setdefault("marker", np.zeros((h, w), bool))
@@ -140,7 +171,7 @@ def generate(cfg: SynthConfig) -> SynthResult:
         res.marked[label] = 0
         for i in range(cfg.n_per_class):
             marker = cfg.marker_all or (label == cfg.shortcut_class and rng.random() < cfg.shortcut_prob)
-            img = make_phantom(label, rng, cfg.size, marker=marker)
+            img = make_phantom(label, rng, cfg.size, marker=marker, marker_style=cfg.marker_style)
             cv2.imwrite(str(d / f"{label.lower()}_{i:05d}.{cfg.fmt}"), img)
             res.marked[label] += int(marker)
         res.counts[label] = cfg.n_per_class

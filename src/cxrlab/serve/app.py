@@ -55,10 +55,12 @@ import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import UnidentifiedImageError
 from pydantic import Field
 
 import cxrlab
 from cxrlab.config import StrictModel
+from cxrlab.errors import CxrlabError
 from cxrlab.predict import Predictor, encode_png
 
 ImageFormat = Literal["PNG", "JPEG", "DICOM", "TIFF", "BMP"]
@@ -183,6 +185,10 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _TooManyPixels(Exception):
+    pass
+
+
 def _limited_request(request: Request, limit: int) -> Request:
     """The same request whose body stream raises ``_BodyTooLarge`` once more than ``limit`` bytes arrived."""
     seen = 0
@@ -212,8 +218,11 @@ def _probe_dims(data: bytes, fmt: str, name: str) -> tuple[int, int]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own, lower limit decides
-        with Image.open(io.BytesIO(data), formats=[fmt]) as im:
-            return im.size
+        try:
+            with Image.open(io.BytesIO(data), formats=[fmt]) as im:
+                return im.size
+        except Image.DecompressionBombError as e:  # above twice Pillow's limit: too large, not corrupt (413)
+            raise _TooManyPixels(str(e)) from None
 
 
 def _check_token(request: Request, token: str | None) -> None:
@@ -255,6 +264,39 @@ def _index_html() -> tuple[str, str]:
     return html, csp
 
 
+# ----------------------------------------------------------------------------------------------- self-check
+
+
+class ServeError(CxrlabError):
+    """The service cannot start (its model fails the self-check)."""
+
+
+def probe_images(size: tuple[int, int]) -> list[np.ndarray]:
+    """Built-in probe images (2-D uint8) of the bundle's input size: a synthetic chest phantom, a ramp and black."""
+    import cv2
+
+    from cxrlab.data.synth import make_phantom
+
+    h, w = size
+    phantom = make_phantom("NORMAL", np.random.default_rng(0), size=256)
+    phantom = cv2.resize(phantom, (w, h), interpolation=cv2.INTER_AREA)
+    ramp = np.tile(np.linspace(0, 255, w, dtype=np.float32), (h, 1)).astype(np.uint8)
+    return [phantom, ramp, np.zeros((h, w), np.uint8)]
+
+
+def self_check(predictor: Predictor) -> None:
+    """Run the model on the built-in probe images; non-finite output raises ``ServeError`` (a service that would
+    answer every request with NaN or 500 must not report itself healthy)."""
+    grays = probe_images(predictor.meta.img_size)
+    probs = predictor.forward(torch.stack([predictor.preprocess(g) for g in grays]))
+    if not np.all(np.isfinite(probs)):
+        raise ServeError(
+            f"refusing to serve {predictor.bundle.path}: the model gives non-finite output (NaN/inf) on the built-in "
+            "probe images, so every prediction would be meaningless. The weights or the normalisation (mean/std in "
+            "bundle.json) are broken: copy the bundle again from the run that made it, or retrain"
+        )
+
+
 # ---------------------------------------------------------------------------------------------------- app
 
 
@@ -263,8 +305,7 @@ def create_app(bundle_path: str | Path, settings: ServeSettings | None = None) -
     s = settings or ServeSettings()
     predictor = Predictor(bundle_path, backend=s.backend, device=s.device, progress=False)
     max_batch = s.max_batch
-    h, w = predictor.meta.img_size
-    predictor.forward(torch.stack([predictor.preprocess(np.zeros((h, w), np.uint8))]))  # first call is slow
+    self_check(predictor)  # also the warm-up: the first forward pass is slow
     worker = InferenceWorker(predictor, max_batch=max_batch)
     decode_limiter = anyio.CapacityLimiter(s.decode_workers)
     page, csp = _index_html()
@@ -375,6 +416,14 @@ def create_app(bundle_path: str | Path, settings: ServeSettings | None = None) -
             raise HTTPException(415, f"{name} is {fmt}; this server accepts {', '.join(s.formats)}")
         try:
             width, height = _probe_dims(data, fmt, name)
+        except _TooManyPixels as e:
+            raise HTTPException(
+                413, f"{name}: decompression bomb: {e} (this server's limit: {s.max_pixels:,})"
+            ) from None
+        except UnidentifiedImageError:
+            raise HTTPException(
+                422, f"{name}: corrupt {fmt}: has a {fmt} signature but its header cannot be decoded"
+            ) from None
         except Exception as e:  # any header parser failure means the same thing to the client
             raise HTTPException(422, f"{name}: corrupt {fmt} header ({type(e).__name__}: {e})") from None
         if width * height > s.max_pixels:
@@ -398,6 +447,8 @@ def create_app(bundle_path: str | Path, settings: ServeSettings | None = None) -
             raise HTTPException(422, f"{name}: {e.reason}") from None
         probs, feats = await worker.scored(x)
         pred = predictor.to_prediction(name, probs)
+        if not pred.ok:  # non-finite output: a fault of the model, never a label
+            raise HTTPException(500, f"{name}: {pred.error}")
         predictor.flag([pred], feats[None] if feats is not None else None, [gray], [colour])
         out: dict[str, Any] = {
             "filename": name,

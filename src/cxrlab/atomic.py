@@ -1,0 +1,58 @@
+"""Atomic file output: a reader (or a crash) sees the old file or the complete new one, never a 0-byte or half
+written file, and a failed write leaves no temp file behind.
+
+The content goes to a hidden temp file in the target's folder (same file system, so ``os.replace`` is atomic),
+is flushed to disk and then renamed over the target.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import IO, Any
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
+    """``open(path, mode)`` that replaces ``path`` only when the ``with`` block ends without an error.
+
+    ``mode`` is ``"w"`` or ``"wb"``; text mode defaults to UTF-8. Permissions are the usual ones for a new file
+    (the umask applies), not the 0600 of ``tempfile``.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', got {mode!r}")
+    target = Path(path)
+    if "b" not in mode:
+        kwargs.setdefault("encoding", "utf-8")
+    tmp = _tmp_name(target)
+    try:
+        with open(tmp, mode.replace("w", "x"), **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically; returns ``path``."""
+    with atomic_open(path, "w", encoding=encoding, newline="") as f:
+        f.write(text)
+    return Path(path)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; returns ``path``."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    return Path(path)
