@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 from rich.console import Console
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import cxrlab.cli.evaluate
 import cxrlab.cli.serve
@@ -238,16 +238,17 @@ def test_one_class_folder_raises_the_label_shift_warning(
 
 def test_collapsing_model_raises_the_collapse_warning(trained: dict[str, Path]) -> None:
     """A bundle whose classifier bias drowns everything predicts one class: evaluate names it."""
+    import torch
+
+    from cxrlab.bundle import load_bundle, save_bundle
     from cxrlab.evaluate import EvalConfig, evaluate
 
     stub = trained["base"] / "stub"
     shutil.copytree(trained["run"], stub)
-    w = stub / "bundle" / "model.safetensors"
-    state = load_file(str(w))
-    bias = next(k for k in state if k.endswith("bias") and state[k].shape == (3,) and "classifier" in k)
-    state[bias][:] = 0
-    state[bias][2] = 100.0
-    save_file(state, str(w))
+    b = load_bundle(stub)
+    with torch.no_grad():
+        b.model.get_classifier().bias[:] = torch.tensor([0.0, 0.0, 100.0])
+    save_bundle(b.model, b.meta, stub / "bundle")  # the shift statistics stay (bundle.json keeps them)
     e = evaluate(EvalConfig(target=stub, split="val", n_boot=0, progress=False, report=False))
     assert e.shift["collapse"]["collapsed"] and e.shift["collapse"]["onto"] == "PNEUMONIA"
     assert any("collapse onto PNEUMONIA" in w for w in e.warnings)
