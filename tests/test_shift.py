@@ -191,6 +191,7 @@ def _foreign(d: Path, phantom: Path) -> Path:
     return d
 
 
+@pytest.mark.trains
 def test_bundle_holds_the_statistics(trained: dict[str, Path]) -> None:
     b = trained["run"] / "bundle"
     meta = json.loads((b / "bundle.json").read_text())["shift"]
@@ -202,6 +203,7 @@ def test_bundle_holds_the_statistics(trained: dict[str, Path]) -> None:
     assert t["mean"].shape == (d,) and t["precision"].shape == (d, d)
 
 
+@pytest.mark.trains
 def test_own_test_split_raises_no_warning(trained: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     from cxrlab.evaluate import EvalConfig, evaluate
 
@@ -216,6 +218,7 @@ def test_own_test_split_raises_no_warning(trained: dict[str, Path], capsys: pyte
     assert "shift checks passed" in out.out and "warning" not in out.err
 
 
+@pytest.mark.trains
 def test_one_class_folder_raises_the_label_shift_warning(
     trained: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -236,6 +239,7 @@ def test_one_class_folder_raises_the_label_shift_warning(
     assert "label shift" in out.err
 
 
+@pytest.mark.trains
 def test_collapsing_model_raises_the_collapse_warning(trained: dict[str, Path]) -> None:
     """A bundle whose classifier bias drowns everything predicts one class: evaluate names it."""
     import torch
@@ -255,6 +259,7 @@ def test_collapsing_model_raises_the_collapse_warning(trained: dict[str, Path]) 
     assert any(w.startswith("label shift") for w in e.warnings)
 
 
+@pytest.mark.trains
 def test_foreign_inputs_are_flagged_in_predict_and_serve(trained: dict[str, Path], capsys) -> None:
     from fastapi.testclient import TestClient
 
@@ -279,6 +284,7 @@ def test_foreign_inputs_are_flagged_in_predict_and_serve(trained: dict[str, Path
         assert 'id="ood"' in client.get("/").text  # the page's banner
 
 
+@pytest.mark.trains
 def test_fit_shift_adds_statistics_to_an_older_bundle(
     tiny_bundle: Path, phantom_split: Path, tmp_path: Path, capsys
 ) -> None:

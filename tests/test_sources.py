@@ -274,6 +274,7 @@ def test_real_audit_source_table_matches_sources_csv(real: dict[str, Path]) -> N
 # ------------------------------------------------------------------------------------------------ validate
 
 
+@pytest.mark.trains
 def test_validate_holds_out_each_source_and_resumes(
     manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

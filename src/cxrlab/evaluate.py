@@ -892,25 +892,28 @@ def shift_checks(
     if ls.shifted:
         warnings.insert(0, ls.message)
     if ood is not None:
+        from cxrlab.shift import ood_excess
+
         flagged = [r for r in ood if r.flag]
         reasons: dict[str, int] = {}
         for r in flagged:
             for why in r.reasons:
                 key = why.split(" (")[0]
                 reasons[key] = reasons.get(key, 0) + 1
+        warn, p = ood_excess(len(flagged), len(ood), scorer.expected_flag_rate)
         doc["ood"] = {
             "n": len(ood),
             "n_flagged": len(flagged),
             "share_flagged": len(flagged) / len(ood) if ood else 0.0,
+            "expected_flag_rate": scorer.expected_flag_rate,
+            "p_value": p,
             "reasons": reasons,
-            "quantile": (scorer.meta.get("ood") or {}).get("quantile"),
             "feature_score": scorer.has_features,
         }
-        expected = 1 - float((scorer.meta.get("ood") or {}).get("quantile") or 0.99)
-        if ood and len(flagged) / len(ood) > max(0.05, 3 * expected):
+        if warn:
             warnings.append(
                 f"{len(flagged):,} of {len(ood):,} images ({len(flagged) / len(ood):.0%}) are unlike the training "
-                f"images (about {expected:.0%} of images like them would be): "
+                f"images (at most {scorer.expected_flag_rate:.1%} of images like them would be; binomial p={p:.2g}): "
                 + ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
                 + " (ood columns of predictions.csv)"
             )

@@ -181,8 +181,11 @@ def predict_cmd(
     err_console.print(summary)
     n_ood, n_ok = sum(bool(p.ood) for p in preds), len(preds) - n_err
     if n_ood:
-        # a few flags are expected (the threshold passes 99% of validation images); many mean foreign data
-        level = "[bold red]warning:[/]" if n_ood > max(1, 0.05 * n_ok) else "[yellow]note:[/]"
+        from cxrlab.shift import ood_excess
+
+        # a few flags are what the threshold lets through; clearly more mean foreign data (binomial test)
+        many = ood_excess(n_ood, n_ok, predictor.ood.expected_flag_rate)[0] or n_ok == 1
+        level = "[bold red]warning:[/]" if many else "[yellow]note:[/]"
         err_console.print(
             f"{level} {n_ood} of {n_ok} images are unlike the training images (out of distribution); do not trust "
             "their predictions (see the ood columns)"

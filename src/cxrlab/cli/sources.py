@@ -36,8 +36,9 @@ def fit_shift_cmd(
     o = meta["ood"]
     console.print(
         f"[bold]fit-shift[/]: {meta['n_train']} training / {meta['n_val']} validation images; feature distance "
-        f"threshold {o['threshold']:.2f} ({o['quantile']:.0%} of validation), {o['feature_dim']} features, "
-        f"Ledoit-Wolf shrinkage {o['shrinkage']:.3f}; polarity threshold {meta.get('polarity_threshold', 0):.2f}"
+        f"threshold {o['threshold']:.2f} (split-conformal, images like the training images flagged at most "
+        f"{o['expected_flag_rate']:.1%}), {o['feature_dim']} features, Ledoit-Wolf shrinkage {o['shrinkage']:.3f}; "
+        f"polarity threshold {meta.get('polarity_threshold', 0):.2f}"
     )
 
 
