@@ -434,7 +434,8 @@ def train(
                 mean, std = model_data_config(model)
                 dm = CXRDataModule(cfg, info, mean, std)
                 weights = dm.class_weights() if cfg.imbalance == "loss" else None
-                module = CXRClassifier(cfg, info.classes, class_weights=weights, model=model)
+                n_groups = len(dm.group_names()) if cfg.loss == "groupdro" else 0
+                module = CXRClassifier(cfg, info.classes, class_weights=weights, model=model, n_groups=n_groups)
             except BaseException:
                 if new_run:
                     _remove_if_only_config(run_dir)  # nothing was trained: leave no orphan run directory
