@@ -43,6 +43,7 @@ PHANTOM_LIMITS = {"max_f1_drop": 0.10, "min_agreement": 0.85}
 # the module trains one model on phantoms drawn with TEST_SEED (benchmarks/seed_robustness.py reruns it on 5 seeds)
 pytestmark = pytest.mark.trains
 
+
 @pytest.fixture(scope="module")
 def phantom_run_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3 classes x 60 phantoms (96 px) through ingest + split 60/20/20: enough for the tiny model to learn."""
