@@ -390,3 +390,24 @@ def test_scripted_reader_answers_10_images_with_the_keyboard_and_reloads_midway(
         srv.should_exit = True
         thread.join(timeout=20)
         store.close()
+
+
+def test_run_report_and_compare_show_the_reviewed_agreement(explained_run: Path, tmp_path: Path) -> None:
+    from cxrlab.evaluate import _read_attention
+    from cxrlab.report import write_run_report
+    from cxrlab.review.core import read_agreement
+
+    db = _fresh_db(tmp_path)
+    q = load_queue(ReviewConfig(run=explained_run, db=db))
+    store = ReviewStore(q.db_url)
+    _fill(store, q, [(0, "dr-a", {"localisation": "yes"}), (1, "dr-a", {"localisation": "no"})])
+    store.close()
+    export_review(ExportConfig(run=explained_run, db=db, cam_overlap=False))  # default out: <run>/review
+    a = read_agreement(explained_run)
+    assert a is not None and a["review_yes"] == 0.5 and a["review_n"] == 2
+    assert (a["review_yes_ci_low"], a["review_yes_ci_high"]) == pytest.approx(wilson_ci(1, 2))
+    att = _read_attention(explained_run, "test")
+    assert att is not None and att["review_yes"] == 0.5 and "in_lungs" in att  # what compare tabulates per model
+    page = write_run_report(explained_run, out=tmp_path / "report.html").read_text()
+    assert "Radiologist review of the Grad-CAM regions" in page
+    assert read_agreement(tmp_path) is None

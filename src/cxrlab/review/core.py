@@ -415,3 +415,31 @@ def import_answers(csv: Path, db_url: str) -> ImportResult:
     finally:
         store.close()
     return ImportResult(len(triples), redact(db_url))
+
+
+# ---------------------------------------------------------------------------------------------- for reports
+
+REVIEW_KEYS = ("review_yes", "review_yes_ci_low", "review_yes_ci_high", "review_n", "review_cam_in_region")
+
+
+def read_agreement(run_dir: Path | None) -> dict[str, float] | None:
+    """The reviewed localisation agreement of a run as flat numbers (from ``<run>/review/agreement.json``, written
+    by ``cxrlab review RUN --export``): share of "yes" with its 95% CI, the number of answers, and the mean
+    Grad-CAM mass inside drawn regions; None when the run has not been reviewed (or exported)."""
+    if run_dir is None:
+        return None
+    f = Path(run_dir) / REVIEW_DIR / AGREEMENT_JSON
+    try:
+        doc = json.loads(f.read_text())
+        a = doc["runs"][doc["run_id"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    lo, hi = (a.get("share_yes_ci") or [None, None])[:2]
+    out = {
+        "review_yes": a.get("share_yes"),
+        "review_yes_ci_low": lo,
+        "review_yes_ci_high": hi,
+        "review_n": a.get("localisation_answers"),
+        "review_cam_in_region": (a.get("cam_in_region") or {}).get("mean"),
+    }
+    return {k: float(v) for k, v in out.items() if isinstance(v, int | float)} or None
