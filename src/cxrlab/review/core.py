@@ -338,6 +338,8 @@ def relabel_decisions(rows: list[dict[str, Any]]) -> tuple[dict[str, dict[str, A
         if k * 2 <= len(rs) or (rest and rest[0][1] == k):
             conflicts.append(img)
             continue
+        if new == rs[0]["label"]:  # "wrong", but the class named is the dataset's own: nothing to change
+            continue
         out[img] = {"old": rs[0]["label"], "new": new, "readers": sorted(r["reader"] for r in wrong), "of": len(rs)}
     return out, conflicts
 
