@@ -107,11 +107,15 @@ def normalise_url(db: str | Path, run_dir: Path | None = None) -> str:
         return default_db_url(run_dir)
     if "://" not in s:
         return f"sqlite:///{Path(s).expanduser().resolve()}"
-    scheme = s.split("://", 1)[0]
+    scheme, rest = s.split("://", 1)
     if scheme in ("postgresql", "postgres"):
-        from cxrlab.sweep import storage_url
+        # SQLAlchemy >= 2.1 maps a bare postgresql:// to psycopg 3; name whichever driver is installed (as sweep does)
+        import importlib.util
 
-        return storage_url(s)
+        for module, driver in (("psycopg", "psycopg"), ("psycopg2", "psycopg2")):
+            if importlib.util.find_spec(module) is not None:
+                return f"postgresql+{driver}://{rest}"
+        return f"postgresql://{rest}"
     return s
 
 
