@@ -119,6 +119,13 @@ def normalise_url(db: str | Path, run_dir: Path | None = None) -> str:
     return s
 
 
+def _first_line(e: BaseException) -> str:
+    """``type: message`` of a database error, its first line (SQLAlchemy appends driver details and a link)."""
+    inner = getattr(e, "orig", None) or e
+    text = (str(inner).strip().splitlines() or [""])[0]
+    return f"{type(inner).__name__}: {text}"
+
+
 def redact(url: str) -> str:
     try:
         from sqlalchemy.engine import make_url
@@ -172,7 +179,7 @@ class ReviewStore:
             md.create_all(self.engine)
         except Exception as e:
             raise ReviewError(
-                f"cannot open review database {redact(url)}: {type(e).__name__}: {e}. Check the URL, that the "
+                f"cannot open review database {redact(url)}: {_first_line(e)}. Check the URL, that the "
                 "server is running and the user may create tables (or that the SQLite folder is writable)"
             ) from None
 
