@@ -15,7 +15,7 @@ Checks and measurements:
    queries, for exact / HNSW / IVF.
 
 Run: ``.venv/bin/python benchmarks/bench_mine.py --run runs/<id> [--pool ../shared/data/cxr-full]
-[--synthetic 50000] [--embed-sample 300]``. Exit status 1 when an acceptance check fails.
+[--synthetic 20000] [--embed-sample 300]``. Exit status 1 when an acceptance check fails.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def main() -> int:
     ap.add_argument("--run", type=Path, required=True, help="run trained on a cxr-tiny split")
     ap.add_argument("--pool", type=Path, default=REPO.parent / "shared" / "data" / "cxr-full")
     ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--synthetic", type=int, default=50_000, help="size of the synthetic pool (0: skip)")
+    ap.add_argument("--synthetic", type=int, default=20_000, help="size of the synthetic pool (0: skip)")
     ap.add_argument("--held-out", type=int, default=1000, help="pool images used as extra queries for recall")
     ap.add_argument("--embed-sample", type=int, default=300, help="pool images embedded without cache for timing")
     ap.add_argument("--out", type=Path, default=None)

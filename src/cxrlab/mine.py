@@ -149,7 +149,7 @@ class FaissIndex:
     recall) or ``ivf`` (k-means cells; ``nprobe`` of ``nlist`` cells searched)."""
 
     def __init__(self, dim: int, kind: Literal["hnsw", "ivf"] = "hnsw", m: int = 32, ef_search: int = 128,
-                 ef_construction: int = 80, nlist: int | None = None, nprobe: int = 16) -> None:  # fmt: skip
+                 ef_construction: int = 80, nlist: int | None = None, nprobe: int = 32) -> None:  # fmt: skip
         try:
             import faiss
         except ImportError as e:  # pragma: no cover - locked dependency
@@ -172,7 +172,8 @@ class FaissIndex:
             idx.hnsw.efConstruction = self.ef_construction
             idx.hnsw.efSearch = self.ef_search
         else:
-            nlist = self.nlist or max(1, min(int(4 * np.sqrt(max(len(x), 1))), max(1, len(x) // 39)))
+            # sqrt(n) cells (faiss's rule of thumb; k-means stays cheap), at least 39 training points per cell
+            nlist = self.nlist or max(1, min(int(np.sqrt(max(len(x), 1))), len(x) // 39))
             quant = faiss.IndexFlatIP(self.dim)
             idx = faiss.IndexIVFFlat(quant, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
             if len(x):
