@@ -411,3 +411,41 @@ def test_run_report_and_compare_show_the_reviewed_agreement(explained_run: Path,
     page = write_run_report(explained_run, out=tmp_path / "report.html").read_text()
     assert "Radiologist review of the Grad-CAM regions" in page
     assert read_agreement(tmp_path) is None
+
+
+@pytest.mark.browser
+def test_page_with_a_token_asks_for_it_and_then_works(explained_run: Path, browser, tmp_path: Path) -> None:
+    import uvicorn
+
+    from cxrlab.review.app import ReviewSettings, create_review_app
+
+    q = load_queue(ReviewConfig(run=explained_run, db=_fresh_db(tmp_path)))
+    store = ReviewStore(q.db_url)
+    port = _free_port()
+    app = create_review_app(q, store, ReviewSettings(port=port, token="tok-42", reader="dr-t"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, name="test-review-token", daemon=True)
+    thread.start()
+    page = browser.new_page()
+    try:
+        deadline = time.monotonic() + 60
+        while not srv.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_selector("body[data-state=auth]")
+        assert page.is_visible("#token")
+        page.fill("#token", "tok-42")
+        page.press("#token", "Enter")
+        page.dispatch_event("#token", "change")
+        page.wait_for_selector("body[data-state=ready][data-index='0']")
+        page.click("body")
+        for k in ("a", "y", "Enter"):
+            page.keyboard.press(k)
+        page.wait_for_selector("body[data-answered='1']")
+        assert store.count(q.run_id) == 1
+    finally:
+        page.close()
+        srv.should_exit = True
+        thread.join(timeout=20)
+        store.close()
