@@ -106,4 +106,8 @@ def register(app: typer.Typer) -> None:
     """Add ``mine`` to the root app (idempotent)."""
     if any(c.callback is mine_cmd for c in app.registered_commands):
         return
-    app.command("mine")(mine_cmd)
+    app.command(
+        "mine",
+        short_help="Find pool images similar to the run's errors (penultimate-layer embeddings, cosine neighbours, "
+        "split duplicates dropped): gallery + CSV to label.",
+    )(mine_cmd)

@@ -160,4 +160,8 @@ def register(app: typer.Typer) -> None:
     """Add ``review`` to the root app (idempotent)."""
     if any(c.callback is review_cmd for c in app.registered_commands):
         return
-    app.command("review")(review_cmd)
+    app.command(
+        "review",
+        short_help="Radiologist review of a run's Grad-CAM explanations in the browser "
+        "(errors first, then a stratified sample); --export writes answers and agreement.",
+    )(review_cmd)
