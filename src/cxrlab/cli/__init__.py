@@ -32,9 +32,9 @@ def _register_all() -> None:
     global _registered
     if _registered:
         return
-    from cxrlab.cli import data, evaluate, explain, serve, sweep, train
+    from cxrlab.cli import data, evaluate, explain, mine, review, serve, sweep, train
 
-    for mod in (data, train, evaluate, explain, sweep, serve):
+    for mod in (data, train, evaluate, explain, sweep, serve, review, mine):
         mod.register(app)
     _registered = True
 
