@@ -10,6 +10,12 @@ split or on any folder-of-classes / manifest, and writes::
     <out>/reliability.png        reliability diagram (15 equal-width confidence bins)
     <out>/roc.png                one-vs-rest ROC curves
     <out>/report.html            self-contained page with all of the above
+    <out>/per_source.csv         n, accuracy and per-class recall (with CIs) per source, when the data has sources
+
+Shift checks (:mod:`cxrlab.shift`) on every evaluation: the collapse test (predicted vs true class counts); and,
+for a bundle with shift statistics, the label-shift test (black-box shift estimation) and a per-image
+out-of-distribution flag (``ood``, ``ood_score``, ``ood_reasons`` columns of predictions.csv). What fires is in
+``warnings`` of metrics.json, on the console and at the top of report.html.
 
 ``compare(CompareConfig) -> CompareResult`` evaluates two models on the same items and judges the difference
 with McNemar's exact test on paired correctness and a paired bootstrap CI of the accuracy difference.
@@ -54,7 +60,9 @@ class EvalConfig(StrictModel):
     """What to evaluate, on which data, and where the results go."""
 
     target: Path = Field(description="run directory or bundle directory")
-    split: Literal["test", "val"] = Field("test", description="split of the run's own data (or of --data's split)")
+    split: Literal["test", "val", "external"] = Field(
+        "test", description="split of the run's own data (or of --data's split); external = held-out sources"
+    )
     data: Path | None = Field(None, description="external data: folder of class folders, manifest or split csv")
     out: Path | None = Field(None, description="output directory; default <run>/eval-<split> or eval-<data name>")
     batch_size: int = Field(32, ge=1)
@@ -73,7 +81,7 @@ class CompareConfig(StrictModel):
 
     baseline: Path
     challenger: Path
-    split: Literal["test", "val"] = "test"
+    split: Literal["test", "val", "external"] = "test"
     data: Path | None = None
     out: Path | None = Field(None, description="output directory; default ./compare-<baseline>-vs-<challenger>")
     batch_size: int = Field(32, ge=1)
@@ -115,6 +123,9 @@ class EvalResult:
     predictions: pd.DataFrame  # path, label, prediction, correct, p_<CLASS>...
     probs: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 0)))
     wandb_logged: bool = False
+    per_source: pd.DataFrame | None = None  # one row per source (see per_source_metrics); None without sources
+    shift: dict[str, Any] = field(default_factory=dict)  # label_shift, collapse, ood (cxrlab.shift), as JSON
+    warnings: list[str] = field(default_factory=list)  # the shift checks that fired, in plain words
 
     @property
     def y_true(self) -> np.ndarray:
@@ -416,6 +427,44 @@ def compute_metrics(
     }
 
 
+def per_source_metrics(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    sources: list[str],
+    classes: list[str],
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> pd.DataFrame:
+    """One row per source: n, accuracy with its bootstrap CI, and for every class present there its count,
+    recall with CI and how many of the source's images were predicted as it (a collapse shows as one class
+    predicted for everything)."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=float)
+    src = np.asarray(sources, dtype=object)
+    rows = []
+    for s in sorted(set(src.tolist())):
+        m = src == s
+        r = compute_metrics(y_true[m], probs[m], classes, "s", n_boot, seed, level)
+        lo, hi = r["ci"].get("s/accuracy", (math.nan, math.nan))
+        row: dict[str, Any] = {
+            "source": s,
+            "n": int(m.sum()),
+            "accuracy": r["metrics"]["s/accuracy"],
+            "accuracy_lo": lo,
+            "accuracy_hi": hi,
+            "f1_macro": r["metrics"]["s/f1_macro"],
+        }
+        cm = r["confusion"]
+        for i, c in enumerate(classes):
+            row[f"n_{c}"] = int(cm[i].sum())
+            row[f"predicted_{c}"] = int(cm[:, i].sum())
+            row[f"recall_{c}"] = r["metrics"].get(f"s/recall_{c}", math.nan)
+            row[f"recall_{c}_lo"], row[f"recall_{c}_hi"] = r["ci"].get(f"s/recall_{c}", (math.nan, math.nan))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 # --------------------------------------------------------------------------------------------- items
 
 
@@ -428,6 +477,7 @@ class Items:
     source: str  # human-readable description of where the items came from
     dataset_version: str
     kind: Literal["split", "external"]
+    sources: list[str] | None = None  # each image's source (hospital / collection) when the data records it
 
 
 def _norm_name(name: str) -> str:
@@ -454,6 +504,12 @@ def map_class_names(names: list[str] | set[str], classes: list[str], where: str)
     return out
 
 
+def _table_sources(df: pd.DataFrame) -> list[str] | None:
+    from cxrlab.data.manifest import has_sources
+
+    return df["source"].astype(str).tolist() if has_sources(df) else None
+
+
 def _list_class_folders(root: Path, classes: list[str]) -> tuple[list[str], list[str]]:
     from cxrlab.data.io import IMAGE_EXTENSIONS
 
@@ -475,7 +531,9 @@ def _list_class_folders(root: Path, classes: list[str]) -> tuple[list[str], list
     return paths, labels
 
 
-def _table_items(df: pd.DataFrame, base: Path, split: str, classes: list[str], where: str) -> tuple[list, list, str]:
+def _table_items(
+    df: pd.DataFrame, base: Path, split: str, classes: list[str], where: str
+) -> tuple[list, list, str, list[str] | None]:
     if "path" not in df.columns or "label" not in df.columns:
         raise EvalError(f"{where} needs 'path' and 'label' columns (a cxrlab manifest or split csv)")
     what = "all rows"
@@ -487,7 +545,7 @@ def _table_items(df: pd.DataFrame, base: Path, split: str, classes: list[str], w
         df, what = sub, f"split '{split}'"
     mapping = map_class_names(set(df["label"].astype(str)), classes, where)
     paths = [str(p if Path(p).is_absolute() else (base / p).resolve()) for p in df["path"].astype(str)]
-    return paths, [mapping[str(v)] for v in df["label"]], what
+    return paths, [mapping[str(v)] for v in df["label"]], what, _table_sources(df)
 
 
 def _split_dataset_version(d: Path) -> str:
@@ -508,19 +566,22 @@ def resolve_external_items(data: Path, split: str, classes: list[str]) -> Items:
     if data.is_file():
         if data.suffix.lower() != ".csv":
             raise EvalError(f"--data {data} is a file but not a csv; pass a folder of class folders or a csv")
-        df = pd.read_csv(data, keep_default_na=False)
-        paths, labels, what = _table_items(df, data.parent, split, classes, str(data))
-        return Items(paths, labels, f"{data} ({what})", _split_dataset_version(data.parent), "external")
+        df = pd.read_csv(data, keep_default_na=False, dtype={"source": str})
+        paths, labels, what, srcs = _table_items(df, data.parent, split, classes, str(data))
+        return Items(paths, labels, f"{data} ({what})", _split_dataset_version(data.parent), "external", srcs)
     if (data / SPLIT_FILE).is_file():
         info = load_split(data)
-        paths, labels, what = _table_items(info.table, data, split, classes, str(data / SPLIT_FILE))
-        return Items(paths, labels, f"{data} ({what})", info.dataset_version, "external")
+        paths, labels, what, srcs = _table_items(info.table, data, split, classes, str(data / SPLIT_FILE))
+        return Items(paths, labels, f"{data} ({what})", info.dataset_version, "external", srcs)
     if (data / "manifest.csv").is_file():
         df = read_manifest(data)
-        paths, labels, what = _table_items(df, data, split, classes, str(data / "manifest.csv"))
-        return Items(paths, labels, f"{data} ({what})", "unversioned", "external")
+        paths, labels, what, srcs = _table_items(df, data, split, classes, str(data / "manifest.csv"))
+        return Items(paths, labels, f"{data} ({what})", "unversioned", "external", srcs)
+    from cxrlab.data.sources import folder_sources
+
     paths, labels = _list_class_folders(data, classes)
-    return Items(paths, labels, f"{data} (class folders)", "unversioned", "external")
+    srcs = folder_sources(data, paths)
+    return Items(paths, labels, f"{data} (class folders)", "unversioned", "external", srcs)
 
 
 def find_run_dir(target: Path) -> Path | None:
@@ -589,7 +650,7 @@ def resolve_items(
     mapping = map_class_names(set(sub["label"].astype(str)), classes, str(info.root / SPLIT_FILE))
     paths = [str(p if Path(p).is_absolute() else (info.root / p).resolve()) for p in sub["path"].astype(str)]
     labels = [mapping[str(v)] for v in sub["label"]]
-    return Items(paths, labels, f"{info.root} (split '{split}')", info.dataset_version, "split")
+    return Items(paths, labels, f"{info.root} (split '{split}')", info.dataset_version, "split", _table_sources(sub))
 
 
 # --------------------------------------------------------------------------------------------- prediction
@@ -608,33 +669,64 @@ def predict_items(
 ) -> tuple[np.ndarray, list[int], list[dict[str, str]]]:
     """Probabilities for every readable path. Returns (probs for the kept items, kept indices, skipped
     [{path, reason}]). Unreadable files are reported and skipped; the rest goes on."""
+    probs, kept, skipped, _ = predict_items_scored(bundle, paths, batch_size, progress, desc)
+    return probs, kept, skipped
+
+
+def predict_items_scored(
+    bundle: Any,
+    paths: list[str],
+    batch_size: int = 32,
+    progress: bool = True,
+    desc: str = "predict",
+    scorer: Any = None,
+) -> tuple[np.ndarray, list[int], list[dict[str, str]], list[Any] | None]:
+    """:func:`predict_items` plus, with a ``cxrlab.shift.OodScorer``, one ``OodResult`` per kept item (feature
+    distance from the same forward pass, input checks on the decoded image)."""
+    import torch
     from tqdm.auto import tqdm
 
-    from cxrlab.data.io import ImageReadError, read_xray
+    from cxrlab.data.io import ImageReadError
+    from cxrlab.predict import read_gray_colour
 
     probs: list[np.ndarray] = []
     kept: list[int] = []
     skipped: list[dict[str, str]] = []
+    ood: list[Any] | None = [] if scorer is not None else None
+    with_feats = scorer is not None and scorer.has_features
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
     try:
         for start in range(0, len(paths), batch_size):
-            grays, idx = [], []
+            grays, colours, idx = [], [], []
             for i in range(start, min(start + batch_size, len(paths))):
                 try:
-                    grays.append(read_xray(paths[i]))
+                    g, col = read_gray_colour(Path(paths[i]), scorer is not None)
+                    grays.append(g)
+                    colours.append(col)
                     idx.append(i)
                 except ImageReadError as e:
                     skipped.append({"path": paths[i], "reason": str(getattr(e, "reason", e))})
                 except FileNotFoundError:
                     skipped.append({"path": paths[i], "reason": "file not found"})
             if grays:
-                probs.append(bundle.predict_proba(grays, batch_size=batch_size))
+                feats = None
+                if with_feats:
+                    from cxrlab.shift import features_and_probs
+
+                    device = next(bundle.model.parameters()).device
+                    x = torch.stack([bundle.preprocess(g) for g in grays]).to(device)
+                    feats, p = features_and_probs(bundle.model, x)
+                else:
+                    p = bundle.predict_proba(grays, batch_size=batch_size)
+                probs.append(p)
                 kept += idx
+                if ood is not None:
+                    ood += scorer.score(feats, grays, colours)
             bar.update(min(batch_size, len(paths) - start))
     finally:
         bar.close()
     k = bundle.meta.num_classes
-    return (np.concatenate(probs) if probs else np.zeros((0, k))), kept, skipped
+    return (np.concatenate(probs) if probs else np.zeros((0, k))), kept, skipped, ood
 
 
 # --------------------------------------------------------------------------------------------- evaluate
@@ -677,8 +769,16 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     if not items.paths:
         raise EvalError(f"no images found in {items.source}")
     prefix = cfg.split if cfg.data is None else "ext"
-    probs, kept, skipped = predict_items(
-        bundle, items.paths, cfg.batch_size, cfg.progress, desc=f"evaluate {prefix} ({len(items.paths)} images)"
+    from cxrlab.shift import load_scorer
+
+    scorer = load_scorer(bundle_dir, bundle.meta)
+    probs, kept, skipped, ood = predict_items_scored(
+        bundle,
+        items.paths,
+        cfg.batch_size,
+        cfg.progress,
+        desc=f"evaluate {prefix} ({len(items.paths)} images)",
+        scorer=scorer,
     )
     for s in skipped:
         log.warning("skipped %s: %s", s["path"], s["reason"])
@@ -703,6 +803,16 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     preds["confidence"] = probs.max(axis=1)
     for j, c in enumerate(classes):
         preds[f"p_{c}"] = probs[:, j]
+    per_source = None
+    if items.sources is not None:
+        srcs = [items.sources[i] for i in kept]
+        preds["source"] = srcs
+        per_source = per_source_metrics(y_true, probs, srcs, classes, cfg.n_boot, cfg.seed, cfg.ci_level)
+    shift, warnings = shift_checks(res["confusion"], classes, scorer, ood)
+    if ood is not None:
+        preds["ood"] = [r.flag for r in ood]
+        preds["ood_score"] = [r.score if r.score is not None else math.nan for r in ood]
+        preds["ood_reasons"] = ["; ".join(r.reasons) for r in ood]
 
     summary = read_summary(run_dir)
     result = EvalResult(
@@ -726,10 +836,18 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         paths={},
         predictions=preds,
         probs=probs,
+        per_source=per_source,
+        shift=shift,
+        warnings=warnings,
     )
+    for w in warnings:
+        log.warning("%s", w)
     paths = result.paths
     paths["predictions"] = out / "predictions.csv"
     preds.to_csv(paths["predictions"], index=False, float_format="%.6g")
+    if per_source is not None:
+        paths["per_source"] = out / "per_source.csv"
+        per_source.to_csv(paths["per_source"], index=False, float_format="%.6g")
     paths["confusion_csv"] = out / "confusion_matrix.csv"
     pd.DataFrame(result.confusion, index=pd.Index(classes, name="true"), columns=classes).to_csv(paths["confusion_csv"])
     if skipped:
@@ -750,6 +868,56 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     if cfg.wandb == "auto" and run_dir is not None:
         result.wandb_logged = log_to_wandb(result, run_dir, summary)
     return result
+
+
+def shift_checks(
+    confusion: np.ndarray, classes: list[str], scorer: Any, ood: list[Any] | None
+) -> tuple[dict[str, Any], list[str]]:
+    """(the ``shift`` section of metrics.json, the warnings that fired): collapse always, label shift and the
+    OOD summary when the bundle has shift statistics."""
+    from cxrlab.shift import collapse_check, label_shift
+
+    cm = np.asarray(confusion)
+    col = collapse_check(cm, classes)
+    doc: dict[str, Any] = {"collapse": col.to_json()}
+    warnings = [col.message] if col.collapsed else []
+    if scorer is None or "val_confusion" not in scorer.meta:
+        doc["note"] = (
+            "the bundle has no shift statistics (trained before they existed or with shift_stats: false): no "
+            "label-shift check or OOD flag; add them with `cxrlab fit-shift RUN`"
+        )
+        return doc, warnings
+    ls = label_shift(cm.sum(axis=0), scorer.meta, true_counts=cm.sum(axis=1))
+    doc["label_shift"] = ls.to_json()
+    if ls.shifted:
+        warnings.insert(0, ls.message)
+    if ood is not None:
+        from cxrlab.shift import ood_excess
+
+        flagged = [r for r in ood if r.flag]
+        reasons: dict[str, int] = {}
+        for r in flagged:
+            for why in r.reasons:
+                key = why.split(" (")[0]
+                reasons[key] = reasons.get(key, 0) + 1
+        warn, p = ood_excess(len(flagged), len(ood), scorer.expected_flag_rate)
+        doc["ood"] = {
+            "n": len(ood),
+            "n_flagged": len(flagged),
+            "share_flagged": len(flagged) / len(ood) if ood else 0.0,
+            "expected_flag_rate": scorer.expected_flag_rate,
+            "p_value": p,
+            "reasons": reasons,
+            "feature_score": scorer.has_features,
+        }
+        if warn:
+            warnings.append(
+                f"{len(flagged):,} of {len(ood):,} images ({len(flagged) / len(ood):.0%}) are unlike the training "
+                f"images (at most {scorer.expected_flag_rate:.1%} of images like them would be; binomial p={p:.2g}): "
+                + ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
+                + " (ood columns of predictions.csv)"
+            )
+    return doc, warnings
 
 
 def _write_metrics_json(result: EvalResult, cfg: EvalConfig | None, summary: dict[str, Any], path: Path) -> None:
@@ -778,6 +946,9 @@ def _write_metrics_json(result: EvalResult, cfg: EvalConfig | None, summary: dic
         "ece_bins": len(result.reliability),
         "reliability": result.reliability.to_dict(orient="records"),
         "skipped": result.skipped,
+        "per_source": result.per_source.to_dict(orient="records") if result.per_source is not None else None,
+        "shift": result.shift,
+        "warnings": result.warnings,
         "files": {k: v.name for k, v in result.paths.items()},
     }
     path.write_text(json.dumps(_json_safe(doc), indent=2))
@@ -804,14 +975,17 @@ def log_to_wandb(result: EvalResult, run_dir: Path, summary: dict[str, Any]) -> 
             run.summary.update(summ)
             p = result.prefix
             preds = result.predictions.assign(correct=result.predictions["correct"].astype(int))
-            run.log(
-                {
-                    f"{p}/confusion_matrix": wandb.plot.confusion_matrix(
-                        y_true=result.y_true.tolist(), preds=result.y_pred.tolist(), class_names=result.classes
-                    ),
-                    f"{p}/predictions": wandb.Table(dataframe=preds),
-                }
-            )
+            if "ood" in preds.columns:
+                preds = preds.assign(ood=preds["ood"].astype(int))
+            logged: dict[str, Any] = {
+                f"{p}/confusion_matrix": wandb.plot.confusion_matrix(
+                    y_true=result.y_true.tolist(), preds=result.y_pred.tolist(), class_names=result.classes
+                ),
+                f"{p}/predictions": wandb.Table(dataframe=preds),
+            }
+            if result.per_source is not None:
+                logged[f"{p}/per_source"] = wandb.Table(dataframe=result.per_source)
+            run.log(logged)
         return True
     except Exception as e:  # tracking must never break an evaluation
         log.warning("could not log the evaluation to W&B run %s: %s", info["id"], e)
@@ -1053,6 +1227,11 @@ def _write_compare_json(r: CompareResult, cfg: CompareConfig) -> None:
         "verdict": r.verdict,
         "errors": r.errors.to_dict(orient="records"),
         "attention": r.attention.to_dict(orient="records") if r.attention is not None else None,
+        "per_source": {
+            name: e.per_source.to_dict(orient="records") if e.per_source is not None else None
+            for name, e in (("baseline", r.baseline), ("challenger", r.challenger))
+        },
+        "warnings": {"baseline": r.baseline.warnings, "challenger": r.challenger.warnings},
     }
     r.paths["json"].write_text(json.dumps(_json_safe(doc), indent=2))
 

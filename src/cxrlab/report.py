@@ -311,7 +311,7 @@ def eval_section_html(eval_dir: Path, level: int = 2, gallery: bool = True) -> s
     p = doc.get("prefix", "test")
     m, ci = doc.get("metrics", {}), doc.get("ci", {})
     classes = doc.get("classes", [])
-    parts = []
+    parts = [rh.callout(w, "error", "Shift:") for w in doc.get("warnings") or []]
     absent = doc.get("absent_classes") or []
     if absent:
         parts.append(
@@ -365,6 +365,11 @@ def eval_section_html(eval_dir: Path, level: int = 2, gallery: bool = True) -> s
     cols = ["class", "images", "predicted", "precision [95% CI]", "recall (per-class accuracy) [95% CI]", "F1 [95% CI]"]
     cols += ["ROC AUC", "false neg.", "false pos."]
     parts.append(rh.section("Per class", rh.table(rows, columns=cols), level=level))
+    if doc.get("per_source"):
+        parts.append(rh.section("Per source", _per_source_table(doc["per_source"], classes), level=level))
+    shift = doc.get("shift") or {}
+    if shift:
+        parts.append(rh.section("Shift checks", _shift_kv(shift), level=level))
     figs = [
         file_img(d / "confusion_matrix.png", "confusion matrix", "confusion matrix (colour = share of the true class)"),
         file_img(d / "reliability.png", "reliability diagram", "calibration: accuracy vs confidence"),
@@ -380,6 +385,36 @@ def eval_section_html(eval_dir: Path, level: int = 2, gallery: bool = True) -> s
     files = sorted(set(doc.get("files", {}).values()))
     parts.append(f"<p class='caption'>Files: {esc(', '.join(files))}</p>")
     return "\n".join(parts)
+
+
+def _per_source_table(per_source: list[dict[str, Any]], classes: list[str]) -> str:
+    shown = [c for c in classes if any(r.get(f"n_{c}") for r in per_source)]
+    rows = []
+    for r in per_source:
+        row = [r["source"], r["n"], _with_ci(r, "accuracy")]
+        row += [f"{_with_ci(r, f'recall_{c}')} ({r[f'n_{c}']})" if r.get(f"n_{c}") else "–" for c in shown]
+        row.append(", ".join(f"{c} {r[f'predicted_{c}']}" for c in classes if r.get(f"predicted_{c}")))
+        rows.append(row)
+    cols = ["source", "images", "accuracy [95% CI]", *[f"recall {c} [95% CI] (n)" for c in shown], "predicted as"]
+    return rh.table(rows, columns=cols)
+
+
+def _shift_kv(shift: dict[str, Any]) -> str:
+    items = []
+    if "label_shift" in shift:
+        ls = shift["label_shift"]
+        items.append(("label shift (BBSE)", ls.get("message", "")))
+    if "collapse" in shift:
+        items.append(("collapse", shift["collapse"].get("message", "")))
+    if "ood" in shift:
+        o = shift["ood"]
+        why = ", ".join(f"{k}: {v}" for k, v in (o.get("reasons") or {}).items())
+        items.append(
+            ("out of distribution", f"{o['n_flagged']} of {o['n']} images flagged" + (f" ({why})" if why else ""))
+        )
+    if shift.get("note"):
+        items.append(("note", shift["note"]))
+    return rh.kv(items)
 
 
 def write_eval_report(eval_dir: Path, out: Path | None = None) -> Path:

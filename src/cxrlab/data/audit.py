@@ -8,6 +8,9 @@ after resizing to ``SHARP_SIZE`` square, so it compares across resolutions), bur
 - counts per class (and split), per-class distributions, quality flags (blur, under/over-exposure, low
   contrast, text, unreadable) with the share of each class flagged;
 - exact (sha256) and near (pHash) duplicates, within and across splits and labels;
+- sources (when the data records them): the source x class table, how well the source alone predicts the
+  class, the confound score within each source that holds several classes, and a plain warning naming the
+  classes that share no source with any other class (:mod:`cxrlab.data.sources`);
 - the **confound score**: cross-validated (stratified 5-fold, seeded) accuracy and balanced accuracy of a
   gradient-boosting classifier that sees only these trivial statistics, overall and per feature group
   (size/aspect, intensity, sharpness, text), against chance (majority share; 1/k). A group that reaches
@@ -40,7 +43,15 @@ import pandas as pd
 from pydantic import Field
 
 from cxrlab.config import StrictModel
-from cxrlab.data.manifest import MANIFEST_FILE, SPLIT_FILE, SPLIT_META_FILE, SPLITS, DataError, read_manifest
+from cxrlab.data.manifest import (
+    MANIFEST_FILE,
+    SPLIT_FILE,
+    SPLIT_META_FILE,
+    SPLITS,
+    DataError,
+    has_sources,
+    read_manifest,
+)
 from cxrlab.data.parallel import map_files
 from cxrlab.data.split import (
     AUDIT_FEATURES_FILE,
@@ -98,6 +109,7 @@ class AuditResult:
     duplicates: dict[str, int]
     warnings: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
+    sources: dict[str, Any] = field(default_factory=dict)  # cxrlab.data.sources.source_audit; {} without sources
 
 
 # -------------------------------------------------------------------------------------------- measuring
@@ -441,14 +453,18 @@ def _html(
     dup: pd.DataFrame,
     warnings: list[str],
     elapsed: float,
+    src_audit: dict[str, Any] | None = None,
 ) -> str:
     from cxrlab import report_html as rh
 
+    src_audit = src_audit or {}
     parts: list[str] = []
+    for w in src_audit.get("warnings", []):
+        parts.append(rh.callout(w, "error", "Source:"))
     for w in conf.get("warnings", []):
         parts.append(rh.callout(w, "error", "Confound:"))
     for w in warnings:
-        if w not in conf.get("warnings", []):
+        if w not in conf.get("warnings", []) and w not in src_audit.get("warnings", []):
             parts.append(rh.callout(w, "warn"))
     if not warnings and not conf.get("warnings"):
         parts.append(rh.callout("no confound, duplicate or quality warnings", "ok"))
@@ -466,6 +482,8 @@ def _html(
     ctab = counts.copy()
     ctab.insert(0, "class", ctab.index)
     parts.append(rh.section("Counts", rh.table(ctab.reset_index(drop=True)), rh.figure_tag(_counts_figure(counts))))
+    if src_audit.get("table"):
+        parts.append(_sources_html(src_audit, classes))
 
     # confound
     if "all" in conf:
@@ -559,6 +577,37 @@ def _html(
     return rh.page("Data audit", parts, subtitle=f"{src} · {len(feats):,} images")
 
 
+def _sources_html(sa: dict[str, Any], classes: list[str]) -> str:
+    from cxrlab import report_html as rh
+
+    rows = [{"source": s, **row, "total": sum(row.values())} for s, row in sa["table"].items()]
+    parts = [rh.paragraph("Images per source (rows) and class (columns)."), rh.table(rows)]
+    spc = sa.get("source_predicts_class")
+    if spc:
+        rec = ", ".join(f"{c} {v:.2f}" for c, v in spc["recall"].items())
+        parts.append(
+            rh.paragraph(
+                f"The source alone ({spc['rule']}) predicts the class with accuracy {spc['accuracy']:.2f}, balanced "
+                f"accuracy {spc['balanced_accuracy']:.2f} (chance {spc['chance_balanced_accuracy']:.2f}), recall "
+                f"{rec}; Cramer's V {spc['cramers_v']:.2f}."
+            )
+        )
+    within = [
+        {"source": s, "classes": ", ".join(c["all"]["recall"]), **_conf_row(c["all"], list(c["all"]["recall"]))}
+        for s, c in sa.get("per_source_confound", {}).items()
+        if "all" in c
+    ]
+    if within:
+        parts.append(
+            rh.section(
+                "Confound score within each source that holds several classes",
+                rh.table([{k: v for k, v in r.items() if not k.startswith("recall")} for r in within]),
+                level=3,
+            )
+        )
+    return rh.section("Sources", *parts)
+
+
 def _conf_row(g: dict, classes: list[str]) -> dict[str, Any]:
     row = {"accuracy": g["accuracy"], "balanced accuracy": g["balanced_accuracy"]}
     for c in classes:
@@ -586,6 +635,8 @@ def audit(cfg: AuditConfig) -> AuditResult:
         if c not in m.columns:
             m[c] = np.nan if c in num_cols else ""
     feats = pd.DataFrame({"path": df["path"].astype(str), "label": df["label"], "split": df["split"]})
+    if has_sources(df):
+        feats["source"] = df["source"].astype(str)
     feats = feats.merge(m, on="path", how="left")
     feats["error"] = feats["error"].fillna("").astype(str)
     feats["text_glyphs"] = feats["text_glyphs"].fillna(0).astype(int)
@@ -624,7 +675,13 @@ def audit(cfg: AuditConfig) -> AuditResult:
     }
     text_share = {c: per_class[c]["text_share"] for c in classes}
 
-    warnings: list[str] = list(conf.get("warnings", []))
+    src_audit: dict[str, Any] = {}
+    if "source" in feats.columns:
+        from cxrlab.data.sources import source_audit
+
+        src_audit = source_audit(feats, classes, cfg.cv_folds, cfg.seed)
+    # the source warnings first: they name the confound that matters most
+    warnings: list[str] = list(src_audit.get("warnings", [])) + list(conf.get("warnings", []))
     ts = [v for v in text_share.values()]
     if len(ts) > 1 and max(ts) - min(ts) >= 0.25:
         hi = max(text_share, key=text_share.get)
@@ -681,6 +738,7 @@ def audit(cfg: AuditConfig) -> AuditResult:
         "text_share": text_share,
         "duplicates": dsum,
         "confound": conf,
+        "sources": src_audit,
         "warnings": warnings,
         "thresholds": {
             "blur_threshold": cfg.blur_threshold,
@@ -697,7 +755,8 @@ def audit(cfg: AuditConfig) -> AuditResult:
     html_path = out / AUDIT_HTML
     from cxrlab import report_html as rh
 
-    rh.write_page(html_path, _html(cfg, src, kind, feats, classes, counts_df, per_class, conf, dup, warnings, elapsed))
+    page = _html(cfg, src, kind, feats, classes, counts_df, per_class, conf, dup, warnings, elapsed, src_audit)
+    rh.write_page(html_path, page)
     elapsed = time.perf_counter() - t0
     summary["elapsed_s"] = round(elapsed, 2)
     json_path.write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
@@ -717,6 +776,7 @@ def audit(cfg: AuditConfig) -> AuditResult:
         duplicates=dsum,
         warnings=warnings,
         elapsed_s=round(elapsed, 2),
+        sources=src_audit,
     )
 
 
