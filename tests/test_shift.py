@@ -282,6 +282,7 @@ def test_foreign_inputs_are_flagged_in_predict_and_serve(trained: dict[str, Path
         body = client.post("/predict", files={"file": ("x.png", ok.read_bytes(), "image/png")}).json()
         assert set(body["ood"]) == {"flag", "score", "reasons"} and body["ood"]["score"] is not None
         assert 'id="ood"' in client.get("/").text  # the page's banner
+        assert client.get("/health").json()["ood_check"] is True
 
 
 @pytest.mark.trains

@@ -51,6 +51,7 @@ from cxrlab.data.manifest import (
     SPLIT_META_FILE,
     SPLITS,
     DataError,
+    has_sources,
     read_manifest,
 )
 
@@ -437,9 +438,9 @@ def split(cfg: SplitConfig) -> SplitResult:
     # 3. groups, held-out sources, balanced subset
     rng = np.random.default_rng(cfg.seed)
     groups, n_pairs = build_groups(df, cfg.near_dup_threshold)
-    external = df.iloc[0:0]
+    external, ext_groups = df.iloc[0:0], np.zeros(0, np.int64)
     if cfg.holdout_sources:
-        df, groups, external, leaked = _hold_out(df, groups, cfg.holdout_sources, classes, manifest_path)
+        df, groups, external, ext_groups, leaked = _hold_out(df, groups, cfg.holdout_sources, classes, manifest_path)
         excluded += leaked
         if leaked:
             warnings.append(
@@ -494,9 +495,8 @@ def split(cfg: SplitConfig) -> SplitResult:
                 warnings.append(f"class {c} has no images in {s} (its groups are too large for the fractions)")
     if len(external):
         external = external.copy()
-        _, xg = np.unique(build_groups(external, cfg.near_dup_threshold)[0], return_inverse=True)
         external["split"] = EXTERNAL_SPLIT
-        external["group"] = [f"x{g:0{width}d}" for g in xg]
+        external["group"] = [f"x{g:0{width}d}" for g in ext_groups]
         for c in classes:
             counts[c][EXTERNAL_SPLIT] = int((external["label"] == c).sum())
         df = pd.concat([df, external], ignore_index=True)
@@ -572,12 +572,13 @@ def split(cfg: SplitConfig) -> SplitResult:
 
 def _hold_out(
     df: pd.DataFrame, groups: np.ndarray, holdout: tuple[str, ...], classes: list[str], where: Path
-) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame, list[tuple[str, str]]]:
-    """(rows to split, their renumbered groups, held-out rows, left-out rows as (path, reason)).
+) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame, np.ndarray, list[tuple[str, str]]]:
+    """(rows to split, their groups, held-out rows, their groups, left-out rows as (path, reason)); groups are
+    renumbered in canonical order on each side.
 
     Rows of other sources in a group that holds a held-out image are left out: they are the same patient or the
     same picture, and training on them would let the held-out source in through the back door."""
-    if "source" not in df.columns or not (df["source"].astype(str) != "").any():
+    if not has_sources(df):
         raise DataError(
             f"{where} records no source per image, so --holdout-source has nothing to match; re-run `cxrlab data "
             "ingest` (it writes the source column: SOURCES.csv, --source-regex or the root folder's name)"
@@ -603,7 +604,8 @@ def _hold_out(
             "fewer sources, or sources that do not hold every image of a class"
         )
     _, rest_groups = np.unique(groups[keep], return_inverse=True)  # renumber, keeps canonical order
-    return rest, rest_groups, df[held].reset_index(drop=True), leaked
+    _, held_groups = np.unique(groups[held], return_inverse=True)
+    return rest, rest_groups, df[held].reset_index(drop=True), held_groups, leaked
 
 
 # ---------------------------------------------------------------------------------------------------- W&B

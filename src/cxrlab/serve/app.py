@@ -353,6 +353,8 @@ def create_app(bundle_path: str | Path, settings: ServeSettings | None = None) -
             "auth_required": s.token is not None,
             "limits": {"max_upload_bytes": limit, "max_pixels": s.max_pixels, "formats": list(s.formats)},
             "inference": {"requests": worker.requests, "forward_passes": worker.batches, "max_batch": max_batch},
+            # whether every response carries an out-of-distribution flag (bundles trained before it: no)
+            "ood_check": predictor.ood is not None,
             "notice": cxrlab.RESEARCH_NOTICE,
         }
 
