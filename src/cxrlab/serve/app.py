@@ -76,7 +76,7 @@ class ServeSettings(StrictModel):
     max_upload_mb: float = Field(20.0, gt=0, description="largest accepted upload in MiB (413 above)")
     max_pixels: int = Field(40_000_000, gt=0, description="largest accepted width*height (413 above)")
     formats: tuple[ImageFormat, ...] = Field(("PNG", "JPEG", "DICOM"), description="accepted sniffed formats")
-    backend: Literal["torch", "onnx"] = "torch"
+    backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
     device: str = "auto"
     max_batch: int = Field(8, ge=1, le=256, description="most queued requests merged into one forward pass")
     decode_workers: int = Field(4, ge=1, le=64, description="concurrent decodes (bounds memory under load)")
