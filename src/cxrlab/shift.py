@@ -58,7 +58,9 @@ COLLAPSE_MIN_EXCESS = 0.15  # predicted minus true share of one class ...
 COLLAPSE_MIN_SHARE = 0.5  # ... which gets at least this share of all predictions
 OOD_QUANTILE = 0.99  # Mahalanobis threshold: split-conformal quantile of the validation images' distances
 OOD_ALPHA = 1e-3  # many flagged images: binomial p-value against the expected flag rate below this ...
-OOD_MIN_SHARE = 0.05  # ... and at least this share flagged
+OOD_MIN_SHARE = 0.10  # ... and at least this share flagged: a heterogeneous collection's own test split can
+# exceed the exchangeable 1 - rank/(n+1) (measured: 11 of 194 in one leave-source-out fold, 9 of them
+# covid-cxnet figures from papers at 1.0-1.1x the threshold), foreign data is far above it
 POLARITY_QUANTILE = 0.002  # polarity threshold at this quantile of the training images' polarity (never above 0)
 CONSTANT_STD = 2.0  # grey-level standard deviation below which an image is "constant"
 NOISE_CORR = 0.5  # neighbouring-pixel correlation below which an image is noise (radiographs: >= 0.88, measured)
