@@ -15,6 +15,7 @@ A model trained on images whose classes come from different places can learn the
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,29 +26,34 @@ SOURCES_CSV = "SOURCES.csv"
 SOURCE_MARGIN = 0.2  # warn when the source alone predicts the class this far above chance (balanced accuracy)
 
 
+def _sources_csvs(folders: list[Path]) -> list[Path]:
+    """Every SOURCES.csv below ``folders`` (symlinked folders are not followed: no loops)."""
+    found = set()
+    for d in folders:
+        for dirpath, _, files in os.walk(d, followlinks=False):
+            found |= {Path(dirpath) / f for f in files if f.lower() == SOURCES_CSV.lower()}
+    return sorted(found)
+
+
 def folder_sources(root: str | Path, paths: list[str], column: str = SOURCE_COLUMN) -> list[str]:
     """The source of each path under ``root``: a ``SOURCES.csv`` in ``root`` (or a sub-folder) with a ``column``
     column matched by path, else by unique file name; else ``root``'s folder name."""
-    from cxrlab.data.ingest import _load_sources, sources_lookup
-
-    root = Path(root).resolve()
-    csvs = sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower() == SOURCES_CSV.lower())
-    maps = _load_sources(csvs, column) if csvs else ({}, {})
-    return [sources_lookup(maps, Path(p)) or root.name for p in paths]
+    return input_sources([root], paths, column)
 
 
 def input_sources(inputs: list[str | Path], paths: list[str], column: str = SOURCE_COLUMN) -> list[str]:
-    """The source of each of ``paths`` found under the ``inputs`` given to ``predict``: a ``SOURCES.csv`` in the
-    input folder (or below it) when it names the file, else the name of the input folder holding it (a file given
-    directly: its own folder's name)."""
+    """The source of each of ``paths`` found under the ``inputs`` given to ``predict`` or ``evaluate``: a
+    ``SOURCES.csv`` in the input folder (or below it) when it names the file, else the name of the input folder
+    holding it (a file given directly: its own folder's name). Folders, CSVs and paths are compared after
+    ``os.path.realpath`` (which, unlike ``Path.resolve``, stops at a symlink loop instead of raising)."""
     from cxrlab.data.ingest import _load_sources, sources_lookup
 
-    folders = sorted({Path(i).resolve() for i in inputs if Path(i).is_dir()}, key=lambda d: -len(d.parts))
-    csvs = [p for d in folders for p in d.rglob("*") if p.is_file() and p.name.lower() == SOURCES_CSV.lower()]
-    maps = _load_sources(sorted(set(csvs)), column) if csvs else ({}, {})
+    folders = sorted({Path(os.path.realpath(i)) for i in inputs if Path(i).is_dir()}, key=lambda d: -len(d.parts))
+    csvs = _sources_csvs(folders)
+    maps = _load_sources(csvs, column) if csvs else ({}, {})
     out = []
     for raw in paths:
-        p = Path(raw).resolve()
+        p = Path(os.path.realpath(raw))
         hit = sources_lookup(maps, p)
         if not hit:
             root = next((d for d in folders if d in p.parents), p.parent)
