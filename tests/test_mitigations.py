@@ -93,3 +93,14 @@ def test_groupdro_and_preprocessing_train_and_travel_in_the_bundle(tmp_path: Pat
     # inference applies the same steps: the bundle reproduces the run's own test predictions from the files
     e = evaluate(EvalConfig(target=r.run_dir, n_boot=0, progress=False, report=False, wandb="off"))
     assert e.metrics["test/accuracy"] == pytest.approx(r.metrics["test/accuracy"], abs=1e-6)
+
+
+def test_multisource_config_is_cpu_plus_the_mitigations() -> None:
+    from conftest import REPO
+
+    base = load_config(REPO / "configs" / "cpu.yaml").model_dump()
+    multi = load_config(REPO / "configs" / "cpu-multisource.yaml").model_dump()
+    diff = {k for k in base if base[k] != multi[k]}
+    assert diff == {"imbalance", "loss", "preprocess"}
+    assert multi["imbalance"] == "source" and multi["loss"] == "groupdro"
+    assert multi["preprocess"] | {"pad_square": False, "intensity": "none"} == base["preprocess"]
