@@ -1,7 +1,7 @@
 """ONNX Runtime vs PyTorch eager inference on real chest X-rays, batch 1 and 32 (target: ORT >= 2.5x).
 
 A realistic model (timm ``efficientnet_lite0`` at 224 px, 3 classes; random weights: speed does not depend on
-them) is saved as a bundle and exported with ``cxrlab.export``; real cxr-tiny images go through the bundle's
+them) is saved as a bundle and exported with ``cxrlab.inference.export``; real cxr-tiny images go through the bundle's
 own preprocessing once, and only the network is timed (preprocessing is identical for both backends).
 
 Fair comparison: PyTorch gets its best eager setup here (``torch.inference_mode``, ``channels_last``, as many
@@ -43,10 +43,10 @@ def main() -> int:
 
     import timm
 
-    from cxrlab.augment import norm_constants
-    from cxrlab.bundle import BundleMeta, load_bundle, save_bundle
     from cxrlab.data.io import read_xray
-    from cxrlab.export import export, onnx_session
+    from cxrlab.inference.bundle import BundleMeta, load_bundle, save_bundle
+    from cxrlab.inference.export import export, onnx_session
+    from cxrlab.transforms import norm_constants
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench-inference-"))
@@ -103,7 +103,7 @@ def main() -> int:
             times.setdefault((name, 32), []).append(time.perf_counter() - t)
 
     # end to end, as `cxrlab predict` runs it: decode + bundle preprocessing + network, batches of 32
-    from cxrlab.predict import Predictor
+    from cxrlab.inference.predict import Predictor
 
     e2e = {}
     for backend in ("torch", "onnx"):

@@ -98,8 +98,8 @@ def main() -> int:
     import timm
     import torch
 
-    from cxrlab.augment import norm_constants
-    from cxrlab.bundle import BundleMeta, save_bundle
+    from cxrlab.inference.bundle import BundleMeta, save_bundle
+    from cxrlab.transforms import norm_constants
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     torch.manual_seed(0)

@@ -77,9 +77,9 @@ def child(variant: str, args: argparse.Namespace) -> float:
     from torch.utils.data import DataLoader, Dataset
 
     from cxrlab.config import load_config
+    from cxrlab.data.datamodule import CXRDataModule
     from cxrlab.data.manifest import load_split
-    from cxrlab.datamodule import CXRDataModule
-    from cxrlab.module import CXRClassifier
+    from cxrlab.training.module import CXRClassifier
 
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")  # Lightning's worker / logging-interval hints
@@ -225,7 +225,7 @@ def main() -> int:
     med = {v: statistics.median(x) for v, x in rates.items()}
 
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    from cxrlab.datamodule import ImageCache
+    from cxrlab.data.datamodule import ImageCache
 
     paths = [str(p) for p in sorted(DATA.glob("*/*.jpg"))]
     t0 = time.perf_counter()

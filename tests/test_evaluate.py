@@ -1,4 +1,5 @@
-"""Contracts of cxrlab.evaluate: statistics against hand-computed cases, evaluate/compare on bundles + phantoms."""
+"""Contracts of cxrlab.analysis.evaluate: statistics against hand-computed cases, evaluate/compare on bundles +
+phantoms."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrlab.evaluate import (
+from cxrlab.analysis.evaluate import (
     CompareConfig,
     EvalConfig,
     EvalError,
@@ -194,8 +195,8 @@ def _other_bundle(tmp: Path) -> Path:
     import timm
     import torch
 
-    from cxrlab.augment import norm_constants
-    from cxrlab.bundle import BundleMeta, save_bundle
+    from cxrlab.inference.bundle import BundleMeta, save_bundle
+    from cxrlab.transforms import norm_constants
 
     torch.manual_seed(1)
     model = timm.create_model("test_efficientnet", pretrained=False, num_classes=3, in_chans=3)
@@ -408,7 +409,7 @@ def test_compare_refuses_different_splits(tiny_bundle: Path, phantom_dir: Path, 
         compare(CompareConfig(baseline=a, challenger=b, out=tmp_path / "cmp", progress=False))
     # same model on the same split: no discordant pairs, p = 1
     c = _make_run(tmp_path, tiny_bundle, split_dir, "c")
-    for run, lungs in ((a, 0.7), (c, 0.4)):  # explanations as cxrlab.explain writes them: shown side by side
+    for run, lungs in ((a, 0.7), (c, 0.4)):  # explanations as cxrlab.analysis.explain writes them: shown side by side
         (run / "explain-test").mkdir()
         doc = {"subset": "all", "split": "test", "summary": {"in_lungs": lungs, "on_text": 0.01, "n_images": 12}}
         (run / "explain-test" / "attention.json").write_text(json.dumps(doc))

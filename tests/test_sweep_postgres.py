@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cxrlab.sweep import storage_url, sweep
+from cxrlab.sweep.runner import storage_url, sweep
 from test_sweep import (
     SEED_POINTS,
     SEED_SWEEP,

@@ -313,7 +313,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], Any] = print) -> PipelineR
     )
 
     def do_train() -> dict[str, Any]:
-        from cxrlab.train import train
+        from cxrlab.training.train import train
 
         started = st.marker("train.started")
         resume = None
@@ -324,13 +324,13 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], Any] = print) -> PipelineR
                 log(f"train: resuming the interrupted run {rd}")
                 resume = rd
         if resume is None:
-            from cxrlab.train import new_run_dir
+            from cxrlab.training.train import new_run_dir
 
             run_dir, run_id = new_run_dir(tc)
             started.write_text(json.dumps({"fingerprint": train_fp, "run_dir": str(run_dir)}))
             r = train(tc.model_copy(update={"run_name": run_id}))
         else:
-            from cxrlab.train import resume_config
+            from cxrlab.training.train import resume_config
 
             r = train(resume_config(resume), resume=resume)
         started.unlink(missing_ok=True)
@@ -342,7 +342,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], Any] = print) -> PipelineR
 
     # ---- evaluate on the held-out test split
     def do_evaluate() -> dict[str, Any]:
-        from cxrlab.evaluate import EvalConfig, evaluate
+        from cxrlab.analysis.evaluate import EvalConfig, evaluate
 
         r = evaluate(EvalConfig(target=run_dir, split="test", n_boot=cfg.n_boot, progress=cfg.progress))
         return {"eval_dir": r.out_dir, "metrics": r.paths["metrics"], "report": r.paths.get("report")}
@@ -355,7 +355,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], Any] = print) -> PipelineR
     else:
 
         def do_explain() -> dict[str, Any]:
-            from cxrlab.explain import ExplainConfig, explain
+            from cxrlab.analysis.explain import ExplainConfig, explain
 
             r = explain(
                 ExplainConfig(target=run_dir, split="test", max_images=cfg.explain_max_images, progress=cfg.progress)
@@ -366,7 +366,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], Any] = print) -> PipelineR
 
     # ---- report: the run's page, and the same page at out/report.html
     def do_report() -> dict[str, Any]:
-        from cxrlab.report import write_run_report
+        from cxrlab.report.pages import write_run_report
 
         adir = Path(audit_out["audit"]).parent if audit_out else None
         run_page = write_run_report(run_dir, audit_dir=adir)

@@ -98,7 +98,7 @@ def evaluate_cmd(
 ) -> None:
     """Metrics with 95% bootstrap CIs, per-class table, confusion matrix, calibration (ECE + reliability
     diagram), ROC AUC, predictions.csv and a self-contained report.html."""
-    from cxrlab.evaluate import EvalConfig, evaluate
+    from cxrlab.analysis.evaluate import EvalConfig, evaluate
 
     cfg = build_config(
         EvalConfig,
@@ -136,7 +136,7 @@ def compare_cmd(
 ) -> None:
     """Both models on the same images: metrics side by side, McNemar's exact test, a paired bootstrap CI of the
     accuracy difference, false negatives/positives per class, and a plain verdict (compare.html/.json)."""
-    from cxrlab.evaluate import CompareConfig, compare
+    from cxrlab.analysis.evaluate import CompareConfig, compare
 
     cfg = build_config(
         CompareConfig,
@@ -190,7 +190,7 @@ def report_cmd(
 ) -> None:
     """(Re)build the self-contained HTML report of a run from its files (training curves, evaluations,
     calibration, audit summary, link to the explanations)."""
-    from cxrlab import report
+    from cxrlab.report import pages as report
 
     if (run / "metrics.json").is_file() and not (run / "summary.json").is_file():
         path = report.write_eval_report(run, out)

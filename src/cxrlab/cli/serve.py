@@ -128,7 +128,7 @@ def predict_cmd(
 
     Unreadable files are reported with their reason (error column) and the rest go on.
     """
-    from cxrlab.predict import Predictor
+    from cxrlab.inference.predict import Predictor
 
     predictor = Predictor(
         bundle, backend=backend.value, device=device, batch_size=batch_size, progress=None if progress else False
@@ -191,8 +191,8 @@ def export_cmd(
 
     The export is checked against PyTorch (max |difference| <= 1e-4) before it is written.
     """
-    from cxrlab.bundle import load_bundle
-    from cxrlab.export import ExportError, export, max_abs_diff, probe_batch
+    from cxrlab.inference.bundle import load_bundle
+    from cxrlab.inference.export import ExportError, export, max_abs_diff, probe_batch
 
     if exporter not in ("torchscript", "dynamo"):
         raise ExportError(f"unknown --exporter {exporter!r}; choose torchscript or dynamo")

@@ -1,6 +1,6 @@
 """CLI command ``cxrlab sweep``: run a W&B-format sweep file with Optuna (default) or W&B.
 
-Thin: parse options, build ``SweepConfig``, call ``cxrlab.sweep.sweep``, print the summary table, the best
+Thin: parse options, build ``SweepConfig``, call ``cxrlab.sweep.runner.sweep``, print the summary table, the best
 trial and where the files are. Several copies of the same command (same ``--storage``) share the work.
 """
 
@@ -53,7 +53,7 @@ def sweep_cmd(
 ) -> None:
     """Run a hyper-parameter sweep; re-running the same command resumes it, several copies share it."""
     from cxrlab.config import ConfigError, build_config
-    from cxrlab.sweep import SweepConfig, summary_table, sweep
+    from cxrlab.sweep.runner import SweepConfig, summary_table, sweep
 
     overrides = [*overrides, *(extra or [])]
     bad = [s for s in overrides if "=" not in s]

@@ -338,7 +338,7 @@ def _per_class(feats: pd.DataFrame, classes: list[str]) -> dict[str, dict[str, A
 
 
 def _hist_figure(feats: pd.DataFrame, classes: list[str]):
-    from cxrlab import report_html as rh
+    from cxrlab.report import html as rh
 
     ok = feats[feats["error"] == ""]
     panels = [
@@ -370,7 +370,7 @@ def _hist_figure(feats: pd.DataFrame, classes: list[str]):
 
 
 def _counts_figure(counts: pd.DataFrame):
-    from cxrlab import report_html as rh
+    from cxrlab.report import html as rh
 
     fig, ax = rh.new_figure(6, 3)
     x = np.arange(len(counts.index))
@@ -387,9 +387,9 @@ def _counts_figure(counts: pd.DataFrame):
 def _thumb(path: str, boxes: bool) -> str | None:
     import cv2
 
-    from cxrlab import report_html as rh
     from cxrlab.data.io import ImageReadError, read_xray
     from cxrlab.data.textdetect import detect_text
+    from cxrlab.report import html as rh
 
     try:
         g = read_xray(path)
@@ -442,7 +442,7 @@ def _html(
     warnings: list[str],
     elapsed: float,
 ) -> str:
-    from cxrlab import report_html as rh
+    from cxrlab.report import html as rh
 
     parts: list[str] = []
     for w in conf.get("warnings", []):
@@ -695,7 +695,7 @@ def audit(cfg: AuditConfig) -> AuditResult:
     }
     json_path = out / AUDIT_JSON
     html_path = out / AUDIT_HTML
-    from cxrlab import report_html as rh
+    from cxrlab.report import html as rh
 
     rh.write_page(html_path, _html(cfg, src, kind, feats, classes, counts_df, per_class, conf, dup, warnings, elapsed))
     elapsed = time.perf_counter() - t0

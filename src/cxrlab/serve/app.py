@@ -59,7 +59,7 @@ from pydantic import Field
 import cxrlab
 from cxrlab.config import StrictModel
 from cxrlab.errors import CxrlabError
-from cxrlab.predict import Predictor, encode_png
+from cxrlab.inference.predict import Predictor, encode_png
 
 ImageFormat = Literal["PNG", "JPEG", "DICOM", "TIFF", "BMP"]
 _MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file in a multipart body

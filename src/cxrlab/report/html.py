@@ -6,7 +6,7 @@ mailed or attached to a W&B run, and never changes after it is written.
 
 Typical use::
 
-    from cxrlab import report_html as rh
+    from cxrlab.report import html as rh
 
     fig, ax = rh.new_figure(6, 3)
     ax.bar(["a", "b"], [3, 5])

@@ -11,7 +11,7 @@ Run directory ``<output_dir>/<run-id>/``::
 
 ``train(cfg, resume="runs/<id>")`` continues an interrupted run in the same directory from ``last.ckpt``: model,
 optimizer, scheduler, loop and callback state come from the checkpoint, and the data order, augmentation and
-dropout streams are functions of ``(seed, epoch)`` (see ``cxrlab.datamodule`` and ``CXRClassifier``), so the
+dropout streams are functions of ``(seed, epoch)`` (see ``cxrlab.data.datamodule`` and ``CXRClassifier``), so the
 resumed run sees the batches the uninterrupted run would have seen.
 
 Checkpoints are read with ``torch.load(weights_only=True)`` (no pickle code execution): Lightning's checkpoints of
@@ -373,10 +373,10 @@ def train(
     """
     import lightning as L
 
-    from cxrlab.datamodule import CXRDataModule, check_split, resolve_split
-    from cxrlab.model import build_model, model_data_config
-    from cxrlab.module import CXRClassifier
+    from cxrlab.data.datamodule import CXRDataModule, check_split, resolve_split
     from cxrlab.tracking import resolve_wandb_mode, wandb_dirs
+    from cxrlab.training.model import build_model, model_data_config
+    from cxrlab.training.module import CXRClassifier
 
     t0 = time.perf_counter()
     info = resolve_split(cfg.data)
@@ -388,7 +388,7 @@ def train(
         )
     cfg = cfg.model_copy(update={"num_classes": len(info.classes), "data": str(info.root)})
 
-    from cxrlab.model import check_model_name
+    from cxrlab.training.model import check_model_name
 
     check_model_name(cfg.model_name)  # before the run directory exists: a typo leaves nothing behind
     notes: list[str] = []
@@ -567,7 +567,7 @@ def _fit_and_finish(
         default_root_dir=str(run_dir),
         logger=loggers,
         callbacks=callbacks,
-        use_distributed_sampler=False,  # EpochSampler shards the training set itself (see cxrlab.datamodule)
+        use_distributed_sampler=False,  # EpochSampler shards the training set itself (see cxrlab.data.datamodule)
     )
     wandb_dir: Path | None = None
     ok = False
@@ -637,7 +637,7 @@ def _finish(
     run_id: str,
     wandb_logger: Any,
 ) -> RunResult:
-    from cxrlab.bundle import BundleMeta, save_bundle
+    from cxrlab.inference.bundle import BundleMeta, save_bundle
 
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else run_dir / CKPT_DIR / "best.ckpt"
     if not best.is_file():

@@ -49,9 +49,9 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, CosineAnnealingWarmRestarts, LRScheduler
 
-from cxrlab.augment import norm_constants
 from cxrlab.config import Config, ConfigError
 from cxrlab.errors import CxrlabError
+from cxrlab.transforms import norm_constants
 
 log = logging.getLogger(__name__)
 
@@ -454,7 +454,7 @@ def model_data_config(model: nn.Module) -> tuple[tuple[float, ...], tuple[float,
     """(mean, std) for the model's input channels, from timm's resolve_data_config (the pretrained_cfg).
 
     Weights from the efficientnet-lite0 package give (0.5, 0.5, 0.5) both; 1-channel models get the mean of
-    the RGB constants (``cxrlab.augment.norm_constants``)."""
+    the RGB constants (``cxrlab.transforms.norm_constants``)."""
     from timm.data import resolve_data_config
 
     data_cfg = resolve_data_config({}, model=model)

@@ -20,7 +20,7 @@ little more than a forward pass.
 Attention shares: the CAM (as returned by pytorch-grad-cam: ReLU, min-max scaled, upsampled to the model input)
 is normalised to sum 1 over the image; the share of that mass inside a region is the attention on the region:
 
-- ``in_lungs``: lung fields from ``cxrlab.lungs.segment_lungs`` (classical segmentation, anatomical prior as
+- ``in_lungs``: lung fields from ``cxrlab.analysis.lungs.segment_lungs`` (classical segmentation, anatomical prior as
   fallback; see its limits there);
 - ``on_text``: burned-in text and markers found by ``cxrlab.data.textdetect.detect_text`` on the original image
   (before any text removal, so the effect of removal can be measured), dilated by ``text_dilate`` of the side;
@@ -320,8 +320,8 @@ def image_regions(
     The text region is the union of the detected glyph boxes, dilated by ``text_dilate`` of the longer side but
     at least ``min_dilate`` pixels (``explain`` passes half a CAM cell: a CAM cannot place attention more finely,
     so a CAM looking at a marker spreads over that margin around it)."""
+    from cxrlab.analysis.lungs import segment_lungs
     from cxrlab.data.textdetect import detect_text
-    from cxrlab.lungs import segment_lungs
 
     h, w = size
     lm = segment_lungs(gray)
@@ -440,11 +440,11 @@ def explain(cfg: ExplainConfig) -> ExplainResult:
     """Grad-CAM for every image of the split (or only the errors); attention scores; HTML table; W&B table."""
     from tqdm.auto import tqdm
 
-    from cxrlab.augment import to_channels
-    from cxrlab.bundle import load_bundle, resolve_bundle_dir
+    from cxrlab.analysis.evaluate import find_run_dir, read_summary, resolve_items
     from cxrlab.data.io import ImageReadError, read_xray
-    from cxrlab.evaluate import find_run_dir, read_summary, resolve_items
+    from cxrlab.inference.bundle import load_bundle, resolve_bundle_dir
     from cxrlab.preprocess import apply_preprocess
+    from cxrlab.transforms import to_channels
 
     t0 = time.perf_counter()
     bundle_dir = resolve_bundle_dir(cfg.target)
@@ -529,7 +529,9 @@ def explain(cfg: ExplainConfig) -> ExplainResult:
         "cam_target": cfg.cam_target,
         "target_layer": engine.layer_name,
         "regions": {
-            "in_lungs": "cxrlab.lungs.segment_lungs (threshold + watershed + convex hull; prior ellipses fallback)",
+            "in_lungs": (
+                "cxrlab.analysis.lungs.segment_lungs (threshold + watershed + convex hull; prior ellipses fallback)"
+            ),
             "on_text": (
                 "cxrlab.data.textdetect.detect_text glyph boxes on the original image, dilated by "
                 f"max({cfg.text_dilate:g} of the side, half a CAM cell = {engine.cell / 2:g} px)"
@@ -604,7 +606,7 @@ def _row(
     thumbs: Path,
     cell: float,
 ) -> dict[str, Any]:
-    from cxrlab.augment import resize_gray
+    from cxrlab.transforms import resize_gray
 
     reg = image_regions(gray, size, cfg.border, cfg.text_dilate, min_dilate=cell / 2)
     pred = int(np.argmax(probs))
@@ -637,7 +639,7 @@ def _row(
 
 # --------------------------------------------------------------------------------------------- HTML
 
-# the shared report style (cxrlab.report_html) plus what the image table needs; the only script is the sorting
+# the shared report style (cxrlab.report.html) plus what the image table needs; the only script is the sorting
 # and filtering below (inline, no CDN)
 _CSS = """
 body{max-width:none}
@@ -695,7 +697,7 @@ def _summary_rows(doc: dict[str, Any]) -> list[list[Any]]:
 
 
 def _write_html(path: Path, table: pd.DataFrame, doc: dict[str, Any], classes: list[str]) -> None:
-    from cxrlab import report_html as rh
+    from cxrlab.report import html as rh
 
     e = html.escape
     model = doc["model"]

@@ -28,8 +28,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from cxrlab.bundle import WEIGHTS_FILE, Bundle, load_bundle
 from cxrlab.errors import CxrlabError
+from cxrlab.inference.bundle import WEIGHTS_FILE, Bundle, load_bundle
 
 ExportFormat = Literal["onnx", "torchscript"]
 FORMATS: dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
@@ -211,7 +211,7 @@ def onnx_session(path: str | Path, device: str = "cpu", intra_op_threads: int = 
 
 
 def read_onnx_metadata(path: str | Path) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file (``cxrlab.bundle``, ``cxrlab.weights_sha256``)."""
+    """The ``metadata_props`` of an ONNX file (``cxrlab.inference.bundle``, ``cxrlab.weights_sha256``)."""
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)

@@ -27,10 +27,10 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cxrlab.augment import norm_constants, resize_gray, to_channels
 from cxrlab.config import Config, ConfigError
 from cxrlab.data.manifest import SPLITS, DataError, SplitInfo, load_split
 from cxrlab.preprocess import apply_preprocess
+from cxrlab.transforms import norm_constants, resize_gray, to_channels
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class CXRDataModule(L.LightningDataModule):
     """Train/val/test loaders over a split (see the module docstring for caching and seeding).
 
     ``mean``/``std`` default to ImageNet's for ``cfg.in_chans``; ``train`` passes the model's own
-    (``cxrlab.model.model_data_config``) so the bundle's normalisation is the one trained with.
+    (``cxrlab.training.model.model_data_config``) so the bundle's normalisation is the one trained with.
     """
 
     def __init__(
@@ -294,7 +294,7 @@ class CXRDataModule(L.LightningDataModule):
 
     # ---- building
     def _transform(self, train: bool) -> Callable[..., dict[str, Any]]:
-        from cxrlab.augment import eval_transform, train_transform
+        from cxrlab.transforms import eval_transform, train_transform
 
         if train:
             return train_transform(self.cfg.img_size, self.mean, self.std, self.cfg.augment, seed=self.cfg.seed)

@@ -184,7 +184,7 @@ class Bundle:
 
     @functools.cached_property
     def _eval_transform(self):  # -> albumentations.Compose, built once per bundle
-        from cxrlab.augment import eval_transform
+        from cxrlab.transforms import eval_transform
 
         return eval_transform(self.meta.img_size, self.meta.mean, self.meta.std)
 
@@ -193,8 +193,8 @@ class Bundle:
 
     def preprocess(self, gray: np.ndarray) -> torch.Tensor:
         """One 2-D uint8 grayscale image -> CxHxW float tensor, exactly as in training's eval path."""
-        from cxrlab.augment import to_channels
         from cxrlab.preprocess import apply_preprocess
+        from cxrlab.transforms import to_channels
 
         gray = apply_preprocess(gray, self.meta.preprocess)
         return self.transform()(image=to_channels(gray, self.meta.in_chans))["image"]

@@ -1317,7 +1317,7 @@ def apply_retention(rows: list[dict[str, Any]], best: dict[str, Any] | None, run
     bytes freed."""
     import shutil
 
-    from cxrlab.train import disk_usage
+    from cxrlab.training.train import disk_usage
 
     runs = runner.runs_dir.resolve()
     freed = 0
@@ -1427,16 +1427,16 @@ def _run_wandb(
 
 def _default_train() -> TrainFn:
     try:
-        from cxrlab.train import train
+        from cxrlab.training.train import train
     except ImportError as e:
-        raise SweepError(f"the training stage (cxrlab.train) is not available: {e}") from e
+        raise SweepError(f"the training stage (cxrlab.training.train) is not available: {e}") from e
     return train
 
 
 def sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, console: Console | None = None) -> SweepResult:
     """Run (or resume, or join) the sweep described by ``cfg``; returns the table of the whole study.
 
-    ``train_fn(Config) -> RunResult`` runs one trial (default ``cxrlab.train.train``); tests inject fakes.
+    ``train_fn(Config) -> RunResult`` runs one trial (default ``cxrlab.training.train.train``); tests inject fakes.
     Safe to run the same command in several processes or on several machines sharing ``--storage``: each
     grid point runs once. Ctrl-C marks the running trial interrupted, writes the summary and re-raises.
     """
@@ -1490,7 +1490,7 @@ def sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, console: Console | 
         csv_path, plot = _write_outputs(rows, spec, name, sweep_dir)
     pending, running = opt.counts()
     freed = apply_retention(rows, _best(rows, spec.goal), runner) if cfg.keep == "best" else 0
-    from cxrlab.train import disk_usage
+    from cxrlab.training.train import disk_usage
 
     return SweepResult(
         name=name,

@@ -1,7 +1,7 @@
 """Self-contained HTML reports: one per evaluation, one per comparison, one per run.
 
 Every page opens offline: figures are PNGs embedded as base64 data URIs, styles are inline, no script or font
-comes from a CDN (the page template and blocks are the shared ``cxrlab.report_html`` helpers). Pages are rebuilt
+comes from a CDN (the page template and blocks are the shared ``cxrlab.report.html`` helpers). Pages are rebuilt
 from the files a stage wrote (``metrics.json``, ``predictions.csv``, ``metrics.csv`` ...), so
 ``cxrlab report RUN`` regenerates a run's report at any time.
 """
@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from cxrlab import report_html as rh
 from cxrlab.errors import CxrlabError
+from cxrlab.report import html as rh
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from cxrlab.evaluate import CompareResult, EvalResult
+    from cxrlab.analysis.evaluate import CompareResult, EvalResult
 
 RUN_REPORT = "report.html"
 EVAL_REPORT = "report.html"
@@ -261,7 +261,7 @@ def _links(items: list[tuple[str, str]]) -> str:
 
 
 def _costly_class(classes: list[str]) -> str | None:
-    from cxrlab.evaluate import COSTLY_CLASS, _norm_name
+    from cxrlab.analysis.evaluate import COSTLY_CLASS, _norm_name
 
     return next((c for c in classes if _norm_name(c) == _norm_name(COSTLY_CLASS)), None)
 

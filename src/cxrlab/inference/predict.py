@@ -29,8 +29,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from cxrlab.bundle import Bundle, load_bundle
 from cxrlab.errors import CxrlabError
+from cxrlab.inference.bundle import Bundle, load_bundle
 
 Backend = Literal["torch", "onnx"]
 BACKENDS = ("torch", "onnx")
@@ -177,7 +177,7 @@ class Predictor:
         self._cam_lock = threading.Lock()
         self.ignored: list[tuple[str, str]] = []  # (path, reason) of the last predict(): files that are not inputs
         if backend == "onnx":
-            from cxrlab.export import ensure_onnx, onnx_session
+            from cxrlab.inference.export import ensure_onnx, onnx_session
 
             self.onnx_path = ensure_onnx(self.bundle)
             self._session = onnx_session(self.onnx_path, device=str(self.device))
@@ -210,7 +210,7 @@ class Predictor:
     def forward(self, x: torch.Tensor) -> np.ndarray:
         """Softmax probabilities (N x classes, float64 rows summing to 1) for a preprocessed batch."""
         if self._session is not None:
-            from cxrlab.export import INPUT_NAME, OUTPUT_NAME
+            from cxrlab.inference.export import INPUT_NAME, OUTPUT_NAME
 
             logits = self._session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x.numpy(), np.float32)})[0]
             logits = torch.from_numpy(logits)
@@ -315,14 +315,15 @@ class Predictor:
     def cam_overlays(self, grays: Sequence[np.ndarray], max_side: int = 512) -> list[np.ndarray]:
         """Grad-CAM overlays (H x W x 3 uint8 RGB, longer side at most ``max_side``) of the predicted class.
 
-        The CAM comes from ``cxrlab.explain.CamEngine`` (pytorch-grad-cam, target layer chosen automatically) on
-        the bundle's preprocessed input and is drawn over the *original* image with ``cxrlab.explain.overlay``
+        The CAM comes from ``cxrlab.analysis.explain.CamEngine`` (pytorch-grad-cam, target layer chosen automatically)
+        on the bundle's preprocessed input and is drawn over the *original* image with
+        ``cxrlab.analysis.explain.overlay``
         (the model input is a plain resize of it, so stretching the CAM back to the original shape is exact).
         Serialised and hooks removed afterwards: Grad-CAM hooks the shared model, which other threads may use.
         """
         import cv2
 
-        from cxrlab.explain import CamEngine, overlay
+        from cxrlab.analysis.explain import CamEngine, overlay
 
         if not grays:
             return []

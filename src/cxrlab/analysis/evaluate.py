@@ -234,7 +234,7 @@ def metrics_from_confusion(cm: np.ndarray, present: np.ndarray | None = None) ->
         f1 = np.where(denom > 0, 2 * precision * recall / np.where(denom > 0, denom, 1), 0.0)
         f1 = np.where(np.isnan(recall), np.nan, f1)
         accuracy = np.where(total > 0, tp.sum(axis=-1) / np.where(total > 0, total, 1), np.nan)
-        # one-vs-rest accuracy of each class, (TP + TN) / N, as training logs acc_<CLASS> (cxrlab.module)
+        # one-vs-rest accuracy of each class, (TP + TN) / N, as training logs acc_<CLASS> (cxrlab.training.module)
         tot = np.where(total > 0, total, 1)[..., None]
         acc_ovr = (total[..., None] - (support - tp) - (predicted - tp)) / tot
     if present is None:
@@ -667,7 +667,7 @@ def _json_safe(x: Any) -> Any:
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Evaluate ``cfg.target`` on its own split or on ``cfg.data``; write metrics, predictions, figures and
     report.html; log to the run's W&B run when it has one."""
-    from cxrlab.bundle import load_bundle, resolve_bundle_dir
+    from cxrlab.inference.bundle import load_bundle, resolve_bundle_dir
 
     bundle_dir = resolve_bundle_dir(cfg.target)
     run_dir = find_run_dir(bundle_dir)
@@ -736,7 +736,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         paths["skipped"] = out / "skipped.csv"
         pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(paths["skipped"], index=False)
     if cfg.report:
-        from cxrlab import report
+        from cxrlab.report import pages as report
 
         paths.update(report.write_eval_figures(result, out))
     paths["metrics"] = out / "metrics.json"
@@ -744,7 +744,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         paths["report"] = out / "report.html"
     _write_metrics_json(result, cfg, summary, paths["metrics"])
     if cfg.report:
-        from cxrlab import report
+        from cxrlab.report import pages as report
 
         report.write_eval_report(out, paths["report"])
     if cfg.wandb == "auto" and run_dir is not None:
@@ -850,7 +850,7 @@ ATTENTION_KEYS = ("in_lungs", "on_text", "on_border", "on_text_where_text", "wit
 
 
 def _read_attention(run_dir: Path | None, split: str) -> dict[str, float] | None:
-    """Mean attention shares of a run's explanation (``explain-*/attention.json``, written by cxrlab.explain).
+    """Mean attention shares of a run's explanation (``explain-*/attention.json``, written by cxrlab.analysis.explain).
 
     Prefers an explanation of every image (not errors only) on the compared split, then the newest."""
     if run_dir is None:
@@ -877,7 +877,7 @@ def compare(cfg: CompareConfig) -> CompareResult:
     Both are evaluated with ``evaluate`` (full artefacts under ``<out>/baseline`` and ``<out>/challenger``);
     the comparison pairs predictions by path. Without ``--data`` their own splits must hold the same items.
     """
-    from cxrlab.bundle import load_bundle, resolve_bundle_dir
+    from cxrlab.inference.bundle import load_bundle, resolve_bundle_dir
 
     metas = []
     for name, t in (("baseline", cfg.baseline), ("challenger", cfg.challenger)):
@@ -998,13 +998,13 @@ def compare(cfg: CompareConfig) -> CompareResult:
         paths={},
     )
     if cfg.report:
-        from cxrlab import report
+        from cxrlab.report import pages as report
 
         result.paths["confusion_png"] = report.write_compare_confusion(result, out / "confusion_matrices.png")
     result.paths["json"] = out / "compare.json"
     _write_compare_json(result, cfg)
     if cfg.report:
-        from cxrlab import report
+        from cxrlab.report import pages as report
 
         result.paths["report"] = report.write_compare_report(result, out / "compare.html")
     return result
