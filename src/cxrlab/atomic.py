@@ -20,6 +20,19 @@ def _tmp_name(path: Path) -> Path:
 
 
 @contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temp path beside ``path`` for a library that writes files by name (safetensors, ONNX ...); it replaces
+    ``path`` when the ``with`` block ends without an error and is removed in any case."""
+    target = Path(path)
+    tmp = _tmp_name(target)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
 def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
     """``open(path, mode)`` that replaces ``path`` only when the ``with`` block ends without an error.
 

@@ -33,13 +33,13 @@ import pandas as pd
 from pydantic import Field
 
 from cxrlab.config import StrictModel
+from cxrlab.data.classes import norm_class_name, order_costly_first
 from cxrlab.data.manifest import SPLIT_FILE, SPLIT_META_FILE, DataError, load_split, read_manifest
 from cxrlab.errors import CxrlabError
 from cxrlab.tracking import resumed_run, tracked_run_info
 
 log = logging.getLogger(__name__)
 
-COSTLY_CLASS = "COVID19"  # the class whose false negatives cost most (the seed's headline metric)
 SUMMARY_FILE = "summary.json"
 
 
@@ -430,20 +430,16 @@ class Items:
     kind: Literal["split", "external"]
 
 
-def _norm_name(name: str) -> str:
-    return re.sub(r"[^0-9a-z]", "", str(name).casefold())
-
-
 def map_class_names(names: list[str] | set[str], classes: list[str], where: str) -> dict[str, str]:
     """Map data class names onto the bundle's: exact, else case/punctuation-insensitive (``covid-19`` ->
     ``COVID19``). Unknown names raise EvalError listing the bundle's classes."""
-    by_norm = {_norm_name(c): c for c in classes}
+    by_norm = {norm_class_name(c): c for c in classes}
     out, unknown = {}, []
     for n in sorted(set(names)):
         if n in classes:
             out[n] = n
-        elif _norm_name(n) in by_norm:
-            out[n] = by_norm[_norm_name(n)]
+        elif norm_class_name(n) in by_norm:
+            out[n] = by_norm[norm_class_name(n)]
         else:
             unknown.append(n)
     if unknown:
@@ -461,7 +457,7 @@ def _list_class_folders(root: Path, classes: list[str]) -> tuple[list[str], list
     if not subdirs:
         raise EvalError(f"{root} has no class folders; pass a folder with one sub-folder per class or a manifest csv")
     split_like = {d.name.lower() for d in subdirs} & {"train", "val", "test"}
-    if split_like and not ({_norm_name(d.name) for d in subdirs} & {_norm_name(c) for c in classes}):
+    if split_like and not ({norm_class_name(d.name) for d in subdirs} & {norm_class_name(c) for c in classes}):
         raise EvalError(
             f"{root} looks like a train/test layout ({', '.join(sorted(split_like))}); pass one of its class-folder "
             f"parents, e.g. {root / sorted(split_like)[0]}"
@@ -841,11 +837,6 @@ def make_verdict(
     return False, f"no significant difference at n={n}: {tail}"
 
 
-def _order_costly_first(classes: list[str]) -> list[str]:
-    costly = [c for c in classes if _norm_name(c) == _norm_name(COSTLY_CLASS)]
-    return costly + [c for c in classes if c not in costly]
-
-
 ATTENTION_KEYS = ("in_lungs", "on_text", "on_border", "on_text_where_text", "with_text", "n_images")
 
 
@@ -951,7 +942,7 @@ def compare(cfg: CompareConfig) -> CompareResult:
 
     cma, cmc = confusion_matrix(yt, ya, k), confusion_matrix(yt, yc, k)
     rows = []
-    for c in _order_costly_first(classes):
+    for c in order_costly_first(classes):
         i = cidx[c]
         rows.append(
             {

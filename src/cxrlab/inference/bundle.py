@@ -138,15 +138,11 @@ def save_bundle(model: torch.nn.Module, meta: BundleMeta, out_dir: str | Path) -
     meta.timm_version = meta.timm_version or timm.__version__
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     # each file appears whole or not at all (a crash mid-save leaves no truncated weights behind a valid json)
-    from cxrlab.atomic import _tmp_name, write_text_atomic
+    from cxrlab.atomic import atomic_path, write_text_atomic
 
-    tmp = _tmp_name(out / WEIGHTS_FILE)
-    try:
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"model_name": meta.model_name})
         meta.weights_sha256 = file_sha256(tmp)
-        tmp.replace(out / WEIGHTS_FILE)
-    finally:
-        tmp.unlink(missing_ok=True)
     write_text_atomic(out / META_FILE, json.dumps(meta.to_json(), indent=2))
     return out
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from cxrlab.data.classes import costly_class
 from cxrlab.errors import CxrlabError
 from cxrlab.report import html as rh
 
@@ -260,12 +261,6 @@ def _links(items: list[tuple[str, str]]) -> str:
     return "<p>" + " · ".join(f"<a href='{esc(h)}'>{esc(t)}</a>" for h, t in items) + "</p>"
 
 
-def _costly_class(classes: list[str]) -> str | None:
-    from cxrlab.analysis.evaluate import COSTLY_CLASS, _norm_name
-
-    return next((c for c in classes if _norm_name(c) == _norm_name(COSTLY_CLASS)), None)
-
-
 # --------------------------------------------------------------------------------------------- eval report
 
 
@@ -325,7 +320,7 @@ def eval_section_html(eval_dir: Path, level: int = 2, gallery: bool = True) -> s
         parts.append(
             rh.callout(f"{doc['n_skipped']} file(s) could not be read and were skipped (listed below).", "warn")
         )
-    costly = _costly_class(classes) or (doc.get("present_classes") or classes or [None])[0]
+    costly = costly_class(classes) or (doc.get("present_classes") or classes or [None])[0]
     cards = [
         _card("accuracy", m.get(f"{p}/accuracy"), ci.get(f"{p}/accuracy")),
         _card("macro F1" + (" (present classes)" if absent else ""), m.get(f"{p}/f1_macro"), ci.get(f"{p}/f1_macro")),
@@ -415,7 +410,7 @@ def write_compare_report(r: CompareResult, path: Path) -> Path:
         rh.callout(r.verdict, "ok" if r.significant else "info", title="Verdict:"),
     ]
     names = ["accuracy", "precision_macro", "recall_macro", "f1_macro", "auc_macro", "ece", "nll"]
-    costly = _costly_class(b.classes)
+    costly = costly_class(b.classes)
     names += [f"recall_{x}" for x in ([costly] if costly else []) + [x for x in b.classes if x != costly]]
     rows = []
     for n_ in names:
