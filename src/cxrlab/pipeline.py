@@ -30,8 +30,10 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from cxrlab.atomic import write_json
 from cxrlab.config import Config, ConfigError, StrictModel, apply_overrides, build_config, read_yaml
 from cxrlab.errors import CxrlabError
+from cxrlab.runs import REPORT_FILE, checkpoint_path
 
 STAGES = ("synth", "ingest", "split", "audit", "train", "evaluate", "explain", "report")
 MARKER_DIR = ".stages"
@@ -165,7 +167,7 @@ class _Stages:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **extra,
         }
-        self.marker(name).write_text(json.dumps(doc, indent=2, default=str))
+        write_json(self.marker(name), doc, default=str)
         return doc
 
 
@@ -320,14 +322,14 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], Any] = print) -> PipelineR
         if started.is_file():
             prev = json.loads(started.read_text())
             rd = Path(prev.get("run_dir", ""))
-            if prev.get("fingerprint") == train_fp and (rd / "checkpoints" / "last.ckpt").is_file():
+            if prev.get("fingerprint") == train_fp and checkpoint_path(rd, "last").is_file():
                 log(f"train: resuming the interrupted run {rd}")
                 resume = rd
         if resume is None:
             from cxrlab.training.train import new_run_dir
 
             run_dir, run_id = new_run_dir(tc)
-            started.write_text(json.dumps({"fingerprint": train_fp, "run_dir": str(run_dir)}))
+            write_json(started, {"fingerprint": train_fp, "run_dir": str(run_dir)}, indent=None)
             r = train(tc.model_copy(update={"run_name": run_id}))
         else:
             from cxrlab.training.train import resume_config
@@ -370,7 +372,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], Any] = print) -> PipelineR
 
         adir = Path(audit_out["audit"]).parent if audit_out else None
         run_page = write_run_report(run_dir, audit_dir=adir)
-        top = write_run_report(run_dir, out=out / "report.html", audit_dir=adir)
+        top = write_run_report(run_dir, out=out / REPORT_FILE, audit_dir=adir)
         return {"report": top, "run_report": run_page}
 
     upstream = [fps.get(s) for s in STAGES if s != "report"]
@@ -392,23 +394,21 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], Any] = print) -> PipelineR
         headline=headline,
         wall_s=time.perf_counter() - t_start,
     )
-    (out / PIPELINE_FILE).write_text(
-        json.dumps(
-            {
-                "src": str(src),
-                "demo": cfg.demo,
-                "config": str(cfg_path) if cfg_path else None,
-                "overrides": cfg.overrides,
-                "dataset_version": spl.get("dataset_version"),
-                "run_dir": str(run_dir),
-                "audit": str(audit_dir) if audit_out else None,
-                "report": str(result.report),
-                "headline": headline,
-                "stages": [asdict(s) for s in statuses],
-                "wall_s": round(result.wall_s, 1),
-            },
-            indent=2,
-        )
+    write_json(
+        out / PIPELINE_FILE,
+        {
+            "src": str(src),
+            "demo": cfg.demo,
+            "config": str(cfg_path) if cfg_path else None,
+            "overrides": cfg.overrides,
+            "dataset_version": spl.get("dataset_version"),
+            "run_dir": str(run_dir),
+            "audit": str(audit_dir) if audit_out else None,
+            "report": str(result.report),
+            "headline": headline,
+            "stages": [asdict(s) for s in statuses],
+            "wall_s": round(result.wall_s, 1),
+        },
     )
     return result
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,15 +31,26 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from cxrlab.atomic import json_safe, write_json
 from cxrlab.config import StrictModel
 from cxrlab.data.classes import norm_class_name, order_costly_first
 from cxrlab.data.manifest import SPLIT_FILE, SPLIT_META_FILE, DataError, load_split, read_manifest
 from cxrlab.errors import CxrlabError
+from cxrlab.inference.infer import resolve_device
+from cxrlab.runs import (
+    CONFUSION_CSV,
+    EVAL_METRICS_FILE,
+    PREDICTIONS_FILE,
+    REPORT_FILE,
+    SKIPPED_FILE,
+    find_run_dir,
+    read_run_config,
+    read_summary,
+    stage_dir,
+)
 from cxrlab.tracking import resumed_run, tracked_run_info
 
 log = logging.getLogger(__name__)
-
-SUMMARY_FILE = "summary.json"
 
 
 class EvalError(CxrlabError):
@@ -519,37 +529,13 @@ def resolve_external_items(data: Path, split: str, classes: list[str]) -> Items:
     return Items(paths, labels, f"{data} (class folders)", "unversioned", "external")
 
 
-def find_run_dir(target: Path) -> Path | None:
-    """The run directory of ``target`` (a run dir, or its bundle/), or None for a bare bundle."""
-    t = Path(target)
-    for cand in (t, t.parent):
-        if (cand / SUMMARY_FILE).is_file() or ((cand / "bundle").is_dir() and (cand / "config.yaml").is_file()):
-            return cand
-    return None
-
-
-def read_summary(run_dir: Path | None) -> dict[str, Any]:
-    if run_dir is None or not (run_dir / SUMMARY_FILE).is_file():
-        return {}
-    try:
-        return json.loads((run_dir / SUMMARY_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise EvalError(f"{run_dir / SUMMARY_FILE} is not valid JSON: {e}") from e
-
-
 def _run_split_dir(run_dir: Path | None, summary: dict[str, Any], bundle_config: dict[str, Any]) -> Path | None:
     cands: list[str] = []
     if summary.get("data"):
         cands.append(str(summary["data"]))
-    if run_dir is not None and (run_dir / "config.yaml").is_file():
-        import yaml
-
-        try:
-            cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        except yaml.YAMLError:
-            cfg = {}
-        if isinstance(cfg, dict) and cfg.get("data"):
-            cands.append(str(cfg["data"]))
+    cfg = read_run_config(run_dir)
+    if cfg.get("data"):
+        cands.append(str(cfg["data"]))
     if bundle_config.get("data"):
         cands.append(str(bundle_config["data"]))
     for c in cands:
@@ -591,14 +577,6 @@ def resolve_items(
 # --------------------------------------------------------------------------------------------- prediction
 
 
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def predict_items(
     bundle: Any, paths: list[str], batch_size: int = 32, progress: bool = True, desc: str = "predict"
 ) -> tuple[np.ndarray, list[int], list[dict[str, str]]]:
@@ -637,27 +615,7 @@ def predict_items(
 
 
 def _default_out(cfg: EvalConfig, bundle_dir: Path, run_dir: Path | None) -> Path:
-    base = run_dir if run_dir is not None else bundle_dir
-    if cfg.data is None:
-        return base / f"eval-{cfg.split}"
-    name = re.sub(r"[^0-9A-Za-z._-]+", "_", Path(cfg.data).resolve().stem or "data")
-    return base / f"eval-ext-{name}"
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _json_safe(x.tolist())
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, float | np.floating):
-        return None if not math.isfinite(float(x)) else float(x)
-    if isinstance(x, Path):
-        return str(x)
-    return x
+    return stage_dir(run_dir if run_dir is not None else bundle_dir, "eval", cfg.split, cfg.data)
 
 
 def evaluate(cfg: EvalConfig) -> EvalResult:
@@ -667,7 +625,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
 
     bundle_dir = resolve_bundle_dir(cfg.target)
     run_dir = find_run_dir(bundle_dir)
-    bundle = load_bundle(bundle_dir, device=_resolve_device(cfg.device))
+    bundle = load_bundle(bundle_dir, device=resolve_device(cfg.device, EvalError))
     classes = list(bundle.meta.class_names)
     items = resolve_items(run_dir or bundle_dir, cfg.split, cfg.data, classes, bundle.meta.config or {})
     if not items.paths:
@@ -724,20 +682,20 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         probs=probs,
     )
     paths = result.paths
-    paths["predictions"] = out / "predictions.csv"
+    paths["predictions"] = out / PREDICTIONS_FILE
     preds.to_csv(paths["predictions"], index=False, float_format="%.6g")
-    paths["confusion_csv"] = out / "confusion_matrix.csv"
+    paths["confusion_csv"] = out / CONFUSION_CSV
     pd.DataFrame(result.confusion, index=pd.Index(classes, name="true"), columns=classes).to_csv(paths["confusion_csv"])
     if skipped:
-        paths["skipped"] = out / "skipped.csv"
+        paths["skipped"] = out / SKIPPED_FILE
         pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(paths["skipped"], index=False)
     if cfg.report:
         from cxrlab.report import pages as report
 
         paths.update(report.write_eval_figures(result, out))
-    paths["metrics"] = out / "metrics.json"
+    paths["metrics"] = out / EVAL_METRICS_FILE
     if cfg.report:
-        paths["report"] = out / "report.html"
+        paths["report"] = out / REPORT_FILE
     _write_metrics_json(result, cfg, summary, paths["metrics"])
     if cfg.report:
         from cxrlab.report import pages as report
@@ -776,7 +734,7 @@ def _write_metrics_json(result: EvalResult, cfg: EvalConfig | None, summary: dic
         "skipped": result.skipped,
         "files": {k: v.name for k, v in result.paths.items()},
     }
-    path.write_text(json.dumps(_json_safe(doc), indent=2))
+    write_json(path, json_safe(doc))
 
 
 # --------------------------------------------------------------------------------------------- W&B
@@ -1042,7 +1000,7 @@ def _write_compare_json(r: CompareResult, cfg: CompareConfig) -> None:
         "errors": r.errors.to_dict(orient="records"),
         "attention": r.attention.to_dict(orient="records") if r.attention is not None else None,
     }
-    r.paths["json"].write_text(json.dumps(_json_safe(doc), indent=2))
+    write_json(r.paths["json"], json_safe(doc))
 
 
 __all__ = [

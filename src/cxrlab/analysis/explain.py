@@ -62,8 +62,11 @@ import pandas as pd
 import torch
 from pydantic import Field
 
+from cxrlab.atomic import json_safe, write_json
 from cxrlab.config import StrictModel
 from cxrlab.errors import CxrlabError
+from cxrlab.inference.infer import resolve_device
+from cxrlab.runs import ATTENTION_CSV, ATTENTION_FILE, EXPLAIN_HTML, THUMBS_DIR, find_run_dir, read_summary, stage_dir
 from cxrlab.tracking import resumed_run, tracked_run_info
 
 log = logging.getLogger(__name__)
@@ -71,10 +74,7 @@ log = logging.getLogger(__name__)
 METHODS = ("gradcam", "gradcam++")
 CAM_TARGETS = ("margin", "logit")
 REGIONS = ("in_lungs", "on_text", "on_border")
-ATTENTION_FILE = "attention.json"
-ATTENTION_CSV = "attention.csv"
-HTML_FILE = "explain.html"
-THUMBS_DIR = "thumbs"
+HTML_FILE = EXPLAIN_HTML
 
 
 class ExplainError(CxrlabError):
@@ -125,22 +125,6 @@ class ExplainResult:
 
 
 # --------------------------------------------------------------------------------------------- Grad-CAM
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    if device == "gpu":
-        device = "cuda"
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ExplainError(f"device {device!r} is not valid: use auto, cpu, cuda, cuda:N or mps") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ExplainError(f"device {device!r} asked for but CUDA is not available; use --device auto or cpu")
-    return dev
 
 
 def conv_layer_candidates(
@@ -404,30 +388,12 @@ def summarise(df: pd.DataFrame, classes: list[str]) -> tuple[dict[str, float], d
     return overall, per_class, by_outcome
 
 
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, np.integer | np.bool_):
-        return x.item()
-    if isinstance(x, float | np.floating):
-        return float(x) if math.isfinite(float(x)) else None
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
 # --------------------------------------------------------------------------------------------- explain
 
 
 def _default_out(cfg: ExplainConfig, bundle_dir: Path, run_dir: Path | None) -> Path:
     base = run_dir if run_dir is not None else bundle_dir
-    tail = "-errors" if cfg.only_errors else ""
-    if cfg.data is None:
-        return base / f"explain-{cfg.split}{tail}"
-    name = re.sub(r"[^0-9A-Za-z._-]+", "_", Path(cfg.data).resolve().stem or "data")
-    return base / f"explain-ext-{name}{tail}"
+    return stage_dir(base, "explain", cfg.split, cfg.data, tail="-errors" if cfg.only_errors else "")
 
 
 def _sample(n: int, k: int | None, seed: int) -> list[int]:
@@ -440,7 +406,7 @@ def explain(cfg: ExplainConfig) -> ExplainResult:
     """Grad-CAM for every image of the split (or only the errors); attention scores; HTML table; W&B table."""
     from tqdm.auto import tqdm
 
-    from cxrlab.analysis.evaluate import find_run_dir, read_summary, resolve_items
+    from cxrlab.analysis.evaluate import resolve_items
     from cxrlab.data.io import ImageReadError, read_xray
     from cxrlab.inference.bundle import load_bundle, resolve_bundle_dir
     from cxrlab.preprocess import apply_preprocess
@@ -449,7 +415,7 @@ def explain(cfg: ExplainConfig) -> ExplainResult:
     t0 = time.perf_counter()
     bundle_dir = resolve_bundle_dir(cfg.target)
     run_dir = find_run_dir(bundle_dir)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, ExplainError)
     bundle = load_bundle(bundle_dir, device=device)
     meta = bundle.meta
     classes = list(meta.class_names)
@@ -548,7 +514,7 @@ def explain(cfg: ExplainConfig) -> ExplainResult:
         "skipped": skipped,
         "files": {"html": HTML_FILE, "csv": ATTENTION_CSV, "thumbs": THUMBS_DIR},
     }
-    (out / ATTENTION_FILE).write_text(json.dumps(_json_safe(doc), indent=2))
+    write_json(out / ATTENTION_FILE, json_safe(doc))
     table.to_csv(out / ATTENTION_CSV, index=False, float_format="%.6g")
     _write_html(out / HTML_FILE, table, doc, classes)
     result = ExplainResult(

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cxrlab.config import build_config
+from cxrlab.runs import EVAL_METRICS_FILE, SUMMARY_FILE
 
 console = Console()
 err_console = Console(stderr=True)
@@ -192,7 +193,7 @@ def report_cmd(
     calibration, audit summary, link to the explanations)."""
     from cxrlab.report import pages as report
 
-    if (run / "metrics.json").is_file() and not (run / "summary.json").is_file():
+    if (run / EVAL_METRICS_FILE).is_file() and not (run / SUMMARY_FILE).is_file():
         path = report.write_eval_report(run, out)
     else:
         path = report.write_run_report(run, out, audit_dir=audit)

@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from cxrlab.atomic import write_json
 from cxrlab.config import StrictModel
 from cxrlab.data.manifest import MANIFEST_FILE, SPLIT_FILE, SPLIT_META_FILE, SPLITS, DataError, read_manifest
 from cxrlab.data.parallel import map_files
@@ -700,7 +701,7 @@ def audit(cfg: AuditConfig) -> AuditResult:
     rh.write_page(html_path, _html(cfg, src, kind, feats, classes, counts_df, per_class, conf, dup, warnings, elapsed))
     elapsed = time.perf_counter() - t0
     summary["elapsed_s"] = round(elapsed, 2)
-    json_path.write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    write_json(json_path, summary, default=_json_default)
     return AuditResult(
         out=out,
         json_path=json_path,

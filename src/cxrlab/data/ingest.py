@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import csv as csvlib
 import hashlib
-import json
 import os
 import re
 import time
@@ -47,7 +46,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from cxrlab.atomic import atomic_open, write_text_atomic
+from cxrlab.atomic import atomic_open, write_json
 from cxrlab.config import StrictModel
 from cxrlab.data.io import ImageReadError, decode_xray
 from cxrlab.data.manifest import MANIFEST_COLUMNS, MANIFEST_FILE, REJECTS_FILE, DataError
@@ -567,7 +566,7 @@ def ingest(cfg: IngestConfig) -> IngestResult:
         "elapsed_s": round(elapsed, 3),
         "files": {"manifest": str(manifest_path), "rejects": str(rejects_path)},
     }
-    write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+    write_json(summary_path, summary)
     if not rows:
         raise DataError(f"all {len(rejects)} candidate file(s) under {src} were rejected; reasons in {rejects_path}")
     if cfg.strict and rejects:

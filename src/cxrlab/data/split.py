@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
+from cxrlab.atomic import write_json
 from cxrlab.config import StrictModel
 from cxrlab.data.manifest import (
     MANIFEST_COLUMNS,
@@ -502,7 +503,7 @@ def split(cfg: SplitConfig) -> SplitResult:
         "warnings": warnings,
     }
     meta_path = out / SPLIT_META_FILE
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(meta_path, meta)
     res = SplitResult(
         out=out,
         split_path=split_path,

@@ -23,10 +23,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cxrlab.errors import CxrlabError
+from cxrlab.runs import BUNDLE_DIR, META_FILE, WEIGHTS_FILE, run_dir_of_checkpoint
 
 BUNDLE_FORMAT = 1
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "bundle.json"
 
 
 class BundleError(CxrlabError):
@@ -138,12 +137,12 @@ def save_bundle(model: torch.nn.Module, meta: BundleMeta, out_dir: str | Path) -
     meta.timm_version = meta.timm_version or timm.__version__
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     # each file appears whole or not at all (a crash mid-save leaves no truncated weights behind a valid json)
-    from cxrlab.atomic import atomic_path, write_text_atomic
+    from cxrlab.atomic import atomic_path, write_json
 
     with atomic_path(out / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"model_name": meta.model_name})
         meta.weights_sha256 = file_sha256(tmp)
-    write_text_atomic(out / META_FILE, json.dumps(meta.to_json(), indent=2))
+    write_json(out / META_FILE, meta.to_json())
     return out
 
 
@@ -163,7 +162,7 @@ def resolve_bundle_dir(path: str | Path) -> Path:
     p = Path(path)
     if p.is_file() and p.name == META_FILE:
         p = p.parent
-    for cand in (p, p / "bundle"):
+    for cand in (p, p / BUNDLE_DIR):
         if (cand / META_FILE).is_file():
             return cand
     if not p.exists():
@@ -213,40 +212,71 @@ class UntrustedCheckpointError(BundleError):
     """A .ckpt/.pt file holds pickled objects that ``torch.load(weights_only=True)`` refuses to run."""
 
 
-def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model weights of a Lightning ``.ckpt`` or a plain ``.pt``/``.pth`` state dict, read with
-    ``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary pickled code.
+def read_state_dict(
+    path: str | Path,
+    error: type[CxrlabError] = BundleError,
+    untrusted: type[CxrlabError] = UntrustedCheckpointError,
+    advice: str = "Use the run's bundle/ (safetensors + JSON) instead; only for a file you trust, re-save its "
+    "state_dict with torch.save(model.state_dict(), ...)",
+) -> dict[str, torch.Tensor]:
+    """The one weights reader: the tensors of a ``.safetensors`` file, a Lightning ``.ckpt`` or a ``.pt``/``.pth``
+    state dict (also under a ``state_dict``/``model``/EMA key), with the ``model.``/``module.`` prefix of Lightning
+    and DDP removed.
 
-    A file that needs more than that is refused with ``UntrustedCheckpointError``. Lightning's ``model.`` prefix
-    (``CXRClassifier.model``) is removed.
+    Torch files are read with ``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary
+    pickled code; a file that needs more is refused with ``untrusted`` (``advice`` says what to do instead). Any
+    other failure raises ``error`` (each caller passes its stage's error type).
     """
     import pickle
 
     p = Path(path)
     if not p.is_file():
-        raise BundleError(f"checkpoint not found: {p}")
+        raise error(f"weights file not found: {p}")
+    if p.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError
+
+        try:
+            return load_file(str(p), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            first = " ".join(str(e).split())[:200]
+            raise error(f"{p} is not a readable safetensors file ({first}): it is truncated or damaged") from None
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UntrustedCheckpointError(
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise untrusted(
             f"refusing to load {p}: it contains pickled Python objects other than tensors ({first}). Unpickling "
-            "them could run arbitrary code. Use the run's bundle/ (safetensors + JSON) instead; only for a file "
-            "you trust, re-save its state_dict with torch.save(model.state_dict(), ...)"
+            f"them could run arbitrary code, so they are never loaded. {advice}"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise BundleError(f"{p} is not a readable PyTorch checkpoint: {e}") from None
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BundleError(f"{p} holds no model state_dict (expected a Lightning .ckpt or a dict of tensors)")
-    if all(k.startswith("model.") for k in state):
-        state = {k[len("model.") :]: v for k, v in state.items()}
-    return state
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise error(f"{p} is not a readable PyTorch checkpoint: {e}") from None
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                obj = inner
+                break
+        tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            for prefix in ("module.", "model."):  # DDP / Lightning (CXRClassifier.model) prefix every model key
+                if all(k.startswith(prefix) for k in tensors):
+                    tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
+            return tensors
+    raise error(f"{p} holds no model state_dict (expected a Lightning .ckpt or a dict of tensors)")
+
+
+def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model weights of a run's ``.ckpt``/``.pt``/``.pth`` (see ``read_state_dict``); a file that holds more than
+    tensors is refused with ``UntrustedCheckpointError``."""
+    p = Path(path)
+    if not p.is_file():
+        raise BundleError(f"checkpoint not found: {p}")
+    return read_state_dict(p)
 
 
 def _bundle_dir_for_checkpoint(ckpt: Path) -> Path:
     """The bundle whose metadata describes a run's checkpoint (``runs/<id>/checkpoints/x.ckpt`` -> ``runs/<id>``)."""
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    run_dir = run_dir_of_checkpoint(ckpt)
     try:
         return resolve_bundle_dir(run_dir)
     except BundleError:
@@ -310,16 +340,10 @@ def _create_for_bundle(meta: BundleMeta, meta_path: Path) -> torch.nn.Module:
 
 
 def _read_safetensors(wpath: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-
     try:
-        return load_file(str(wpath))
-    except (SafetensorError, OSError, ValueError) as e:
-        first = " ".join(str(e).split())[:200]
-        raise BundleError(
-            f"{wpath} is not a readable safetensors file ({first}): it is truncated or damaged; copy the bundle "
-            "again from the run that made it"
-        ) from None
+        return read_state_dict(wpath)
+    except BundleError as e:
+        raise BundleError(f"{e}; copy the bundle again from the run that made it") from None
 
 
 def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], meta: BundleMeta, wpath: Path) -> None:

@@ -31,6 +31,7 @@ import torch
 
 from cxrlab.errors import CxrlabError
 from cxrlab.inference.bundle import Bundle, load_bundle
+from cxrlab.inference.infer import resolve_device
 
 Backend = Literal["torch", "onnx"]
 BACKENDS = ("torch", "onnx")
@@ -62,16 +63,6 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise PredictError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from e
 
 
 @dataclass
@@ -160,7 +151,7 @@ class Predictor:
         if batch_size < 1:
             raise PredictError(f"batch_size must be >= 1, got {batch_size}")
         self.backend: Backend = backend
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, PredictError)
         self.batch_size = batch_size
         self.progress = progress
         self.num_workers = max(1, num_workers)

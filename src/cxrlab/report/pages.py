@@ -20,14 +20,27 @@ import pandas as pd
 from cxrlab.data.classes import costly_class
 from cxrlab.errors import CxrlabError
 from cxrlab.report import html as rh
+from cxrlab.runs import (
+    ATTENTION_FILE,
+    CONFUSION_PNG,
+    EVAL_METRICS_FILE,
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    RELIABILITY_PNG,
+    REPORT_FILE,
+    ROC_PNG,
+    SUMMARY_FILE,
+    read_run_config,
+    read_summary,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from cxrlab.analysis.evaluate import CompareResult, EvalResult
 
-RUN_REPORT = "report.html"
-EVAL_REPORT = "report.html"
+RUN_REPORT = REPORT_FILE
+EVAL_REPORT = REPORT_FILE
 
 
 class ReportError(CxrlabError):
@@ -182,12 +195,12 @@ def write_eval_figures(result: EvalResult, out: Path) -> dict[str, Path]:
     """confusion_matrix.png, reliability.png and roc.png of an evaluation."""
     out = Path(out)
     paths = {
-        "confusion_png": _save(confusion_figure(result.confusion, result.classes), out / "confusion_matrix.png"),
-        "reliability_png": _save(reliability_figure(result.reliability, result.ece), out / "reliability.png"),
+        "confusion_png": _save(confusion_figure(result.confusion, result.classes), out / CONFUSION_PNG),
+        "reliability_png": _save(reliability_figure(result.reliability, result.ece), out / RELIABILITY_PNG),
     }
     fig = roc_figure(result.predictions, result.classes)
     if fig is not None:
-        paths["roc_png"] = _save(fig, out / "roc.png")
+        paths["roc_png"] = _save(fig, out / ROC_PNG)
     return paths
 
 
@@ -265,7 +278,7 @@ def _links(items: list[tuple[str, str]]) -> str:
 
 
 def load_eval_doc(eval_dir: Path) -> dict[str, Any]:
-    p = Path(eval_dir) / "metrics.json"
+    p = Path(eval_dir) / EVAL_METRICS_FILE
     if not p.is_file():
         raise ReportError(f"{eval_dir} holds no metrics.json; run `cxrlab evaluate` first")
     return json.loads(p.read_text())
@@ -361,13 +374,13 @@ def eval_section_html(eval_dir: Path, level: int = 2, gallery: bool = True) -> s
     cols += ["ROC AUC", "false neg.", "false pos."]
     parts.append(rh.section("Per class", rh.table(rows, columns=cols), level=level))
     figs = [
-        file_img(d / "confusion_matrix.png", "confusion matrix", "confusion matrix (colour = share of the true class)"),
-        file_img(d / "reliability.png", "reliability diagram", "calibration: accuracy vs confidence"),
-        file_img(d / "roc.png", "ROC curves", "one-vs-rest ROC curves"),
+        file_img(d / CONFUSION_PNG, "confusion matrix", "confusion matrix (colour = share of the true class)"),
+        file_img(d / RELIABILITY_PNG, "reliability diagram", "calibration: accuracy vs confidence"),
+        file_img(d / ROC_PNG, "ROC curves", "one-vs-rest ROC curves"),
     ]
     parts.append(rh.section("Figures", f"<div class='figs'>{''.join(f for f in figs if f)}</div>", level=level))
     if gallery:
-        g = _error_gallery(d / "predictions.csv")
+        g = _error_gallery(d / PREDICTIONS_FILE)
         if g:
             parts.append(rh.section("Most confident mistakes", g, level=level))
     if doc.get("skipped"):
@@ -463,7 +476,7 @@ def write_compare_report(r: CompareResult, path: Path) -> Path:
 
 
 def _latest_eval_dirs(run_dir: Path) -> list[Path]:
-    ds = [d for d in run_dir.glob("eval-*") if (d / "metrics.json").is_file()]
+    ds = [d for d in run_dir.glob("eval-*") if (d / EVAL_METRICS_FILE).is_file()]
     order = {"eval-test": 0, "eval-val": 1}
     return sorted(ds, key=lambda d: (order.get(d.name, 2), d.name))
 
@@ -532,9 +545,9 @@ def _explain_section(rd: Path, base: Path) -> str:
     rows = []
     for e in explains:
         doc: dict[str, Any] = {}
-        if (e.parent / "attention.json").is_file():
+        if (e.parent / ATTENTION_FILE).is_file():
             try:
-                doc = json.loads((e.parent / "attention.json").read_text())
+                doc = json.loads((e.parent / ATTENTION_FILE).read_text())
             except json.JSONDecodeError:
                 doc = {}
         s = doc.get("summary", {}) if isinstance(doc.get("summary"), dict) else {}
@@ -566,23 +579,16 @@ def write_run_report(run_dir: Path, out: Path | None = None, audit_dir: Path | N
     if not rd.is_dir():
         raise ReportError(f"run directory not found: {rd}")
     summary: dict[str, Any] = {}
-    if (rd / "summary.json").is_file():
-        summary = json.loads((rd / "summary.json").read_text())
-    elif not (rd / "metrics.csv").is_file() and not _latest_eval_dirs(rd):
+    if (rd / SUMMARY_FILE).is_file():
+        summary = read_summary(rd)
+    elif not (rd / METRICS_FILE).is_file() and not _latest_eval_dirs(rd):
         raise ReportError(f"{rd} is not a run directory (no summary.json, metrics.csv or eval-*/)")
     path = Path(out) if out else rd / RUN_REPORT
     base = path.parent
     if audit_dir is None:
         audit_dir = _find_pipeline_audit(rd)
     run_id = summary.get("run_id") or rd.name
-    cfg: dict[str, Any] = {}
-    if (rd / "config.yaml").is_file():
-        import yaml
-
-        try:
-            cfg = yaml.safe_load((rd / "config.yaml").read_text()) or {}
-        except yaml.YAMLError:
-            cfg = {}
+    cfg = read_run_config(rd)
     meta = [(k, cfg[k]) for k in ("model_name", "img_size", "batch_size", "optimizer", "learning_rate") if k in cfg]
     meta += [(k, cfg[k]) for k in ("lr_scheduler", "epochs") if k in cfg]
     meta += [
@@ -592,7 +598,7 @@ def write_run_report(run_dir: Path, out: Path | None = None, audit_dir: Path | N
         meta.append(("training time", f"{float(summary['wall_s']):.0f} s"))
     parts = [rh.kv(meta), _audit_section(audit_dir, base)]
     best = summary.get("best_epoch")
-    curves = training_curves_figure(rd / "metrics.csv", int(best) if best is not None else None)
+    curves = training_curves_figure(rd / METRICS_FILE, int(best) if best is not None else None)
     if curves is not None:
         parts.append(rh.section("Training", fig_img(curves, "training curves", "per-epoch loss and scores")))
     evals = _latest_eval_dirs(rd)

@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
+from cxrlab.atomic import write_json
 from cxrlab.config import (
     Config,
     ConfigError,
@@ -75,6 +76,7 @@ from cxrlab.config import (
     set_dotted,
 )
 from cxrlab.errors import CxrlabError
+from cxrlab.runs import BEST_CKPT, CKPT_DIR, METRICS_FILE
 
 if TYPE_CHECKING:
     import optuna
@@ -513,7 +515,7 @@ def _metrics_from(result: Any) -> dict[str, float]:
 
 def _metric_from_csv(run_dir: Path, metric: str, goal: str) -> float | None:
     """Best epoch value of ``metric`` in the run's metrics.csv (the W&B-summary fallback)."""
-    path = run_dir / "metrics.csv"
+    path = run_dir / METRICS_FILE
     if not path.is_file():
         return None
     vals: list[float] = []
@@ -1342,9 +1344,9 @@ def apply_retention(rows: list[dict[str, Any]], best: dict[str, Any] | None, run
     best_trial = best["trial"] if best else None
     for r in rows:
         if r["status"] == "COMPLETE" and r["run_dir"]:
-            ckpts = Path(r["run_dir"]) / "checkpoints"
+            ckpts = Path(r["run_dir"]) / CKPT_DIR
             if r["trial"] == best_trial:
-                drop(ckpts / "best.ckpt")  # its weights are the bundle's; last.ckpt continues training
+                drop(ckpts / BEST_CKPT)  # its weights are the bundle's; last.ckpt continues training
             else:
                 drop(ckpts)
         elif r["status"] == "INTERRUPTED":
@@ -1357,7 +1359,7 @@ def _write_outputs(rows: list[dict[str, Any]], spec: SweepSpec, name: str, sweep
     csv_path = write_summary_csv(rows, params, spec.metric, sweep_dir / "summary.csv")
     plot = write_parcoords(rows, params, spec, sweep_dir / "parallel_coordinates.html", f"sweep {name}")
     best = _best(rows, spec.goal)
-    (sweep_dir / "best.json").write_text(json.dumps(best, indent=2, default=str) + "\n")
+    write_json(sweep_dir / "best.json", best, default=str)
     return csv_path, plot
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import difflib
 import logging
 import math
-import pickle
 import socket
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -51,6 +50,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, CosineAnnealingWarmResta
 
 from cxrlab.config import Config, ConfigError
 from cxrlab.errors import CxrlabError
+from cxrlab.runs import WEIGHTS_FILE
 from cxrlab.transforms import norm_constants
 
 log = logging.getLogger(__name__)
@@ -272,8 +272,8 @@ def load_pretrained(model: nn.Module, source: str | Path | Mapping[str, torch.Te
 
 def _weights_path(path: Path) -> Path:
     if path.is_dir():
-        if (path / "model.safetensors").is_file():
-            return path / "model.safetensors"
+        if (path / WEIGHTS_FILE).is_file():
+            return path / WEIGHTS_FILE
         raise WeightsError(f"pre_trained directory {path} holds no model.safetensors (a bundle directory does)")
     if not path.exists():
         raise WeightsError(
@@ -286,44 +286,17 @@ def _weights_path(path: Path) -> Path:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file or a torch state dict, without unpickling arbitrary objects."""
-    if path.suffix.lower() == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    """Tensors of a ``.safetensors`` file or a torch state dict, without unpickling arbitrary objects (the one
+    reader, ``cxrlab.inference.bundle.read_state_dict``, with this stage's error and advice)."""
+    from cxrlab.inference.bundle import read_state_dict as read_weights
 
-        try:
-            return load_file(str(path), device="cpu")
-        except (SafetensorError, OSError) as e:
-            raise WeightsError(f"cannot read safetensors file {path}: {e}") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise WeightsError(
-            f"refusing to load {path}: it is a pickle holding more than tensors (arbitrary Python objects can run "
-            "code when unpickled, so they are never loaded). Save a plain state dict "
-            "(torch.save(model.state_dict(), ...)) or safetensors, or point pre_trained at a run's bundle/ "
-            f"directory. Detail: {str(e).splitlines()[0][:300]}"
-        ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise WeightsError(f"cannot read weights file {path}: {e}") from None
-    return _extract_state_dict(obj, path)
-
-
-def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
-            inner = obj.get(key)
-            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-                obj = inner
-                break
-        tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if tensors:
-            # Lightning / DDP checkpoints prefix every model key
-            for prefix in ("module.", "model."):
-                if all(k.startswith(prefix) for k in tensors):
-                    tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
-            return tensors
-    raise WeightsError(f"{path} holds no state dict of tensors (found {type(obj).__name__})")
+    return read_weights(
+        path,
+        error=WeightsError,
+        untrusted=WeightsError,
+        advice="Save a plain state dict (torch.save(model.state_dict(), ...)) or safetensors, or point "
+        "pre_trained at a run's bundle/ directory.",
+    )
 
 
 def _lite0_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -42,19 +42,24 @@ from typing import Any
 
 import torch
 
+from cxrlab.atomic import write_json
 from cxrlab.config import Config, ConfigError, build_config, dump_config, read_yaml
 from cxrlab.errors import CxrlabError
+from cxrlab.runs import (
+    BUNDLE_DIR,
+    CKPT_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    WANDB_FILE,
+    checkpoint_path,
+    run_dir_of_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
 MONITOR = "val/f1_macro"
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.csv"
-SUMMARY_FILE = "summary.json"
-WANDB_FILE = "wandb.json"  # W&B run id/mode, so a resumed run continues the same W&B run
-CKPT_DIR = "checkpoints"
 _DDP_RUN_DIR = "CXRLAB_DDP_RUN_DIR"
-BUNDLE_DIR = "bundle"
 
 
 class RunError(CxrlabError):
@@ -200,10 +205,10 @@ def locate_resume(resume: str | Path) -> tuple[Path, Path]:
     """A run directory or a checkpoint inside one -> (run_dir, checkpoint path)."""
     p = Path(resume).expanduser()
     if p.is_file() and p.suffix == ".ckpt":
-        run_dir = p.parent.parent if p.parent.name == CKPT_DIR else p.parent
+        run_dir = run_dir_of_checkpoint(p)
         ckpt = p
     elif p.is_dir():
-        run_dir, ckpt = p, p / CKPT_DIR / "last.ckpt"
+        run_dir, ckpt = p, checkpoint_path(p, "last")
     else:
         raise RunError(f"cannot resume: {p} is neither a run directory nor a .ckpt file")
     if not ckpt.is_file():
@@ -235,7 +240,7 @@ def resume_checkpoint(run_dir: Path, ckpt: Path, explicit: bool = False) -> tupl
     why = _unreadable_checkpoint(ckpt)
     if why is None:
         return ckpt, None
-    best = run_dir / CKPT_DIR / "best.ckpt"
+    best = checkpoint_path(run_dir, "best")
     best_ok = best.is_file() and best.resolve() != ckpt.resolve() and _unreadable_checkpoint(best) is None
     restart = f"cxrlab train --config {run_dir / CONFIG_FILE} (a new run from the stored config)"
     if best_ok and not explicit:
@@ -609,7 +614,7 @@ def _make_wandb_logger(cfg: Config, info: Any, run_dir: Path, run_id: str, mode:
     if resumed and id_file.is_file():
         wandb_id = json.loads(id_file.read_text()).get("id")
     wandb_id = wandb_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    id_file.write_text(json.dumps({"id": wandb_id, "mode": mode}) + "\n")
+    write_json(id_file, {"id": wandb_id, "mode": mode}, indent=None)
     return WandbLogger(
         project=cfg.project,
         entity=cfg.tracking.entity,
@@ -639,7 +644,7 @@ def _finish(
 ) -> RunResult:
     from cxrlab.inference.bundle import BundleMeta, save_bundle
 
-    best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else run_dir / CKPT_DIR / "best.ckpt"
+    best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else checkpoint_path(run_dir, "best")
     if not best.is_file():
         raise RunError(
             f"no best checkpoint in {run_dir / CKPT_DIR}: validation never ran (check trainer.limit_val_batches)"
@@ -720,4 +725,4 @@ def _write_summary(result: RunResult, cfg: Config) -> None:
     d["wandb_sync"] = result.wandb_sync
     d["model_name"] = cfg.model_name
     d["evaluate"] = cfg.evaluate
-    (result.run_dir / SUMMARY_FILE).write_text(json.dumps(d, indent=2) + "\n")
+    write_json(result.run_dir / SUMMARY_FILE, d)
