@@ -449,7 +449,8 @@ def _fake_train(cfg):
 
 
 def test_sweep_refuses_set_output_dir(tmp_path: Path) -> None:
-    from cxrlab.sweep.runner import SweepConfig, SweepError, sweep
+    from cxrlab.sweep.runner import sweep
+    from cxrlab.sweep.spec import SweepConfig, SweepError
 
     cfg = SweepConfig(
         sweep_file=_sweep_yaml(tmp_path), out=tmp_path / "sw", data="d", overrides=["output_dir=/elsewhere"]
@@ -459,7 +460,8 @@ def test_sweep_refuses_set_output_dir(tmp_path: Path) -> None:
 
 
 def test_resumed_sweep_with_other_trial_input_refuses(tmp_path: Path) -> None:
-    from cxrlab.sweep.runner import SweepConfig, SweepError, sweep
+    from cxrlab.sweep.runner import sweep
+    from cxrlab.sweep.spec import SweepConfig, SweepError
 
     splits = {}
     for version in ("v1", "v2"):  # two split directories: the data is fingerprinted by its dataset version
@@ -506,7 +508,8 @@ class _CkptTrain:
 
 
 def test_sweep_keeps_bundles_and_the_best_trials_last_ckpt_only(tmp_path: Path) -> None:
-    from cxrlab.sweep.runner import SweepConfig, sweep
+    from cxrlab.sweep.runner import sweep
+    from cxrlab.sweep.spec import SweepConfig
 
     base = {"sweep_file": _sweep_yaml(tmp_path), "data": "d", "verbose": False}
     with pytest.raises(KeyboardInterrupt):

@@ -53,7 +53,9 @@ def sweep_cmd(
 ) -> None:
     """Run a hyper-parameter sweep; re-running the same command resumes it, several copies share it."""
     from cxrlab.config import ConfigError, build_config
-    from cxrlab.sweep.runner import SweepConfig, summary_table, sweep
+    from cxrlab.sweep.outputs import summary_table
+    from cxrlab.sweep.runner import sweep
+    from cxrlab.sweep.spec import SweepConfig
 
     overrides = [*overrides, *(extra or [])]
     bad = [s for s in overrides if "=" not in s]
