@@ -12,23 +12,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrlab.analysis.evaluate import (
-    CompareConfig,
-    EvalConfig,
-    EvalError,
+from cxrlab.analysis.compare import CompareConfig, compare, make_verdict
+from cxrlab.analysis.evaluate import EvalConfig, evaluate
+from cxrlab.analysis.metrics import (
     bootstrap_confusions,
     bootstrap_indices,
-    compare,
     compute_metrics,
     confusion_matrix,
-    evaluate,
     expected_calibration_error,
-    make_verdict,
     mcnemar_test,
     metrics_from_confusion,
     paired_bootstrap_diff,
     percentile_ci,
 )
+from cxrlab.errors import EvalError
 
 CLASSES = ["COVID19", "NORMAL", "PNEUMONIA"]
 

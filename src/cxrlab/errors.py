@@ -3,3 +3,8 @@
 
 class CxrlabError(ValueError):
     """Base of every error whose message tells the user what is wrong and what to do."""
+
+
+class EvalError(CxrlabError):
+    """Evaluation cannot proceed; the message says which input is wrong and what to do (raised while resolving
+    what to evaluate in ``cxrlab.data.items`` and by ``cxrlab.analysis``)."""

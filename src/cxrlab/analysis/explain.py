@@ -406,8 +406,8 @@ def explain(cfg: ExplainConfig) -> ExplainResult:
     """Grad-CAM for every image of the split (or only the errors); attention scores; HTML table; W&B table."""
     from tqdm.auto import tqdm
 
-    from cxrlab.analysis.evaluate import resolve_items
     from cxrlab.data.io import ImageReadError, read_xray
+    from cxrlab.data.items import resolve_items
     from cxrlab.inference.bundle import load_bundle, resolve_bundle_dir
     from cxrlab.preprocess import apply_preprocess
     from cxrlab.transforms import to_channels

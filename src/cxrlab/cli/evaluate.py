@@ -137,7 +137,7 @@ def compare_cmd(
 ) -> None:
     """Both models on the same images: metrics side by side, McNemar's exact test, a paired bootstrap CI of the
     accuracy difference, false negatives/positives per class, and a plain verdict (compare.html/.json)."""
-    from cxrlab.analysis.evaluate import CompareConfig, compare
+    from cxrlab.analysis.compare import CompareConfig, compare
 
     cfg = build_config(
         CompareConfig,

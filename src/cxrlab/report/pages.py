@@ -37,7 +37,8 @@ from cxrlab.runs import (
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from cxrlab.analysis.evaluate import CompareResult, EvalResult
+    from cxrlab.analysis.compare import CompareResult
+    from cxrlab.analysis.evaluate import EvalResult
 
 RUN_REPORT = REPORT_FILE
 EVAL_REPORT = REPORT_FILE
