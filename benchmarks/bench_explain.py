@@ -62,7 +62,8 @@ def bench_cam(work: Path, n_per_class: int, size: int, threads: int) -> dict:
     import timm
     import torch
 
-    from cxrlab.analysis.explain import CamEngine, ExplainConfig, explain, image_regions
+    from cxrlab.analysis.cam import CamEngine, image_regions
+    from cxrlab.analysis.explain import ExplainConfig, explain
     from cxrlab.data.io import read_xray
     from cxrlab.inference.bundle import BundleMeta, load_bundle, save_bundle
     from cxrlab.transforms import norm_constants

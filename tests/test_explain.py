@@ -14,16 +14,9 @@ import pytest
 import torch
 
 from conftest import TEST_SEED
-from cxrlab.analysis.explain import (
-    CamEngine,
-    ExplainConfig,
-    ExplainError,
-    attention_share,
-    border_mask,
-    explain,
-    image_regions,
-    resolve_target_layer,
-)
+from cxrlab.analysis.cam import CamEngine, attention_share, border_mask, image_regions, resolve_target_layer
+from cxrlab.analysis.explain import ExplainConfig, explain
+from cxrlab.errors import ExplainError
 
 # lazy images load when scrolled into view: scroll to each, wait for it, then report every naturalWidth
 LOAD_ALL_IMAGES_JS = """async () => {
@@ -110,7 +103,7 @@ def test_cam_engine_matches_plain_gradcam(tiny_bundle: Path, target: str) -> Non
     """Differentiating only from the target layer on must give pytorch-grad-cam's own result."""
     from pytorch_grad_cam import GradCAM
 
-    from cxrlab.analysis.explain import PredictedMargin
+    from cxrlab.analysis.cam import PredictedMargin
     from cxrlab.inference.bundle import load_bundle
 
     b = load_bundle(tiny_bundle)
@@ -130,7 +123,7 @@ def test_cam_engine_matches_plain_gradcam(tiny_bundle: Path, target: str) -> Non
 
 
 def test_margin_target_is_logit_minus_mean_of_others() -> None:
-    from cxrlab.analysis.explain import PredictedMargin
+    from cxrlab.analysis.cam import PredictedMargin
 
     out = torch.tensor([1.0, 4.0, -2.0])
     assert float(PredictedMargin()(out)) == pytest.approx(4.0 - (1.0 - 2.0) / 2)
@@ -299,7 +292,7 @@ def test_html_shows_images_sorts_and_filters_in_chromium(explained, browser, tmp
 def test_cam_lands_where_a_hand_built_cnn_sees_its_evidence() -> None:
     """No training: a CNN whose only evidence is the brightness of one region must put its CAM on that region,
     wherever the region is (so a CAM stuck in one place, or spread evenly, fails)."""
-    from cxrlab.analysis.explain import attention_share
+    from cxrlab.analysis.cam import attention_share
 
     torch.manual_seed(0)
     features = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)

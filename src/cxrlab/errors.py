@@ -8,3 +8,7 @@ class CxrlabError(ValueError):
 class EvalError(CxrlabError):
     """Evaluation cannot proceed; the message says which input is wrong and what to do (raised while resolving
     what to evaluate in ``cxrlab.data.items`` and by ``cxrlab.analysis``)."""
+
+
+class ExplainError(CxrlabError):
+    """Explanation cannot proceed; the message says which input is wrong and what to do."""

@@ -306,15 +306,15 @@ class Predictor:
     def cam_overlays(self, grays: Sequence[np.ndarray], max_side: int = 512) -> list[np.ndarray]:
         """Grad-CAM overlays (H x W x 3 uint8 RGB, longer side at most ``max_side``) of the predicted class.
 
-        The CAM comes from ``cxrlab.analysis.explain.CamEngine`` (pytorch-grad-cam, target layer chosen automatically)
+        The CAM comes from ``cxrlab.analysis.cam.CamEngine`` (pytorch-grad-cam, target layer chosen automatically)
         on the bundle's preprocessed input and is drawn over the *original* image with
-        ``cxrlab.analysis.explain.overlay``
+        ``cxrlab.analysis.cam.overlay``
         (the model input is a plain resize of it, so stretching the CAM back to the original shape is exact).
         Serialised and hooks removed afterwards: Grad-CAM hooks the shared model, which other threads may use.
         """
         import cv2
 
-        from cxrlab.analysis.explain import CamEngine, overlay
+        from cxrlab.analysis.cam import CamEngine, overlay
 
         if not grays:
             return []
