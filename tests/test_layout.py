@@ -22,7 +22,6 @@ OVER_LIMIT: dict[str, int] = {
     "cxrlab.data.ingest": 578,
     "cxrlab.data.split": 607,
     "cxrlab.report.pages": 633,
-    "cxrlab.training.model": 657,
     "cxrlab.training.train": 728,
 }
 

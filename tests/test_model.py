@@ -19,16 +19,18 @@ from conftest import TEST_MODEL
 from cxrlab.config import Config, ConfigError
 from cxrlab.training import model as M
 from cxrlab.training.model import (
-    OPTIMIZERS,
-    SCHEDULERS,
-    CustomCosineAnnealingWarmUpRestarts,
     PretrainedWeightsWarning,
     WeightsError,
     build_model,
-    build_optimizer,
-    build_scheduler,
     load_pretrained,
     model_data_config,
+)
+from cxrlab.training.optim import (
+    OPTIMIZERS,
+    SCHEDULERS,
+    CustomCosineAnnealingWarmUpRestarts,
+    build_optimizer,
+    build_scheduler,
 )
 
 torch.set_num_threads(1)

@@ -147,7 +147,7 @@ class CXRClassifier(L.LightningModule):
 
     # ---- optimisation
     def configure_optimizers(self) -> Any:
-        from cxrlab.training.model import build_optimizer, build_scheduler
+        from cxrlab.training.optim import build_optimizer, build_scheduler
 
         total = int(self.trainer.estimated_stepping_batches)
         steps_per_epoch = max(1, -(-total // max(1, self.trainer.max_epochs or 1)))
