@@ -249,15 +249,15 @@ def compare(cfg: CompareConfig) -> CompareResult:
         paths={},
     )
     if cfg.report:
-        from cxrlab.report import pages as report
+        from cxrlab.report.figures import write_compare_confusion
 
-        result.paths["confusion_png"] = report.write_compare_confusion(result, out / "confusion_matrices.png")
+        result.paths["confusion_png"] = write_compare_confusion(result, out / "confusion_matrices.png")
     result.paths["json"] = out / "compare.json"
     _write_compare_json(result, cfg)
     if cfg.report:
-        from cxrlab.report import pages as report
+        from cxrlab.report.pages import write_compare_report
 
-        result.paths["report"] = report.write_compare_report(result, out / "compare.html")
+        result.paths["report"] = write_compare_report(result, out / "compare.html")
     return result
 
 

@@ -224,17 +224,17 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         paths["skipped"] = out / SKIPPED_FILE
         pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(paths["skipped"], index=False)
     if cfg.report:
-        from cxrlab.report import pages as report
+        from cxrlab.report.figures import write_eval_figures
 
-        paths.update(report.write_eval_figures(result, out))
+        paths.update(write_eval_figures(result, out))
     paths["metrics"] = out / EVAL_METRICS_FILE
     if cfg.report:
         paths["report"] = out / REPORT_FILE
     _write_metrics_json(result, cfg, summary, paths["metrics"])
     if cfg.report:
-        from cxrlab.report import pages as report
+        from cxrlab.report.pages import write_eval_report
 
-        report.write_eval_report(out, paths["report"])
+        write_eval_report(out, paths["report"])
     if cfg.wandb == "auto" and run_dir is not None:
         result.wandb_logged = log_to_wandb(result, run_dir, summary)
     return result

@@ -191,12 +191,12 @@ def report_cmd(
 ) -> None:
     """(Re)build the self-contained HTML report of a run from its files (training curves, evaluations,
     calibration, audit summary, link to the explanations)."""
-    from cxrlab.report import pages as report
+    from cxrlab.report.pages import write_eval_report, write_run_report
 
     if (run / EVAL_METRICS_FILE).is_file() and not (run / SUMMARY_FILE).is_file():
-        path = report.write_eval_report(run, out)
+        path = write_eval_report(run, out)
     else:
-        path = report.write_run_report(run, out, audit_dir=audit)
+        path = write_run_report(run, out, audit_dir=audit)
     console.print(f"report: {path}")
 
 
