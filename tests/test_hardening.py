@@ -554,7 +554,9 @@ def test_train_warns_on_a_class_absent_from_test_and_resume_survives_a_truncated
     import pandas as pd
 
     from cxrlab.config import ConfigError, load_config
-    from cxrlab.training.train import RunError, resume_config, train
+    from cxrlab.errors import RunError
+    from cxrlab.training.rundir import resume_config
+    from cxrlab.training.train import train
 
     split = Path(shutil.copytree(phantom_split, tmp_path / "split"))
     df = pd.read_csv(split / "split.csv", dtype=str, keep_default_na=False)

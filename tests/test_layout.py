@@ -21,7 +21,6 @@ OVER_LIMIT: dict[str, int] = {
     "cxrlab.data.audit": 731,
     "cxrlab.data.ingest": 578,
     "cxrlab.data.split": 607,
-    "cxrlab.training.train": 728,
 }
 
 

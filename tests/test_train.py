@@ -25,7 +25,8 @@ from cxrlab.cli import main
 from cxrlab.config import load_config
 from cxrlab.data.io import read_xray
 from cxrlab.inference.bundle import load_bundle
-from cxrlab.training.train import RunResult, read_metrics, train
+from cxrlab.training.rundir import read_metrics
+from cxrlab.training.train import RunResult, train
 
 CLASSES = ["COVID19", "NORMAL", "PNEUMONIA"]
 

@@ -12,3 +12,7 @@ class EvalError(CxrlabError):
 
 class ExplainError(CxrlabError):
     """Explanation cannot proceed; the message says which input is wrong and what to do."""
+
+
+class RunError(CxrlabError):
+    """A run directory cannot be created or resumed; the message says which and what to do."""

@@ -326,13 +326,13 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], Any] = print) -> PipelineR
                 log(f"train: resuming the interrupted run {rd}")
                 resume = rd
         if resume is None:
-            from cxrlab.training.train import new_run_dir
+            from cxrlab.training.rundir import new_run_dir
 
             run_dir, run_id = new_run_dir(tc)
             write_json(started, {"fingerprint": train_fp, "run_dir": str(run_dir)}, indent=None)
             r = train(tc.model_copy(update={"run_name": run_id}))
         else:
-            from cxrlab.training.train import resume_config
+            from cxrlab.training.rundir import resume_config
 
             r = train(resume_config(resume), resume=resume)
         started.unlink(missing_ok=True)

@@ -75,7 +75,8 @@ def train_cmd(
     # PASSIVE costs ~9%. A value set by the user wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from cxrlab.config import ConfigError, load_config
-    from cxrlab.training.train import resume_config, train
+    from cxrlab.training.rundir import resume_config
+    from cxrlab.training.train import train
 
     sets = [*(overrides or []), *(extra or [])]
     bad = [s for s in sets if "=" not in s]

@@ -238,7 +238,7 @@ def apply_retention(rows: list[dict[str, Any]], best: dict[str, Any] | None, run
     bytes freed."""
     import shutil
 
-    from cxrlab.training.train import disk_usage
+    from cxrlab.training.rundir import disk_usage
 
     runs = runner.runs_dir.resolve()
     freed = 0

@@ -186,7 +186,7 @@ def sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, console: Console | 
         csv_path, plot = write_outputs(rows, spec, name, sweep_dir)
     pending, running = opt.counts()
     freed = apply_retention(rows, best_row(rows, spec.goal), runner) if cfg.keep == "best" else 0
-    from cxrlab.training.train import disk_usage
+    from cxrlab.training.rundir import disk_usage
 
     return SweepResult(
         name=name,
