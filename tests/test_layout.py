@@ -18,7 +18,6 @@ MAX_LINES = 500
 # Modules still over MAX_LINES, each with its line count when this list was written; split them at function
 # boundaries and delete the entry (the test fails when a listed module has shrunk under the limit or grown).
 OVER_LIMIT: dict[str, int] = {
-    "cxrlab.data.audit": 731,
     "cxrlab.data.ingest": 578,
     "cxrlab.data.split": 607,
 }
