@@ -42,15 +42,10 @@ from pydantic import Field
 from cxrlab.atomic import write_json
 from cxrlab.config import StrictModel
 from cxrlab.data.confound import CONFOUND_MARGIN, confound_score
+from cxrlab.data.grouping import image_phash, near_duplicate_pairs, phash_to_int
 from cxrlab.data.manifest import MANIFEST_FILE, SPLIT_FILE, SPLIT_META_FILE, SPLITS, DataError, read_manifest
 from cxrlab.data.parallel import map_files
-from cxrlab.data.split import (
-    AUDIT_FEATURES_FILE,
-    DEFAULT_NEAR_DUP_THRESHOLD,
-    image_phash,
-    near_duplicate_pairs,
-    phash_to_int,
-)
+from cxrlab.data.split import AUDIT_FEATURES_FILE, DEFAULT_NEAR_DUP_THRESHOLD
 
 AUDIT_JSON = "audit.json"
 AUDIT_HTML = "audit.html"
