@@ -32,6 +32,7 @@ from pydantic import Field, field_validator
 
 from cxrlab.atomic import write_json
 from cxrlab.config import Config, ConfigError, StrictModel, apply_overrides, build_config, read_yaml
+from cxrlab.data.classes import costly_recall_key
 from cxrlab.errors import CxrlabError
 from cxrlab.runs import REPORT_FILE, checkpoint_path
 
@@ -381,8 +382,8 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], Any] = print) -> PipelineR
     headline: dict[str, float] = {}
     try:
         m = json.loads(Path(ev["metrics"]).read_text()).get("metrics", {})
-        for k in ("test/accuracy", "test/f1_macro", "test/recall_COVID19", "test/ece"):
-            if m.get(k) is not None:
+        for k in ("test/accuracy", "test/f1_macro", costly_recall_key(m), "test/ece"):
+            if k is not None and m.get(k) is not None:
                 headline[k] = float(m[k])
     except (OSError, json.JSONDecodeError):
         pass

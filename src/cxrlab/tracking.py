@@ -63,11 +63,6 @@ def wandb_dirs(base: str | Path) -> Iterator[Path]:
                 os.environ[var] = value
 
 
-def sync_command(wandb_run_dir: str | Path | None) -> str | None:
-    """The command that uploads an offline W&B run later, or None."""
-    return f"wandb sync {wandb_run_dir}" if wandb_run_dir else None
-
-
 def point_wandb_dirs(base: str | Path) -> Path:
     """Point W&B's directories at ``base/wandb`` unless the user set them; returns the directory used."""
     d = Path(base) / "wandb"

@@ -28,3 +28,10 @@ def order_costly_first(classes: list[str], costly: str = COSTLY_CLASS) -> list[s
     key = norm_class_name(costly)
     first = [c for c in classes if norm_class_name(c) == key]
     return first + [c for c in classes if c not in first]
+
+
+def costly_recall_key(names: Iterable[str], prefix: str = "test/") -> str | None:
+    """The recall metric of the costly class among metric ``names`` (``test/recall_COVID19``), or None."""
+    head = f"{prefix}recall_"
+    c = costly_class(sorted(n[len(head) :] for n in names if n.startswith(head)))
+    return f"{head}{c}" if c else None

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cxrlab.config import Config, ConfigError
+from cxrlab.data.io import read_xray
 from cxrlab.data.manifest import SPLITS, DataError, SplitInfo, load_split
 from cxrlab.preprocess import apply_preprocess
 from cxrlab.transforms import norm_constants, resize_gray, to_channels
@@ -37,16 +38,9 @@ log = logging.getLogger(__name__)
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
-def read_gray(path: str | Path) -> np.ndarray:
-    """Decode one image as 2-D uint8 grayscale (``cxrlab.data.io.read_xray``: PNG/JPEG/TIFF/16-bit/DICOM)."""
-    from cxrlab.data.io import read_xray
-
-    return read_xray(path, dtype="uint8")
-
-
 def load_image(path: str | Path, img_size: tuple[int, int] | None, preprocess: dict[str, Any] | None) -> np.ndarray:
     """Decode -> preprocess -> (optionally) resize: the deterministic part shared with inference, in its order."""
-    gray = apply_preprocess(read_gray(path), preprocess)
+    gray = apply_preprocess(read_xray(path), preprocess)
     return resize_gray(gray, img_size) if img_size is not None else gray
 
 

@@ -48,6 +48,7 @@ from cxrlab.data.grouping import (
     largest_remainder,
     majority_class,
 )
+from cxrlab.data.io import read_xray
 from cxrlab.data.manifest import (
     MANIFEST_COLUMNS,
     SPLIT_COLUMNS,
@@ -134,13 +135,6 @@ class SplitResult:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def read_gray(path: str | Path) -> np.ndarray:
-    """Decode one X-ray to 2-D uint8 (``cxrlab.data.io.read_xray``)."""
-    from cxrlab.data.io import read_xray
-
-    return read_xray(path, dtype="uint8")
-
-
 def _file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -167,7 +161,7 @@ def _fill_missing_hashes(df: pd.DataFrame, progress: bool) -> tuple[pd.DataFrame
             if df.at[i, "sha256"] == "":
                 df.at[i, "sha256"] = _file_sha256(p)
             if not _PHASH_RE.fullmatch(str(df.at[i, "phash"])):
-                df.at[i, "phash"] = image_phash(read_gray(p))
+                df.at[i, "phash"] = image_phash(read_xray(p))
         except (OSError, ValueError) as e:  # ImageReadError is a ValueError
             bad.append((p, f"unreadable: {getattr(e, 'reason', None) or e}"))
     if bad:
@@ -424,7 +418,7 @@ def _log_wandb_run(cfg: SplitConfig, res: SplitResult, table: pd.DataFrame, mode
             wt = wandb.Table(columns=["thumbnail", "label", "split", "width", "height", "group", "path"])
             for _, r in _table_sample(table, cfg.table_rows, cfg.seed).iterrows():
                 try:
-                    g = read_gray(r["path"])
+                    g = read_xray(r["path"])
                 except (OSError, ValueError):
                     continue
                 s = 128 / max(g.shape)

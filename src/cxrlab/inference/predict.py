@@ -29,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from cxrlab.data.io import read_xray
 from cxrlab.errors import CxrlabError
 from cxrlab.inference.bundle import Bundle, load_bundle
 from cxrlab.inference.infer import resolve_device
@@ -114,12 +115,6 @@ def collect_inputs(paths: Iterable[str | Path]) -> Inputs:
 def expand_inputs(paths: Iterable[str | Path]) -> list[tuple[Path, str | None]]:
     """The inputs of :func:`collect_inputs` (without the ignored names)."""
     return collect_inputs(paths).items
-
-
-def _read_gray(path: Path) -> np.ndarray:
-    from cxrlab.data.io import read_xray
-
-    return read_xray(path, dtype="uint8")
 
 
 def _reason(e: Exception) -> str:
@@ -268,7 +263,7 @@ class Predictor:
             # A failure in one file (corrupt, unsupported, a decoder bug) must not end a run over thousands of
             # files: its reason goes into that file's row and the batch goes on.
             try:
-                gray = _read_gray(path)
+                gray = read_xray(path)
                 return gray, self.preprocess(gray), None
             except Exception as e:
                 return None, None, _reason(e)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from cxrlab.data.classes import costly_recall_key
 from cxrlab.report import html as rh
 from cxrlab.runs import (
     CONFUSION_PNG,
@@ -122,8 +123,14 @@ def training_curves_figure(metrics_csv: Path, best_epoch: int | None = None) -> 
     loss_cols = [c for c in df.columns if c.endswith("/loss")]
     score_cols = [
         c
-        for c in ("val/f1_macro", "val/accuracy", "train/f1_macro", "train/accuracy", "val/recall_COVID19")
-        if c in df.columns
+        for c in (
+            "val/f1_macro",
+            "val/accuracy",
+            "train/f1_macro",
+            "train/accuracy",
+            costly_recall_key(df.columns, "val/"),
+        )
+        if c is not None and c in df.columns
     ]
     if not loss_cols and not score_cols:
         return None

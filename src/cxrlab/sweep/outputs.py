@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cxrlab.atomic import write_json
+from cxrlab.data.classes import costly_recall_key
 from cxrlab.runs import BEST_CKPT, CKPT_DIR
 from cxrlab.sweep.optuna_backend import (
     A_DURATION,
@@ -127,14 +128,6 @@ def _cell(v: Any) -> Any:
     return json.dumps(v) if isinstance(v, list | dict) else v
 
 
-def covid_recall_key(names: list[str] | set[str]) -> str | None:
-    """The test recall column of the COVID class (``test/recall_COVID19``), when the data has one."""
-    for n in sorted(names):
-        if n.startswith("test/recall_") and "covid" in n.lower():
-            return n
-    return None
-
-
 def write_parcoords(rows: list[dict[str, Any]], params: list[str], spec: SweepSpec, path: Path, title: str) -> Path:
     """Self-contained interactive parallel-coordinates HTML (plotly, JS inlined) of the completed trials.
 
@@ -168,7 +161,7 @@ def write_parcoords(rows: list[dict[str, Any]], params: list[str], spec: SweepSp
     objective = [r["objective"] for r in done]
     dims.append({"label": spec.metric, "values": objective})
     names = {k for r in done for k in r["metrics"]}
-    for extra in ("test/f1_macro", covid_recall_key(names)):
+    for extra in ("test/f1_macro", costly_recall_key(names)):
         if extra and extra in names and extra != spec.metric:
             dims.append({"label": extra, "values": [r["metrics"].get(extra, float("nan")) for r in done]})
     fig = go.Figure(
@@ -202,7 +195,7 @@ def summary_table(result: SweepResult, max_reason: int = 60) -> Table:
     names = {k for r in result.rows for k in r["metrics"]}
     extra = [
         k
-        for k in ("val/f1_macro", "val/accuracy", "test/accuracy", "test/f1_macro", covid_recall_key(names))
+        for k in ("val/f1_macro", "val/accuracy", "test/accuracy", "test/f1_macro", costly_recall_key(names))
         if k and k in names and k != result.metric
     ]
     t = Table(title=f"sweep {result.name}: {result.method}, {result.goal} {result.metric}", title_justify="left")
