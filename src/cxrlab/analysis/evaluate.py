@@ -116,31 +116,14 @@ def predict_items(
 ) -> tuple[np.ndarray, list[int], list[dict[str, str]]]:
     """Probabilities for every readable path. Returns (probs for the kept items, kept indices, skipped
     [{path, reason}]). Unreadable files are reported and skipped; the rest goes on."""
-    from tqdm.auto import tqdm
-
-    from cxrlab.data.io import ImageReadError, read_xray
+    from cxrlab.inference.infer import read_batches
 
     probs: list[np.ndarray] = []
     kept: list[int] = []
     skipped: list[dict[str, str]] = []
-    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
-    try:
-        for start in range(0, len(paths), batch_size):
-            grays, idx = [], []
-            for i in range(start, min(start + batch_size, len(paths))):
-                try:
-                    grays.append(read_xray(paths[i]))
-                    idx.append(i)
-                except ImageReadError as e:
-                    skipped.append({"path": paths[i], "reason": str(getattr(e, "reason", e))})
-                except FileNotFoundError:
-                    skipped.append({"path": paths[i], "reason": "file not found"})
-            if grays:
-                probs.append(bundle.predict_proba(grays, batch_size=batch_size))
-                kept += idx
-            bar.update(min(batch_size, len(paths) - start))
-    finally:
-        bar.close()
+    for batch in read_batches(paths, batch_size, skipped, progress=progress, desc=desc):
+        probs.append(bundle.predict_proba(batch.grays, batch_size=batch_size))
+        kept += batch.indices
     k = bundle.meta.num_classes
     return (np.concatenate(probs) if probs else np.zeros((0, k))), kept, skipped
 

@@ -61,7 +61,7 @@ from cxrlab.analysis.cam import REGIONS, CamEngine, attention_share, image_regio
 from cxrlab.atomic import json_safe, write_json
 from cxrlab.config import StrictModel
 from cxrlab.errors import ExplainError
-from cxrlab.inference.infer import resolve_device
+from cxrlab.inference.infer import read_batches, resolve_device
 from cxrlab.report.explain_page import write_explain_page
 from cxrlab.runs import ATTENTION_CSV, ATTENTION_FILE, EXPLAIN_HTML, THUMBS_DIR, find_run_dir, read_summary, stage_dir
 from cxrlab.tracking import resumed_run, tracked_run_info
@@ -157,13 +157,9 @@ def _sample(n: int, k: int | None, seed: int) -> list[int]:
 
 def explain(cfg: ExplainConfig) -> ExplainResult:
     """Grad-CAM for every image of the split (or only the errors); attention scores; HTML table; W&B table."""
-    from tqdm.auto import tqdm
-
-    from cxrlab.data.io import ImageReadError, read_xray
     from cxrlab.data.items import resolve_items
     from cxrlab.inference.bundle import load_bundle, resolve_bundle_dir
     from cxrlab.preprocess import apply_preprocess
-    from cxrlab.transforms import to_channels
 
     t0 = time.perf_counter()
     bundle_dir = resolve_bundle_dir(cfg.target)
@@ -184,43 +180,31 @@ def explain(cfg: ExplainConfig) -> ExplainResult:
     thumbs = out / THUMBS_DIR
     thumbs.mkdir(parents=True, exist_ok=True)
     size = tuple(meta.img_size)
-    tf = bundle.transform()
     spec = meta.preprocess
 
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     n_seen = 0
     engine = CamEngine(bundle.model, cfg.target_layer, cfg.method, (1, meta.in_chans, *size), cfg.cam_target)
-    bar = tqdm(total=len(paths), desc=f"explain {cfg.split} ({cfg.method})", unit="img", disable=not cfg.progress)
+    desc = f"explain {cfg.split} ({cfg.method})"
     try:
-        for start in range(0, len(paths), cfg.batch_size):
-            batch: list[tuple[int, np.ndarray, np.ndarray]] = []  # (index, original gray, preprocessed gray)
-            for i in range(start, min(start + cfg.batch_size, len(paths))):
-                try:
-                    gray = read_xray(paths[i])
-                except (ImageReadError, FileNotFoundError) as e:
-                    skipped.append({"path": paths[i], "reason": str(getattr(e, "reason", None) or e)})
-                    continue
-                batch.append((i, gray, apply_preprocess(gray, spec)))
+        for read in read_batches(paths, cfg.batch_size, skipped, progress=cfg.progress, desc=desc):
+            # (index, original gray, preprocessed gray)
+            batch = [(i, g, apply_preprocess(g, spec)) for i, g in zip(read.indices, read.grays, strict=True)]
+            x = torch.stack([bundle.model_input(p) for _, _, p in batch])
+            n_seen += len(batch)
+            if cfg.only_errors:  # a cheap forward first; CAMs only for the misclassified
+                with torch.no_grad():
+                    pr = torch.softmax(bundle.model(x.to(device)).float(), 1).argmax(1).cpu().numpy()
+                wrong = [j for j, (i, _, _) in enumerate(batch) if pr[j] != cidx[labels[i]]]
+                batch, x = [batch[j] for j in wrong], x[wrong]
             if batch:
-                x = torch.stack([tf(image=to_channels(p, meta.in_chans))["image"] for _, _, p in batch])
-                if cfg.only_errors:  # a cheap forward first; CAMs only for the misclassified
-                    with torch.no_grad():
-                        pr = torch.softmax(bundle.model(x.to(device)).float(), 1).argmax(1).cpu().numpy()
-                    n_seen += len(batch)
-                    wrong = [j for j, (i, _, _) in enumerate(batch) if pr[j] != cidx[labels[i]]]
-                    batch, x = [batch[j] for j in wrong], x[wrong]
-                else:
-                    n_seen += len(batch)
-                if batch:
-                    cams, probs = engine(x)
-                    for (i, gray, pre), cam, p in zip(batch, cams, probs, strict=True):
-                        rows.append(
-                            _row(i, paths[i], labels[i], classes, cam, p, gray, pre, size, cfg, thumbs, engine.cell)
-                        )
-            bar.update(min(cfg.batch_size, len(paths) - start))
+                cams, probs = engine(x)
+                for (i, gray, pre), cam, p in zip(batch, cams, probs, strict=True):
+                    rows.append(
+                        _row(i, paths[i], labels[i], classes, cam, p, gray, pre, size, cfg, thumbs, engine.cell)
+                    )
     finally:
-        bar.close()
         engine.close()
     for s in skipped:
         log.warning("skipped %s: %s", s["path"], s["reason"])

@@ -189,10 +189,15 @@ class Bundle:
     def preprocess(self, gray: np.ndarray) -> torch.Tensor:
         """One 2-D uint8 grayscale image -> CxHxW float tensor, exactly as in training's eval path."""
         from cxrlab.preprocess import apply_preprocess
+
+        return self.model_input(apply_preprocess(gray, self.meta.preprocess))
+
+    def model_input(self, preprocessed: np.ndarray) -> torch.Tensor:
+        """The second half of :meth:`preprocess`, for a caller that keeps the preprocessed gray (explain shows it):
+        channels, resize, normalisation."""
         from cxrlab.transforms import to_channels
 
-        gray = apply_preprocess(gray, self.meta.preprocess)
-        return self.transform()(image=to_channels(gray, self.meta.in_chans))["image"]
+        return self.transform()(image=to_channels(preprocessed, self.meta.in_chans))["image"]
 
     @torch.no_grad()
     def predict_proba(self, grays: list[np.ndarray], batch_size: int = 32) -> np.ndarray:

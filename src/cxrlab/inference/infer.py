@@ -1,7 +1,12 @@
-"""The shared inference core: the device resolver (every stage that runs a model asks here)."""
+"""The shared inference core: the device resolver and the batched read loop (every stage that runs a model
+over images uses them)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from cxrlab.errors import CxrlabError
@@ -28,3 +33,44 @@ def resolve_device(device: str | torch.device = "auto", error: type[CxrlabError]
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise error(f"device {device!r} asked for but CUDA is not available; use --device auto or cpu")
     return dev
+
+
+@dataclass
+class ReadBatch:
+    """Decoded images of one batch: ``indices`` into the path list and the 2-D uint8 ``grays`` in that order."""
+
+    indices: list[int]
+    grays: list[np.ndarray]
+
+
+def read_batches(
+    paths: Sequence[str],
+    batch_size: int,
+    skipped: list[dict[str, str]],
+    progress: bool = True,
+    desc: str = "predict",
+) -> Iterator[ReadBatch]:
+    """The batched read loop every data-set stage runs a model over (evaluate, explain): decode each path with
+    ``read_xray``, append an unreadable or missing file to ``skipped`` as ``{path, reason}`` and go on, yield the
+    readable ones ``batch_size`` at a time, with one progress bar over all paths."""
+    from tqdm.auto import tqdm
+
+    from cxrlab.data.io import ImageReadError, read_xray
+
+    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
+    try:
+        for start in range(0, len(paths), batch_size):
+            batch = ReadBatch([], [])
+            for i in range(start, min(start + batch_size, len(paths))):
+                try:
+                    batch.grays.append(read_xray(paths[i]))
+                    batch.indices.append(i)
+                except ImageReadError as e:
+                    skipped.append({"path": paths[i], "reason": str(getattr(e, "reason", None) or e)})
+                except FileNotFoundError:
+                    skipped.append({"path": paths[i], "reason": "file not found"})
+            if batch.indices:
+                yield batch
+            bar.update(min(batch_size, len(paths) - start))
+    finally:
+        bar.close()
