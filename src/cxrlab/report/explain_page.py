@@ -13,38 +13,6 @@ import pandas as pd
 
 # --------------------------------------------------------------------------------------------- HTML
 
-# the shared report style (cxrlab.report.html) plus what the image table needs; the only script is the sorting
-# and filtering below (inline, no CDN)
-_CSS = """
-body{max-width:none}
-table.rows{border-collapse:collapse;font-size:13px}
-table.rows th,table.rows td{border:1px solid var(--line);padding:3px 6px;text-align:right;vertical-align:middle}
-table.rows th{background:var(--soft);position:sticky;top:0;cursor:pointer;user-select:none}
-table.rows td.l,table.rows th.l{text-align:left}
-tr.wrong td{background:#fff1f0}tr.ok td.res{color:#17803d}tr.wrong td.res{color:#c62828;font-weight:600}
-table.rows img{display:block}
-.controls{margin:.6rem 0;display:flex;gap:1rem;flex-wrap:wrap;align-items:center}
-.sw{display:inline-block;width:.9em;height:.9em;vertical-align:middle}
-th.sorted-asc::after{content:" \\25B2"}th.sorted-desc::after{content:" \\25BC"}
-"""
-
-_JS = """
-const tb=document.querySelector('#rows tbody'),rows=[...tb.rows],f=id=>document.getElementById(id);
-function apply(){const c=f('fclass').value,p=f('fpred').value,o=f('foutcome').value,
-lo=parseFloat(f('fconf').value||'0'),hi=parseFloat(f('fconfmax').value||'1');let n=0;
-for(const r of rows){const d=r.dataset,cf=parseFloat(d.confidence);
-const show=(!c||d.label===c)&&(!p||d.prediction===p)&&(!o||d.outcome===o)&&cf>=lo&&cf<=hi;
-r.style.display=show?'':'none';n+=show}f('count').textContent=n+' of '+rows.length+' shown'}
-document.querySelectorAll('.controls select,.controls input').forEach(e=>e.addEventListener('input',apply));
-document.querySelectorAll('#rows th[data-key]').forEach(th=>th.addEventListener('click',()=>{
-const k=th.dataset.key,num=th.dataset.num==='1',asc=!th.classList.contains('sorted-asc');
-document.querySelectorAll('#rows th').forEach(t=>t.classList.remove('sorted-asc','sorted-desc'));
-th.classList.add(asc?'sorted-asc':'sorted-desc');
-rows.sort((a,b)=>{let x=a.dataset[k],y=b.dataset[k];if(num){x=parseFloat(x);y=parseFloat(y);
-x=isNaN(x)?-1:x;y=isNaN(y)?-1:y}return (x<y?-1:x>y?1:0)*(asc?1:-1)});rows.forEach(r=>tb.appendChild(r))}));
-apply();
-"""
-
 
 def _fmt(v: Any) -> str:
     return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3f}"
@@ -160,7 +128,14 @@ def write_explain_page(path: Path, table: pd.DataFrame, doc: dict[str, Any], cla
     )
     page = rh.page(
         f"Explanations: {model['name']} {model.get('run_id') or ''}".strip(),
-        [f"<style>{_CSS}</style>", meta, summary, images, f"<script>{_JS}</script>"],
+        [
+            # the shared style plus what the image table needs; the only script sorts and filters (no CDN)
+            "<style>\n" + rh.asset("explain.css") + "</style>",
+            meta,
+            summary,
+            images,
+            "<script>\n" + rh.asset("explain.js") + "</script>",
+        ],
         subtitle=f"{doc['split']} · {len(table)} images · accuracy {_fmt(doc['summary'].get('accuracy'))}",
     )
     rh.write_page(path, page)

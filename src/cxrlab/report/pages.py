@@ -50,13 +50,6 @@ class ReportError(CxrlabError):
 
 # --------------------------------------------------------------------------------------------- HTML pieces
 
-# Additions to report_html's stylesheet: headline cards and figures side by side.
-_STYLE = """<style>
-.cards{display:flex;flex-wrap:wrap;gap:12px;margin:10px 0}
-.card{border:1px solid var(--line);border-radius:6px;padding:8px 14px;min-width:10em}
-.card .v{font-size:22px;font-weight:600}.card .ci{color:var(--muted);font-size:12px}
-.figs{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}.figs .figure{max-width:48%}
-</style>"""
 
 esc = rh.esc
 
@@ -75,7 +68,9 @@ def fig_img(fig: Figure | None, alt: str, caption: str = "") -> str:
 
 
 def page(title: str, parts: list[str], subtitle: str | None = None) -> str:
-    return rh.page(title, [_STYLE, *[p for p in parts if p]], subtitle=subtitle)
+    # additions to the shared stylesheet: headline cards and figures side by side
+    style = "<style>\n" + rh.asset("cards.css") + "</style>"
+    return rh.page(title, [style, *[p for p in parts if p]], subtitle=subtitle)
 
 
 def fmt(x: Any, digits: int = 3) -> str:
