@@ -211,7 +211,7 @@ def onnx_session(path: str | Path, device: str = "cpu", intra_op_threads: int = 
 
 
 def read_onnx_metadata(path: str | Path) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file (``cxrlab.inference.bundle``, ``cxrlab.weights_sha256``)."""
+    """The ``metadata_props`` of an ONNX file (``cxrlab.bundle``, ``cxrlab.weights_sha256``)."""
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
