@@ -4,9 +4,13 @@
 weights) and a client with 8 threads (httpx) posts real cxr-tiny JPEGs to ``/predict``. Reported per server
 setting: errors (must be 0), p50 / p95 latency, requests/s, and the mean batch the inference thread formed.
 Settings compared: ``--max-batch 1`` (one request per forward pass: a plain lock), ``--max-batch 8`` (greedy
-batching, the default) and the ONNX Runtime backend, each way.
+batching, the default), for the torch, ONNX Runtime float32 and ONNX Runtime INT8 backends. The INT8 export is
+made first with ``cxrlab.inference.export.export_int8``, calibrated on 300 cxr-tiny images (random weights: its accuracy
+check is not applicable, see bench_inference.py --run). The load average is printed: at 2 or more on this 2-core
+machine the run is labelled as measured under load.
 
     .venv/bin/python benchmarks/bench_serve.py [--requests 200] [--concurrency 8] [--model efficientnet_lite0]
+        [--configs torch:1,onnx:1,onnx-int8:1]   (batch 1 only: a shorter run)
 """
 
 from __future__ import annotations
@@ -87,7 +91,9 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=200, help="per server setting")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=4, help="the requests are sent in this many interleaved rounds")
-    ap.add_argument("--configs", default="torch:1,torch:8,onnx:1,onnx:8", help="backend:max_batch,...")
+    ap.add_argument(
+        "--configs", default="torch:1,torch:8,onnx:1,onnx:8,onnx-int8:1,onnx-int8:8", help="backend:max_batch,..."
+    )
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--size", type=int, default=224)
     args = ap.parse_args()
@@ -95,19 +101,17 @@ def main() -> int:
         print(f"skip: real data not found at {DATA}")
         return 0
 
-    import timm
-    import torch
+    from bench_inference import SPEED_ONLY, random_bundle
+    from cxrlab.inference.quantize import export_int8
 
-    from cxrlab.inference.bundle import BundleMeta, save_bundle
-    from cxrlab.transforms import norm_constants
-
+    load_start = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    torch.manual_seed(0)
-    mean, std = norm_constants(3)
-    meta = BundleMeta(args.model, ["COVID19", "NORMAL", "PNEUMONIA"], (args.size, args.size), 3, mean, std)
-    bundle = save_bundle(timm.create_model(args.model, pretrained=False, num_classes=3), meta, tmp / "bundle")
-    files = [(p.name, p.read_bytes()) for c in meta.class_names for p in sorted((DATA / c).glob("*.jpg"))[:20]]
+    bundle, split = random_bundle(args.model, args.size, tmp)
+    classes = ["COVID19", "NORMAL", "PNEUMONIA"]
+    files = [(p.name, p.read_bytes()) for c in classes for p in sorted((DATA / c).glob("*.jpg"))[:20]]
     configs = [(b, int(m)) for b, m in (c.split(":") for c in args.configs.split(","))]
+    if any(b == "onnx-int8" for b, _ in configs):
+        export_int8(bundle, data=split, **SPEED_ONLY)
 
     # All servers start first and idle while another is measured; the requests of each are sent in interleaved
     # rounds, so load from other processes on this shared machine falls on every setting alike.
@@ -135,7 +139,8 @@ def main() -> int:
             f"{per_round * args.rounds} requests per setting ({args.rounds} interleaved rounds of {per_round}), "
             f"{args.concurrency} concurrent, real cxr-tiny JPEGs ({len(files)} distinct, up to 512 px), "
             f"model {args.model} @ {args.size}px; server and client share {os.cpu_count()} cores "
-            f"(load average {load:.1f}; {time.perf_counter() - t_start:.0f} s)"
+            f"(load average {load_start:.1f} before, {load:.1f} after; {time.perf_counter() - t_start:.0f} s)"
+            + ("" if max(load, load_start) < 2 else ": MEASURED UNDER LOAD")
         )
         print(f"{'server':28s} {'errors':>6s} {'p50 ms':>8s} {'p95 ms':>8s} {'req/s':>7s} {'mean batch':>10s}")
         for c in configs:

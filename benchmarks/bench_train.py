@@ -1,32 +1,35 @@
 """Training throughput on real chest X-rays: cxrlab's pipeline vs a plain seed-style script, lever by lever.
 
-Two ratios, measured side by side in one run (targets from issue 3):
+Two ratios (targets from issue 3), each printed as min / median / max over interleaved rounds:
 
-* loader overhead: steps/s of the real ``CXRDataModule`` + ``CXRClassifier`` vs the same module fed pre-made
-  batches (target >= 0.95);
+* loader overhead: steps/s of the real ``CXRDataModule`` + ``CXRClassifier`` vs the *same* module in the *same*
+  process fed the same batches already collated in memory (on the device) -- the reference does the same
+  forward/backward/optimizer work minus the loading, so it is an upper bound by construction (target >= 0.95);
 * cxrlab vs the seed: steps/s of cxrlab's pipeline vs a plain seed-style script -- Lightning + timm +
   albumentations, ``cv2.imread`` + RGB + ``Resize -> HorizontalFlip -> Normalize -> ToTensorV2`` for every image
   every epoch, NCHW, OpenMP defaults -- with the same model, image size, batch size and threads (target >= 1.3x).
 
-Each variant is one ``Trainer.fit`` of ``--steps`` timed training steps after one warm-up step, in a fresh
-process (OpenMP settings only take effect before torch loads); the timed window covers loading + forward +
-backward + optimizer step of each batch:
+Variants (one long-lived worker process per OpenMP setting, because OMP_WAIT_POLICY only takes effect before
+torch loads; each worker builds its model and data once and then runs one chunk per round):
 
     seed          the seed-style script (OpenMP defaults: idle threads spin)
     nocache_nchw  cxrlab's datamodule decoding every image every step (grayscale read), NCHW
     cache_nchw    + decoded-image cache (images resized once to img_size, kept as uint8)
     cxrlab_spin   + channels_last
     cxrlab        + OMP_WAIT_POLICY=PASSIVE (idle threads sleep), as `cxrlab train` sets it: cxrlab's default
-    cxrlab_t1     cxrlab with 1 thread instead of --threads
-    premade       CXRClassifier (channels_last, PASSIVE) fed pre-made batches: the loader-overhead reference
+    premade       in cxrlab's worker: the same module fed pre-made batches (the loader-overhead reference)
+    cxrlab_t1     in cxrlab's worker: cxrlab with 1 thread instead of --threads
 
-The first four run with the OpenMP defaults, the last three with OMP_WAIT_POLICY=PASSIVE. Variants run
-interleaved, round after round, and the median is reported, so load from other processes on this shared machine
-hits all of them alike.
-The one-time cost of filling the cache for the whole of cxr-tiny is reported separately.
+A chunk is one ``Trainer.fit`` of ``--steps`` timed training steps after one untimed warm-up step; the timed window
+covers loading + forward + backward + optimizer step of each batch. Every round runs every variant once, in an
+order reversed on alternate rounds (cxrlab and premade always adjacent), so slow drifts of background load fall on
+all variants alike; each ratio is computed within a round. The load average is printed before and after.
 
     .venv/bin/python benchmarks/bench_train.py [--model efficientnet_lite0] [--size 192] [--batch 32]
-        [--steps 4] [--rounds 3] [--threads 2]
+        [--steps 8] [--rounds 5] [--threads 2]
+
+Cost: about rounds x 7 x (steps + 1) training steps of ~1.5 s each on 2 quiet cores (the defaults: ~8 minutes),
+plus ~1 minute of start-up.
 """
 
 from __future__ import annotations
@@ -43,8 +46,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("CXRLAB_SHARED_DATA", REPO.parent / "shared" / "data")) / "cxr-tiny"
-VARIANTS = ("seed", "nocache_nchw", "cache_nchw", "cxrlab_spin", "cxrlab", "cxrlab_t1", "premade")
-SPINNING = ("seed", "nocache_nchw", "cache_nchw", "cxrlab_spin")  # run with the OpenMP defaults
+# worker -> the variants it runs; the first four workers keep the OpenMP defaults (spinning)
+WORKERS = {
+    "seed": ("seed",),
+    "nocache_nchw": ("nocache_nchw",),
+    "cache_nchw": ("cache_nchw",),
+    "cxrlab_spin": ("cxrlab_spin",),
+    "cxrlab": ("cxrlab", "premade", "cxrlab_t1"),
+}
+PASSIVE = ("cxrlab",)
+VARIANTS = tuple(v for vs in WORKERS.values() for v in vs)
+RESULT = "@@bench_train "
 
 
 def _split_dir(n: int, out: Path) -> Path:
@@ -62,10 +74,11 @@ def _split_dir(n: int, out: Path) -> Path:
     return out
 
 
-def child(variant: str, args: argparse.Namespace) -> float:
-    """Time one variant in this process; returns training steps/s."""
+def child(worker: str, args: argparse.Namespace) -> None:
+    """Build one worker's model and data, then run a timed chunk for each ``run VARIANT`` line on stdin."""
     import logging
     import warnings
+    from itertools import islice
 
     import albumentations as A
     import cv2
@@ -82,8 +95,9 @@ def child(variant: str, args: argparse.Namespace) -> float:
     from cxrlab.training.module import CXRClassifier
 
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch.accelerators.cuda").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")  # Lightning's worker / logging-interval hints
-    torch.set_num_threads(1 if variant == "cxrlab_t1" else args.threads)
+    torch.set_num_threads(args.threads)
     split = load_split(args.split)
     classes = split.classes
     size = (args.size, args.size)
@@ -135,52 +149,106 @@ def child(variant: str, args: argparse.Namespace) -> float:
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=5e-6)
 
-    if variant == "seed":
+    if worker == "seed":
         tab = split.subset("train")
         module = SeedModule()
-        data = {
-            "train_dataloaders": DataLoader(
-                SeedDataset(tab["path"].tolist(), [classes.index(c) for c in tab["label"]]),
-                batch_size=args.batch,
-                shuffle=True,
-                num_workers=0,
-            )
-        }
-    elif variant == "premade":
-        g = torch.Generator().manual_seed(0)
-        batches = [
-            (torch.randn(args.batch, 3, *size, generator=g), torch.randint(0, len(classes), (args.batch,), generator=g))
-            for _ in range(args.steps + 1)
-        ]
-        module = CXRClassifier(cfg(), classes)
-        data = {"train_dataloaders": DataLoader(batches, batch_size=None)}
+        loader = DataLoader(
+            SeedDataset(tab["path"].tolist(), [classes.index(c) for c in tab["label"]]),
+            batch_size=args.batch,
+            shuffle=True,
+            num_workers=0,
+        )
+        data = {"seed": {"train_dataloaders": loader}}
     else:
         sets = {"nocache_nchw": ("cache_images=false", "channels_last=false"), "cache_nchw": ("channels_last=false",)}
-        dm = CXRDataModule(cfg(*sets.get(variant, ())), split)
+        dm = CXRDataModule(cfg(*sets.get(worker, ())), split)
         dm.setup("fit")  # the cache fill is a one-time cost, reported separately
         module = CXRClassifier(dm.cfg, classes)
-        data = {"datamodule": dm}
+        data = {v: {"datamodule": dm} for v in WORKERS[worker]}
+        if worker == "cxrlab":
+            # the reference: this datamodule's own batches, collated once and held in memory (on the device: CPU)
+            batches = list(islice(iter(dm.train_dataloader()), args.steps + 1))
+            data["premade"] = {"train_dataloaders": DataLoader(batches, batch_size=None)}
 
-    stamps: list[float] = []
+    def chunk(variant: str) -> float:
+        stamps: list[float] = []
 
-    class Timer(L.Callback):
-        def on_train_batch_end(self, *a: object) -> None:
-            stamps.append(time.perf_counter())
+        class Timer(L.Callback):
+            def on_train_batch_end(self, *a: object) -> None:
+                stamps.append(time.perf_counter())
 
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=args.steps + 1,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[Timer()],
+        torch.set_num_threads(1 if variant == "cxrlab_t1" else args.threads)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_epochs=1,
+            limit_train_batches=args.steps + 1,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[Timer()],
+        )
+        trainer.fit(module, **data[variant])
+        if len(stamps) != args.steps + 1:
+            raise RuntimeError(f"{variant}: {len(stamps)} steps ran, expected {args.steps + 1}")
+        return args.steps / (stamps[-1] - stamps[0])  # the steps after the warm-up step
+
+    print(RESULT + json.dumps({"ready": worker}), flush=True)
+    for line in sys.stdin:
+        cmd, _, variant = line.strip().partition(" ")
+        if cmd != "run":
+            break
+        print(RESULT + json.dumps({"variant": variant, "steps_per_s": chunk(variant)}), flush=True)
+
+
+class Worker:
+    """A child process running one worker; ``run(variant)`` returns steps/s of one chunk."""
+
+    def __init__(self, name: str, common: list[str], env: dict[str, str], log: Path) -> None:
+        self.name = name
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--child", name, *common],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=open(log, "w"),  # noqa: SIM115 (lives with the process)
+            text=True,
+        )
+
+    def _read(self) -> dict:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(RESULT):
+                return json.loads(line[len(RESULT) :])
+        raise RuntimeError(f"worker {self.name} exited with {self.proc.wait()}:\n{self.log.read_text()[-3000:]}")
+
+    def ready(self) -> None:
+        self._read()
+
+    def run(self, variant: str) -> float:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"run {variant}\n")
+        self.proc.stdin.flush()
+        return float(self._read()["steps_per_s"])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")  # type: ignore[union-attr]
+                self.proc.stdin.close()  # type: ignore[union-attr]
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+def spread(xs: list[float], digits: int = 3, unit: str = "") -> str:
+    return (
+        f"{statistics.median(xs):.{digits}f}{unit} (min {min(xs):.{digits}f}, max {max(xs):.{digits}f})" if xs else "-"
     )
-    trainer.fit(module, **data)
-    return args.steps / (stamps[-1] - stamps[0])  # the steps after the warm-up step
 
 
 def main() -> int:
@@ -188,19 +256,21 @@ def main() -> int:
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--size", type=int, default=192)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=4, help="timed training steps per variant and round")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=8, help="timed training steps per variant and round")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=tuple(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--split", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps({"steps_per_s": child(args.child, args)}))
+        child(args.child, args)
         return 0
     if not DATA.is_dir():
         print(f"skip: real data not found at {DATA}")
         return 0
 
+    load_start = os.getloadavg()
+    t_start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     split = _split_dir(args.batch * (args.steps + 1), tmp / "split")
     base_env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
@@ -208,21 +278,25 @@ def main() -> int:
     common = ["--model", args.model, "--size", str(args.size), "--batch", str(args.batch)]
     common += ["--steps", str(args.steps), "--threads", str(args.threads), "--split", str(split)]
 
-    def run(variant: str) -> float:
-        env = dict(base_env) if variant in SPINNING else {**base_env, "OMP_WAIT_POLICY": "PASSIVE"}
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", variant, *common], env=env, capture_output=True, text=True
-        )
-        if out.returncode:
-            raise RuntimeError(f"{variant} failed:\n{out.stderr[-3000:]}")
-        return float(json.loads(out.stdout.strip().splitlines()[-1])["steps_per_s"])
-
+    workers: dict[str, Worker] = {}
     rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for r in range(args.rounds):
-        for v in VARIANTS:
-            rates[v].append(run(v))
-        print(f"round {r + 1}: " + ", ".join(f"{v} {rates[v][-1]:.3f}" for v in VARIANTS), flush=True)
-    med = {v: statistics.median(x) for v, x in rates.items()}
+    try:
+        # started one after another: start-up (imports, cache fill) would otherwise compete with itself
+        for name in WORKERS:
+            env = {**base_env, "OMP_WAIT_POLICY": "PASSIVE"} if name in PASSIVE else dict(base_env)
+            workers[name] = Worker(name, common, env, tmp / f"{name}.log")
+            workers[name].ready()
+        t_setup = time.perf_counter() - t_start
+        order = [(w, v) for w, vs in WORKERS.items() for v in vs]
+        for r in range(args.rounds):
+            for w, v in order if r % 2 == 0 else order[::-1]:
+                rates[v].append(workers[w].run(v))
+            print(f"round {r + 1}: " + ", ".join(f"{v} {rates[v][-1]:.3f}" for v in VARIANTS), flush=True)
+    finally:
+        for w in workers.values():
+            w.close()
+    t_rounds = time.perf_counter() - t_start - t_setup
+    load_end = os.getloadavg()
 
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     from cxrlab.data.datamodule import ImageCache
@@ -232,22 +306,36 @@ def main() -> int:
     ImageCache(paths, (args.size, args.size)).fill(threads=args.threads, progress=False)
     fill_s = time.perf_counter() - t0
 
+    def ratio(a: str, b: str) -> list[float]:
+        return [x / y for x, y in zip(rates[a], rates[b], strict=True)]
+
+    load = max(load_start[0], load_end[0])
     print()
     print(
         f"model {args.model}, {args.size}x{args.size}, batch {args.batch}, threads {args.threads} (cpu count "
-        f"{os.cpu_count()}), {args.steps} timed steps x {args.rounds} rounds, median; fresh process per run"
+        f"{os.cpu_count()}), {args.steps} timed steps per variant x {args.rounds} interleaved rounds "
+        f"({args.steps * args.rounds} timed steps per variant); set-up {t_setup:.0f} s, rounds {t_rounds:.0f} s"
     )
-    print(f"{'variant':<14} {'steps/s':>8} {'img/s':>7}")
+    print(
+        f"load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end on {os.cpu_count()} cores"
+        + ("" if load < 2 else ": MEASURED UNDER LOAD (other processes held the cores)")
+    )
+    print(f"{'variant':<14} {'steps/s: median (min, max)':>34} {'img/s':>7}")
     for v in VARIANTS:
-        print(f"{v:<14} {med[v]:8.3f} {med[v] * args.batch:7.1f}")
+        print(f"{v:<14} {spread(rates[v]):>34} {statistics.median(rates[v]) * args.batch:7.1f}")
     print()
-    print(f"loader overhead  cxrlab / premade            = {med['cxrlab'] / med['premade']:.3f}  (target >= 0.95)")
-    print(f"cxrlab vs seed   cxrlab / seed               = {med['cxrlab'] / med['seed']:.2f}x (target >= 1.3x)")
-    print(f"  lever grayscale decode  nocache_nchw / seed = {med['nocache_nchw'] / med['seed']:.2f}x")
-    print(f"  lever cache             cache_nchw / nocache = {med['cache_nchw'] / med['nocache_nchw']:.2f}x")
-    print(f"  lever channels_last     cxrlab_spin / cache  = {med['cxrlab_spin'] / med['cache_nchw']:.2f}x")
-    print(f"  lever OMP passive wait  cxrlab / cxrlab_spin = {med['cxrlab'] / med['cxrlab_spin']:.2f}x")
-    print(f"  threads 1 vs {args.threads}          cxrlab_t1 / cxrlab   = {med['cxrlab_t1'] / med['cxrlab']:.2f}x")
+    print("ratios, each within a round: median (min, max) over rounds")
+    lines = [
+        ("loader overhead  cxrlab / premade            ", ratio("cxrlab", "premade"), 3, "", "  (target >= 0.95)"),
+        ("cxrlab vs seed   cxrlab / seed               ", ratio("cxrlab", "seed"), 2, "x", "  (target >= 1.3x)"),
+        ("  lever grayscale decode  nocache_nchw / seed ", ratio("nocache_nchw", "seed"), 2, "x", ""),
+        ("  lever cache             cache_nchw / nocache", ratio("cache_nchw", "nocache_nchw"), 2, "x", ""),
+        ("  lever channels_last     cxrlab_spin / cache ", ratio("cxrlab_spin", "cache_nchw"), 2, "x", ""),
+        ("  lever OMP passive wait  cxrlab / cxrlab_spin", ratio("cxrlab", "cxrlab_spin"), 2, "x", ""),
+        (f"  threads 1 vs {args.threads}          cxrlab_t1 / cxrlab  ", ratio("cxrlab_t1", "cxrlab"), 2, "x", ""),
+    ]
+    for label, xs, digits, unit, target in lines:
+        print(f"{label} = {spread(xs, digits, unit)}{target}")
     print(
         f"cache fill (one-time): {len(paths)} cxr-tiny images in {fill_s:.1f} s "
         f"({fill_s / len(paths) * 1000:.1f} ms/image, {args.threads} threads)"

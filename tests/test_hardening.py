@@ -548,6 +548,7 @@ def _train_sets(split: Path, out: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.trains
 def test_train_warns_on_a_class_absent_from_test_and_resume_survives_a_truncated_last_ckpt(
     phantom_split: Path, tmp_path: Path
 ) -> None:

@@ -16,3 +16,7 @@ class ExplainError(CxrlabError):
 
 class RunError(CxrlabError):
     """A run directory cannot be created or resumed; the message says which and what to do."""
+
+
+class MineError(CxrlabError):
+    """Similar-image mining cannot proceed; the message names the path or value and what to do."""

@@ -119,6 +119,9 @@ def _read_attention(run_dir: Path | None, split: str) -> dict[str, float] | None
         return None
     summary = max(docs, key=lambda x: x[0])[1]["summary"]
     out = {k: float(summary[k]) for k in ATTENTION_KEYS if isinstance(summary.get(k), int | float)}
+    from cxrlab.review.core import read_agreement  # a radiologist's verdict on the CAMs (cxrlab review --export)
+
+    out.update(read_agreement(run_dir) or {})
     return out or None
 
 
@@ -224,7 +227,7 @@ def compare(cfg: CompareConfig) -> CompareResult:
         if keys_att:
 
             def col(att: dict[str, float]) -> list[Any]:  # counts stay integers in the table
-                return [int(att[x]) if x == "n_images" else att[x] for x in keys_att]
+                return [int(att[x]) if x in ("n_images", "review_n") else att[x] for x in keys_att]
 
             attention = pd.DataFrame(
                 {"score": keys_att, "baseline": col(att_a), "challenger": col(att_c)}, dtype=object

@@ -32,9 +32,9 @@ def _register_all() -> None:
     global _registered
     if _registered:
         return
-    from cxrlab.cli import data, evaluate, explain, serve, sweep, train
+    from cxrlab.cli import data, evaluate, explain, mine, review, serve, sweep, train
 
-    for mod in (data, train, evaluate, explain, sweep, serve):
+    for mod in (data, train, evaluate, explain, sweep, serve, review, mine):
         mod.register(app)
     _registered = True
 
@@ -68,10 +68,14 @@ def _unexpected(e: BaseException, debug: bool) -> int:
 
     if debug:
         traceback.print_exception(e, file=sys.stderr)
-    # the innermost frame of cxrlab's own code: where to look (and what to quote in a report)
+    import cxrlab
+
+    # the innermost frame of cxrlab's own code: where to look (and what to quote in a report). The package's own
+    # folder, not any path with "cxrlab" in it (a checkout named cxrlab holds tests and benchmarks too).
+    package = os.path.dirname(os.path.abspath(cxrlab.__file__)) + os.sep
     where = ""
     for frame in reversed(traceback.extract_tb(e.__traceback__)):
-        if f"{os.sep}cxrlab{os.sep}" in frame.filename:
+        if os.path.abspath(frame.filename).startswith(package):
             where = f" (in {os.path.basename(frame.filename)}:{frame.lineno}, {frame.name})"
             break
     hint = "" if debug else f"; rerun with {DEBUG_FLAG} (or {DEBUG_ENV}=1) for the full traceback"

@@ -34,6 +34,7 @@ class OutputFormat(StrEnum):
 class BackendName(StrEnum):
     torch = "torch"
     onnx = "onnx"
+    onnx_int8 = "onnx-int8"
 
 
 class ExportFormatName(StrEnum):
@@ -114,7 +115,10 @@ def predict_cmd(
     cam: Path | None = typer.Option(None, "--cam", help="Write a Grad-CAM overlay PNG per image into this folder."),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="Output format."),
     backend: BackendName = typer.Option(
-        BackendName.torch, "--backend", help="torch, or onnx (ONNX Runtime; exports to <bundle>/model.onnx once)."
+        BackendName.torch,
+        "--backend",
+        help="torch, onnx (ONNX Runtime; exports to <bundle>/model.onnx once) or onnx-int8 (the checked INT8 "
+        "export from `cxrlab export RUN --format onnx --int8`).",
     ),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N."),
@@ -186,17 +190,39 @@ def export_cmd(
     ),
     opset: int = typer.Option(17, "--opset", min=11, help="ONNX opset."),
     exporter: str = typer.Option("torchscript", "--exporter", help="ONNX exporter: torchscript (fast) or dynamo."),
+    int8: bool = typer.Option(
+        False,
+        "--int8",
+        help="ONNX only: INT8 static quantization calibrated on the run's training split; refused when test "
+        "accuracy drops (see --max-f1-drop, --min-agreement). Writes model.int8.onnx beside model.onnx.",
+    ),
+    calib_n: int = typer.Option(300, "--calib-n", min=1, help="--int8: training images to calibrate on."),
+    data: Path | None = typer.Option(
+        None, "--data", help="--int8: split directory to take train/test images from (default: the run's own)."
+    ),
+    max_f1_drop: float = typer.Option(
+        0.01, "--max-f1-drop", help="--int8: refuse when test macro-F1 drops by more than this (0.01 = 1 point)."
+    ),
+    min_agreement: float = typer.Option(
+        0.98, "--min-agreement", help="--int8: refuse when top-1 agreement with float32 on test is below this."
+    ),
 ) -> None:
     """Export the bundle's network (input: the preprocessed batch, dynamic batch axis; output: logits).
 
-    The export is checked against PyTorch (max |difference| <= 1e-4) before it is written.
+    The export is checked against PyTorch (max |difference| <= 1e-4) before it is written; an --int8 export is
+    checked against float32 on the run's test split (macro-F1 drop, top-1 agreement) and refused if it fails.
     """
     from cxrlab.inference.bundle import load_bundle
     from cxrlab.inference.export import ExportError, export, max_abs_diff, probe_batch
 
     if exporter not in ("torchscript", "dynamo"):
         raise ExportError(f"unknown --exporter {exporter!r}; choose torchscript or dynamo")
+    if int8 and fmt is not ExportFormatName.onnx:
+        raise ExportError("--int8 needs --format onnx")
     b = load_bundle(bundle, device="cpu")
+    if int8:
+        _export_int8(b, out, data, calib_n, max_f1_drop, min_agreement)
+        return
     path = export(b, fmt.value, out, opset=opset, exporter=exporter)  # type: ignore[arg-type]
     diff = max_abs_diff(path, fmt.value, b.model, probe_batch(b, n=4, seed=1))  # type: ignore[arg-type]
     console.print(f"[bold]export[/]: {b.meta.model_name} -> {path} ({path.stat().st_size / 1e6:.1f} MB)")
@@ -208,10 +234,25 @@ def export_cmd(
     console.print(f"[yellow]{cxrlab.RESEARCH_NOTICE}[/]")
 
 
+def _export_int8(b, out: Path | None, data: Path | None, calib_n: int, max_f1_drop: float, min_agreement: float):
+    from cxrlab.inference.quantize import export_int8
+
+    with console.status("INT8: float32 export, calibration on the training split, check on the test split"):
+        rep = export_int8(b, out, data=data, calib_n=calib_n, max_f1_drop=max_f1_drop, min_agreement=min_agreement)
+    size = rep.path.stat().st_size / 1e6
+    float_size = rep.float_path.stat().st_size / 1e6 if rep.float_path else float("nan")
+    console.print(
+        f"[bold]export[/]: {b.meta.model_name} INT8 -> {rep.path} ({size:.1f} MB; float32 {float_size:.1f} MB)"
+    )
+    console.print(f"accuracy check passed: {rep.summary()}; max |probability diff| {rep.max_abs_prob_diff:.3f}")
+    console.print(f"use it with: cxrlab predict {b.path} IMAGES --backend onnx-int8 (or serve --backend onnx-int8)")
+    console.print(f"[yellow]{cxrlab.RESEARCH_NOTICE}[/]")
+
+
 # ---------------------------------------------------------------------------------------------------- serve
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -256,7 +297,9 @@ def serve_cmd(
     ),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest upload in MiB (413 above)."),
     max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest width*height (413 above)."),
-    backend: BackendName = typer.Option(BackendName.torch, "--backend", help="torch or onnx (ONNX Runtime)."),
+    backend: BackendName = typer.Option(
+        BackendName.torch, "--backend", help="torch, onnx (ONNX Runtime) or onnx-int8 (needs export --int8)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N."),
     max_batch: int = typer.Option(
         8, "--max-batch", min=1, help="Most queued requests merged into one forward pass (1 = one at a time)."
@@ -294,7 +337,7 @@ def serve_cmd(
         },
         source="cxrlab serve options",
     )
-    if not _is_loopback(host) and token is None:
+    if not is_loopback(host) and token is None:
         err_console.print(
             f"[yellow]warning:[/] serving on {host} without --token: anyone who can reach this port can use the model"
         )

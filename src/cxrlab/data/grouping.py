@@ -7,11 +7,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
 
 # ------------------------------------------------------------------------------------------ building blocks
+
+PHASH_RE = re.compile(r"[0-9a-fA-F]{16}")  # the manifest's phash format: 64 bits as 16 hex chars
 
 
 def phash_to_int(values: pd.Series | list[str]) -> np.ndarray:

@@ -122,7 +122,7 @@ def resolve_external_items(data: Path, split: str, classes: list[str]) -> Items:
     return Items(paths, labels, f"{data} (class folders)", "unversioned", "external")
 
 
-def _run_split_dir(run_dir: Path | None, summary: dict[str, Any], bundle_config: dict[str, Any]) -> Path | None:
+def run_split_dir(run_dir: Path | None, summary: dict[str, Any], bundle_config: dict[str, Any]) -> Path | None:
     cands: list[str] = []
     if summary.get("data"):
         cands.append(str(summary["data"]))
@@ -151,7 +151,7 @@ def resolve_items(
     if data is not None:
         return resolve_external_items(data, split, classes)
     run_dir = find_run_dir(target)
-    split_dir = _run_split_dir(run_dir, read_summary(run_dir), bundle_config)
+    split_dir = run_split_dir(run_dir, read_summary(run_dir), bundle_config)
     if split_dir is None:
         raise EvalError(
             f"{target} does not record the split it was trained on; pass --data FOLDER_OR_MANIFEST "

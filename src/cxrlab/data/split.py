@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -39,6 +38,7 @@ from pydantic import Field, field_validator
 from cxrlab.atomic import write_json
 from cxrlab.config import StrictModel
 from cxrlab.data.grouping import (
+    PHASH_RE,
     assign_groups,
     balanced_subset,
     build_groups,
@@ -72,7 +72,6 @@ FLAG_ALIASES: dict[str, tuple[str, ...]] = {
     "unreadable": ("unreadable",),
 }
 DEFAULT_NEAR_DUP_THRESHOLD = 2
-_PHASH_RE = re.compile(r"[0-9a-fA-F]{16}")
 
 
 class SplitConfig(StrictModel):
@@ -160,7 +159,7 @@ def _fill_missing_hashes(df: pd.DataFrame, progress: bool) -> tuple[pd.DataFrame
         try:
             if df.at[i, "sha256"] == "":
                 df.at[i, "sha256"] = _file_sha256(p)
-            if not _PHASH_RE.fullmatch(str(df.at[i, "phash"])):
+            if not PHASH_RE.fullmatch(str(df.at[i, "phash"])):
                 df.at[i, "phash"] = image_phash(read_xray(p))
         except (OSError, ValueError) as e:  # ImageReadError is a ValueError
             bad.append((p, f"unreadable: {getattr(e, 'reason', None) or e}"))

@@ -13,6 +13,8 @@ ONNX uses the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)
 it exports timm's test model in ~0.5 s against ~5 s for the ``torch.export`` (dynamo) exporter, with equal
 outputs. ``exporter="dynamo"`` selects the newer one; if the legacy exporter is unavailable (a future torch),
 the dynamo exporter is used automatically.
+
+INT8 quantisation of the ONNX export lives in ``cxrlab.inference.quantize``.
 """
 
 from __future__ import annotations

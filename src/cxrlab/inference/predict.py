@@ -12,7 +12,10 @@ Backends:
   digest it records matches ``model.safetensors`` and re-exported otherwise, so it can never serve stale
   weights (a run checkpoint passed as the bundle caches ``<checkpoint>.onnx`` beside it). A read-only
   directory gets a per-process export in a temp directory. Preprocessing is the
-  bundle's in both backends; only the network runs elsewhere.
+  bundle's in every backend; only the network runs elsewhere.
+- ``onnx-int8``: ONNX Runtime on the bundle's INT8 export (``model.int8.onnx``). It is never made implicitly
+  (calibration needs the run's training images and the export checks test accuracy against float32): make it
+  with ``cxrlab export RUN --format onnx --int8``; a missing or stale one is an error that says so.
 
 Grad-CAM overlays (``cam_dir`` / ``cam_overlays``) always use the PyTorch model, whatever the backend.
 """
@@ -34,8 +37,8 @@ from cxrlab.errors import CxrlabError
 from cxrlab.inference.bundle import Bundle, load_bundle
 from cxrlab.inference.infer import resolve_device
 
-Backend = Literal["torch", "onnx"]
-BACKENDS = ("torch", "onnx")
+Backend = Literal["torch", "onnx", "onnx-int8"]
+BACKENDS = ("torch", "onnx", "onnx-int8")
 
 
 class PredictError(CxrlabError):
@@ -128,7 +131,8 @@ class Predictor:
     """Load a bundle once; classify images in batches.
 
     ``bundle_path``: a bundle directory, a run directory (its ``bundle/``) or a ``bundle.json``.
-    ``backend``: ``torch`` or ``onnx`` (see module doc). ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+    ``backend``: ``torch``, ``onnx`` or ``onnx-int8`` (see module doc).
+    ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
     ``progress``: show a progress bar (None = only when stderr is a terminal).
     """
 
@@ -162,10 +166,11 @@ class Predictor:
         self._session = None
         self._cam_lock = threading.Lock()
         self.ignored: list[tuple[str, str]] = []  # (path, reason) of the last predict(): files that are not inputs
-        if backend == "onnx":
+        if backend in ("onnx", "onnx-int8"):
             from cxrlab.inference.export import ensure_onnx, onnx_session
+            from cxrlab.inference.quantize import ensure_int8
 
-            self.onnx_path = ensure_onnx(self.bundle)
+            self.onnx_path = ensure_onnx(self.bundle) if backend == "onnx" else ensure_int8(self.bundle)
             self._session = onnx_session(self.onnx_path, device=str(self.device))
 
     # ------------------------------------------------------------------------------------------ info

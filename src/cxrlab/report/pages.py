@@ -400,6 +400,22 @@ def _explain_section(rd: Path, base: Path) -> str:
         ),
         rh.table(rows, columns=cols, float_fmt="{:.3f}"),
         _links([(_rel(e, base), f"{e.parent.name}: per-image table") for e in explains]),
+        _review_part(rd),
+    )
+
+
+def _review_part(rd: Path) -> str:
+    """The reviewed localisation agreement (``cxrlab review RUN --export``), when the run has been reviewed."""
+    from cxrlab.review.core import read_agreement
+
+    a = read_agreement(rd)
+    if not a or "review_yes" not in a:
+        return ""
+    rows = [[a["review_yes"], a.get("review_yes_ci_low"), a.get("review_yes_ci_high"), int(a.get("review_n", 0)),
+             a.get("review_cam_in_region")]]  # fmt: skip
+    cols = ["region holds the finding (yes)", "95% CI low", "95% CI high", "answers", "CAM mass in drawn regions"]
+    return rh.paragraph("Radiologist review of the Grad-CAM regions:") + rh.table(
+        rows, columns=cols, float_fmt="{:.3f}"
     )
 
 

@@ -74,7 +74,7 @@ class ServeSettings(StrictModel):
     max_upload_mb: float = Field(20.0, gt=0, description="largest accepted upload in MiB (413 above)")
     max_pixels: int = Field(40_000_000, gt=0, description="largest accepted width*height (413 above)")
     formats: tuple[ImageFormat, ...] = Field(("PNG", "JPEG", "DICOM"), description="accepted sniffed formats")
-    backend: Literal["torch", "onnx"] = "torch"
+    backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
     device: str = "auto"
     max_batch: int = Field(8, ge=1, le=256, description="most queued requests merged into one forward pass")
     decode_workers: int = Field(4, ge=1, le=64, description="concurrent decodes (bounds memory under load)")
@@ -213,7 +213,7 @@ def _probe_dims(data: bytes, fmt: str, name: str) -> tuple[int, int]:
             raise _TooManyPixels(str(e)) from None
 
 
-def _check_token(request: Request, token: str | None) -> None:
+def check_token(request: Request, token: str | None) -> None:
     if token is None:
         return
     auth = request.headers.get("authorization", "")
@@ -364,7 +364,7 @@ def create_app(bundle_path: str | Path, settings: ServeSettings | None = None) -
     )
     async def predict(request: Request, cam: bool = Query(False, description="add a Grad-CAM overlay PNG")):
         """Classify one uploaded X-ray (multipart field ``file``)."""
-        _check_token(request, s.token)
+        check_token(request, s.token)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit + _MULTIPART_SLACK:
             raise HTTPException(413, f"upload of {_mb(int(declared))} exceeds the limit of {_mb(limit)}")
