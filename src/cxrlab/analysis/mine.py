@@ -39,6 +39,7 @@ import torch
 from pydantic import Field
 
 from cxrlab.analysis.neighbours import make_index
+from cxrlab.atomic import write_json
 from cxrlab.config import StrictModel
 from cxrlab.errors import MineError
 from cxrlab.report.mine_page import write_mine_page
@@ -462,7 +463,7 @@ def mine(cfg: MineConfig) -> MineResult:
         "seconds": secs,
         "skipped": res.skipped,
     }
-    (out / SUMMARY_JSON).write_text(json.dumps(doc, indent=2))
+    write_json(out / SUMMARY_JSON, doc)
     return res
 
 

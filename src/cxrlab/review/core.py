@@ -309,16 +309,6 @@ class ExportResult:
     relabel_conflicts: list[str] = field(default_factory=list)
 
 
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
 def relabel_decisions(rows: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Per image, the readers' label verdict: {image: {old, new, readers}} where a majority of the readers who
     judged the label said it is wrong and named the same class; images where they disagree are returned as
@@ -346,7 +336,7 @@ def relabel_decisions(rows: list[dict[str, Any]]) -> tuple[dict[str, dict[str, A
 
 def export_review(cfg: ExportConfig) -> ExportResult:
     """Answers CSV + agreement.json (+ a relabelled manifest when readers corrected labels)."""
-    from cxrlab.atomic import write_text_atomic
+    from cxrlab.atomic import json_safe, write_json
 
     queue = load_queue(cfg)
     out = Path(cfg.out) if cfg.out else queue.run_dir / REVIEW_DIR
@@ -360,7 +350,7 @@ def export_review(cfg: ExportConfig) -> ExportResult:
     overlap = cam_region_overlap(queue, rows, cfg.device) if cfg.cam_overlap else {}
     agr = agreement(rows, overlap)
     doc = {"format": 1, "run_id": queue.run_id, "model": queue.model, "split": queue.split, "runs": agr}
-    write_text_atomic(out / AGREEMENT_JSON, json.dumps(_json_safe(doc), indent=2))
+    write_json(out / AGREEMENT_JSON, json_safe(doc))
     res = ExportResult(answers_csv=csv, agreement_json=out / AGREEMENT_JSON, agreement=agr, n_answers=len(rows))
     decisions, conflicts = relabel_decisions(rows)
     res.relabel_conflicts = conflicts
