@@ -235,7 +235,11 @@ def test_offline_wandb_run_holds_config_history_and_model_and_nothing_leaks(
     assert any("val/f1_macro" in h for h in history) and any("train/loss" in h for h in history)
     artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
     assert kinds.count("artifact") == 1 and artifacts[0].type == "model"  # the best model, once
-    assert sorted(e.path for e in artifacts[0].manifest.contents) == ["bundle.json", "model.safetensors"]
+    assert sorted(e.path for e in artifacts[0].manifest.contents) == [
+        "bundle.json",
+        "model.safetensors",
+        "shift.safetensors",
+    ]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["wandb_mode"] == "offline" and Path(summary["wandb_dir"]) == wandb_runs[0].resolve()
 

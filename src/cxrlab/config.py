@@ -90,9 +90,15 @@ class TrackingConfig(StrictModel):
 
 
 class PreprocessConfig(StrictModel):
-    """Deterministic preprocessing applied identically in training and inference (travels in the bundle)."""
+    """Deterministic preprocessing applied identically in training and inference (travels in the bundle);
+    see ``cxrlab.preprocess`` for the order and what each step is for."""
 
     text_removal: Literal["none", "mask", "inpaint"] = "none"
+    crop: Literal["none", "lungs"] = Field("none", description="crop to the segmented lung fields (+10% margin)")
+    pad_square: bool = Field(False, description="pad to a square (black) instead of squashing the aspect ratio")
+    intensity: Literal["none", "equalize", "clahe"] = Field(
+        "none", description="per-image intensity standardisation: histogram equalisation or CLAHE"
+    )
 
 
 class Config(StrictModel):
@@ -124,9 +130,17 @@ class Config(StrictModel):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
-    imbalance: Literal["none", "sampler", "loss"] = Field(
-        "none", description="class imbalance: weighted sampler or class-weighted loss"
+    imbalance: Literal["none", "sampler", "loss", "source"] = Field(
+        "none",
+        description="class imbalance: weighted sampler or class-weighted loss; source = sampler that draws every "
+        "(source, class) cell of the training split equally often",
     )
+    loss: Literal["ce", "groupdro"] = Field(
+        "ce",
+        description="ce = cross-entropy; groupdro = group-robust loss over (source, class) groups (Sagawa et al. "
+        "2020): the worst groups get more weight",
+    )
+    groupdro_eta: float = Field(0.01, gt=0, description="GroupDRO step size of the group weights")
     precision: Literal["auto", "32", "16-mixed", "bf16-mixed"] = Field(
         "auto", description="auto = 16-mixed on CUDA, 32 on CPU"
     )
@@ -135,6 +149,9 @@ class Config(StrictModel):
     channels_last: bool = Field(True, description="NHWC memory format (faster convolutions on CPU and GPU)")
     cache_images: bool = Field(True, description="decode + resize each image once and keep it in memory")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; default = all cores")
+    shift_stats: bool = Field(
+        True, description="store label-shift / OOD statistics in the bundle (one extra pass over train + val)"
+    )
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output_dir: str = Field("runs", description="parent of the run directories")

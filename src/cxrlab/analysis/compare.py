@@ -40,7 +40,7 @@ class CompareConfig(StrictModel):
 
     baseline: Path
     challenger: Path
-    split: Literal["test", "val"] = "test"
+    split: Literal["test", "val", "external"] = "test"
     data: Path | None = None
     out: Path | None = Field(None, description="output directory; default ./compare-<baseline>-vs-<challenger>")
     batch_size: int = Field(32, ge=1)
@@ -258,7 +258,7 @@ def compare(cfg: CompareConfig) -> CompareResult:
     result.paths["json"] = out / "compare.json"
     _write_compare_json(result, cfg)
     if cfg.report:
-        from cxrlab.report.pages import write_compare_report
+        from cxrlab.report.compare_page import write_compare_report
 
         result.paths["report"] = write_compare_report(result, out / "compare.html")
     return result
@@ -304,5 +304,10 @@ def _write_compare_json(r: CompareResult, cfg: CompareConfig) -> None:
         "verdict": r.verdict,
         "errors": r.errors.to_dict(orient="records"),
         "attention": r.attention.to_dict(orient="records") if r.attention is not None else None,
+        "per_source": {
+            name: e.per_source.to_dict(orient="records") if e.per_source is not None else None
+            for name, e in (("baseline", r.baseline), ("challenger", r.challenger))
+        },
+        "warnings": {"baseline": r.baseline.warnings, "challenger": r.challenger.warnings},
     }
     write_json(r.paths["json"], json_safe(doc))

@@ -10,6 +10,13 @@ split or on any folder-of-classes / manifest, and writes::
     <out>/reliability.png        reliability diagram (15 equal-width confidence bins)
     <out>/roc.png                one-vs-rest ROC curves
     <out>/report.html            self-contained page with all of the above
+    <out>/per_source.csv         n, accuracy and per-class recall (with CIs) per source, when the data has sources
+
+Shift checks (:mod:`cxrlab.analysis.shift`) on every evaluation: the collapse test (predicted vs true class
+counts); and, for a bundle with shift statistics, the label-shift test (black-box shift estimation) and a
+per-image out-of-distribution flag (``ood``, ``ood_score``, ``ood_reasons`` columns of predictions.csv,
+:mod:`cxrlab.analysis.ood`). What fires is in ``warnings`` of metrics.json, on the console and at the top of
+report.html.
 
 Statistics are honest about small test sets: every headline number carries a seeded percentile bootstrap CI
 (``cxrlab.analysis.metrics``). What to evaluate is resolved by ``cxrlab.data.items``; baseline vs challenger is
@@ -28,7 +35,8 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from cxrlab.analysis.metrics import compute_metrics
+from cxrlab.analysis.metrics import compute_metrics, per_source_metrics
+from cxrlab.analysis.shift import shift_checks
 from cxrlab.atomic import json_safe, write_json
 from cxrlab.config import StrictModel
 from cxrlab.data.items import resolve_items
@@ -37,6 +45,7 @@ from cxrlab.inference.infer import resolve_device
 from cxrlab.runs import (
     CONFUSION_CSV,
     EVAL_METRICS_FILE,
+    PER_SOURCE_FILE,
     PREDICTIONS_FILE,
     REPORT_FILE,
     SKIPPED_FILE,
@@ -56,7 +65,9 @@ class EvalConfig(StrictModel):
     """What to evaluate, on which data, and where the results go."""
 
     target: Path = Field(description="run directory or bundle directory")
-    split: Literal["test", "val"] = Field("test", description="split of the run's own data (or of --data's split)")
+    split: Literal["test", "val", "external"] = Field(
+        "test", description="split of the run's own data (or of --data's split); external = held-out sources"
+    )
     data: Path | None = Field(None, description="external data: folder of class folders, manifest or split csv")
     out: Path | None = Field(None, description="output directory; default <run>/eval-<split> or eval-<data name>")
     batch_size: int = Field(32, ge=1)
@@ -98,6 +109,9 @@ class EvalResult:
     predictions: pd.DataFrame  # path, label, prediction, correct, p_<CLASS>...
     probs: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 0)))
     wandb_logged: bool = False
+    per_source: pd.DataFrame | None = None  # one row per source (see per_source_metrics); None without sources
+    shift: dict[str, Any] = field(default_factory=dict)  # label_shift, collapse, ood (cxrlab.analysis.shift), as JSON
+    warnings: list[str] = field(default_factory=list)  # the shift checks that fired, in plain words
 
     @property
     def y_true(self) -> np.ndarray:
@@ -116,16 +130,45 @@ def predict_items(
 ) -> tuple[np.ndarray, list[int], list[dict[str, str]]]:
     """Probabilities for every readable path. Returns (probs for the kept items, kept indices, skipped
     [{path, reason}]). Unreadable files are reported and skipped; the rest goes on."""
+    probs, kept, skipped, _ = predict_items_scored(bundle, paths, batch_size, progress, desc)
+    return probs, kept, skipped
+
+
+def predict_items_scored(
+    bundle: Any,
+    paths: list[str],
+    batch_size: int = 32,
+    progress: bool = True,
+    desc: str = "predict",
+    scorer: Any = None,
+) -> tuple[np.ndarray, list[int], list[dict[str, str]], list[Any] | None]:
+    """:func:`predict_items` plus, with a ``cxrlab.analysis.ood.OodScorer``, one ``OodResult`` per kept item
+    (feature distance from the same forward pass, input checks on the decoded image)."""
+    import torch
+
     from cxrlab.inference.infer import read_batches
 
     probs: list[np.ndarray] = []
     kept: list[int] = []
     skipped: list[dict[str, str]] = []
-    for batch in read_batches(paths, batch_size, skipped, progress=progress, desc=desc):
-        probs.append(bundle.predict_proba(batch.grays, batch_size=batch_size))
+    ood: list[Any] | None = [] if scorer is not None else None
+    with_feats = scorer is not None and scorer.has_features
+    for batch in read_batches(paths, batch_size, skipped, progress=progress, desc=desc, colour=scorer is not None):
+        feats = None
+        if with_feats:
+            from cxrlab.analysis.ood import features_and_probs
+
+            device = next(bundle.model.parameters()).device
+            x = torch.stack([bundle.preprocess(g) for g in batch.grays]).to(device)
+            feats, p = features_and_probs(bundle.model, x)
+        else:
+            p = bundle.predict_proba(batch.grays, batch_size=batch_size)
+        probs.append(p)
         kept += batch.indices
+        if ood is not None:
+            ood += scorer.score(feats, batch.grays, batch.colours)
     k = bundle.meta.num_classes
-    return (np.concatenate(probs) if probs else np.zeros((0, k))), kept, skipped
+    return (np.concatenate(probs) if probs else np.zeros((0, k))), kept, skipped, ood
 
 
 # --------------------------------------------------------------------------------------------- evaluate
@@ -148,8 +191,16 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     if not items.paths:
         raise EvalError(f"no images found in {items.source}")
     prefix = cfg.split if cfg.data is None else "ext"
-    probs, kept, skipped = predict_items(
-        bundle, items.paths, cfg.batch_size, cfg.progress, desc=f"evaluate {prefix} ({len(items.paths)} images)"
+    from cxrlab.analysis.ood import load_scorer
+
+    scorer = load_scorer(bundle_dir, bundle.meta)
+    probs, kept, skipped, ood = predict_items_scored(
+        bundle,
+        items.paths,
+        cfg.batch_size,
+        cfg.progress,
+        desc=f"evaluate {prefix} ({len(items.paths)} images)",
+        scorer=scorer,
     )
     for s in skipped:
         log.warning("skipped %s: %s", s["path"], s["reason"])
@@ -174,6 +225,16 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     preds["confidence"] = probs.max(axis=1)
     for j, c in enumerate(classes):
         preds[f"p_{c}"] = probs[:, j]
+    per_source = None
+    if items.sources is not None:
+        srcs = [items.sources[i] for i in kept]
+        preds["source"] = srcs
+        per_source = per_source_metrics(y_true, probs, srcs, classes, cfg.n_boot, cfg.seed, cfg.ci_level)
+    shift, warnings = shift_checks(res["confusion"], classes, scorer, ood)
+    if ood is not None:
+        preds["ood"] = [r.flag for r in ood]
+        preds["ood_score"] = [r.score if r.score is not None else math.nan for r in ood]
+        preds["ood_reasons"] = ["; ".join(r.reasons) for r in ood]
 
     summary = read_summary(run_dir)
     result = EvalResult(
@@ -197,10 +258,18 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         paths={},
         predictions=preds,
         probs=probs,
+        per_source=per_source,
+        shift=shift,
+        warnings=warnings,
     )
+    for w in warnings:
+        log.warning("%s", w)
     paths = result.paths
     paths["predictions"] = out / PREDICTIONS_FILE
     preds.to_csv(paths["predictions"], index=False, float_format="%.6g")
+    if per_source is not None:
+        paths["per_source"] = out / PER_SOURCE_FILE
+        per_source.to_csv(paths["per_source"], index=False, float_format="%.6g")
     paths["confusion_csv"] = out / CONFUSION_CSV
     pd.DataFrame(result.confusion, index=pd.Index(classes, name="true"), columns=classes).to_csv(paths["confusion_csv"])
     if skipped:
@@ -249,6 +318,9 @@ def _write_metrics_json(result: EvalResult, cfg: EvalConfig | None, summary: dic
         "ece_bins": len(result.reliability),
         "reliability": result.reliability.to_dict(orient="records"),
         "skipped": result.skipped,
+        "per_source": result.per_source.to_dict(orient="records") if result.per_source is not None else None,
+        "shift": result.shift,
+        "warnings": result.warnings,
         "files": {k: v.name for k, v in result.paths.items()},
     }
     write_json(path, json_safe(doc))
@@ -275,14 +347,17 @@ def log_to_wandb(result: EvalResult, run_dir: Path, summary: dict[str, Any]) -> 
             run.summary.update(summ)
             p = result.prefix
             preds = result.predictions.assign(correct=result.predictions["correct"].astype(int))
-            run.log(
-                {
-                    f"{p}/confusion_matrix": wandb.plot.confusion_matrix(
-                        y_true=result.y_true.tolist(), preds=result.y_pred.tolist(), class_names=result.classes
-                    ),
-                    f"{p}/predictions": wandb.Table(dataframe=preds),
-                }
-            )
+            if "ood" in preds.columns:
+                preds = preds.assign(ood=preds["ood"].astype(int))
+            logged: dict[str, Any] = {
+                f"{p}/confusion_matrix": wandb.plot.confusion_matrix(
+                    y_true=result.y_true.tolist(), preds=result.y_pred.tolist(), class_names=result.classes
+                ),
+                f"{p}/predictions": wandb.Table(dataframe=preds),
+            }
+            if result.per_source is not None:
+                logged[f"{p}/per_source"] = wandb.Table(dataframe=result.per_source)
+            run.log(logged)
         return True
     except Exception as e:  # tracking must never break an evaluation
         log.warning("could not log the evaluation to W&B run %s: %s", info["id"], e)

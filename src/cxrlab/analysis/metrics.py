@@ -280,3 +280,41 @@ def compute_metrics(
         "absent": [c for i, c in enumerate(classes) if not present[i]],
         "y_pred": y_pred,
     }
+
+
+def per_source_metrics(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    sources: list[str],
+    classes: list[str],
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> pd.DataFrame:
+    """One row per source: n, accuracy with its bootstrap CI, and for every class present there its count,
+    recall with CI and how many of the source's images were predicted as it (a collapse shows as one class
+    predicted for everything)."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=float)
+    src = np.asarray(sources, dtype=object)
+    rows = []
+    for s in sorted(set(src.tolist())):
+        m = src == s
+        r = compute_metrics(y_true[m], probs[m], classes, "s", n_boot, seed, level)
+        lo, hi = r["ci"].get("s/accuracy", (math.nan, math.nan))
+        row: dict[str, Any] = {
+            "source": s,
+            "n": int(m.sum()),
+            "accuracy": r["metrics"]["s/accuracy"],
+            "accuracy_lo": lo,
+            "accuracy_hi": hi,
+            "f1_macro": r["metrics"]["s/f1_macro"],
+        }
+        cm = r["confusion"]
+        for i, c in enumerate(classes):
+            row[f"n_{c}"] = int(cm[i].sum())
+            row[f"predicted_{c}"] = int(cm[:, i].sum())
+            row[f"recall_{c}"] = r["metrics"].get(f"s/recall_{c}", math.nan)
+            row[f"recall_{c}_lo"], row[f"recall_{c}_hi"] = r["ci"].get(f"s/recall_{c}", (math.nan, math.nan))
+        rows.append(row)
+    return pd.DataFrame(rows)

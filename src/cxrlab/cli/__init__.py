@@ -32,9 +32,9 @@ def _register_all() -> None:
     global _registered
     if _registered:
         return
-    from cxrlab.cli import data, evaluate, explain, mine, review, serve, sweep, train
+    from cxrlab.cli import data, evaluate, explain, mine, review, serve, sources, sweep, train
 
-    for mod in (data, train, evaluate, explain, sweep, serve, review, mine):
+    for mod in (data, train, evaluate, explain, sweep, serve, sources, review, mine):
         mod.register(app)
     _registered = True
 

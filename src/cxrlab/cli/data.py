@@ -53,10 +53,11 @@ def _kv_table(title: str | None, rows: list[tuple[str, Any]]) -> Table:
 
 @data_app.command("ingest")
 def ingest_cmd(
-    src: Path = typer.Argument(
+    src: list[Path] = typer.Argument(
         ...,
         help="Folder with one sub-folder per class, a Kaggle folder (train/ + test/ with class folders), "
-        "or a CSV of path,label[,patient_id] (relative paths are resolved against the CSV's folder).",
+        "or a CSV of path,label[,patient_id][,source] (relative paths are resolved against the CSV's folder). "
+        "Several roots go into one manifest.",
         show_default=False,
     ),
     out: Path = typer.Option(
@@ -68,6 +69,18 @@ def ingest_cmd(
         help=r"Regex on the file name giving the patient id (first group, else the whole match), "
         r"e.g. '(person\d+)_' for Kermany names. Default: CSV column, SOURCES.csv, else one patient per image.",
     ),
+    source_regex: str | None = typer.Option(
+        None,
+        "--source-regex",
+        help="Regex on the path below the root's parent (root/class/file) giving the source (first group, else "
+        "the whole match). Default: CSV column, SOURCES.csv, else the root folder's name.",
+    ),
+    source_column: str = typer.Option(
+        "source", "--source-column", help="Column naming the source in a CSV listing or a SOURCES.csv."
+    ),
+    source_name: list[str] = typer.Option(
+        [], "--source-name", help="Source name of each root, in order (repeatable); overrides SOURCES.csv."
+    ),
     csv: bool = typer.Option(
         False, "--csv", help="Read SRC as a CSV listing even without a .csv suffix (automatic for *.csv)."
     ),
@@ -78,15 +91,19 @@ def ingest_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Decode every image once and write a manifest (path, label, sha256, size, mode, bit depth, patient id,
-    original split, perceptual hash) plus rejects.csv with a reason for every file that could not be read."""
+    original split, perceptual hash, source) plus rejects.csv with a reason for every file that could not be read."""
     from cxrlab.data.ingest import IngestConfig, IngestRejectsError, ingest
 
     cfg = build_config(
         IngestConfig,
         {
-            "src": src,
+            "src": src[0],
+            "extra_src": tuple(src[1:]),
             "out": out,
             "patient_regex": patient_regex,
+            "source_regex": source_regex,
+            "source_column": source_column,
+            "source_names": tuple(source_name),
             "csv": True if csv else None,
             "strict": strict,
             "workers": workers,
@@ -104,7 +121,12 @@ def ingest_cmd(
 
 
 def _print_ingest(res: Any) -> None:
-    console.print(f"[bold]ingest[/]: {res.layout} layout, {res.n_images} images from {res.n_candidates} candidates")
+    n_roots = len(res.roots)
+    console.print(
+        f"[bold]ingest[/]: {res.layout} layout, {res.n_images} images from {res.n_candidates} candidates"
+        + (f" in {n_roots} roots" if n_roots > 1 else "")
+        + f", {len(res.counts_by_source)} source(s)"
+    )
     t = Table()
     t.add_column("class", style="bold")
     splits = sorted(res.counts_by_split) if len(res.counts_by_split) > 1 or "" not in res.counts_by_split else []
@@ -118,12 +140,15 @@ def _print_ingest(res: Any) -> None:
     totals = [str(sum(res.counts_by_split.get(s, {}).values())) for s in splits]
     t.add_row("total", *totals, str(res.n_images))
     console.print(t)
+    if res.counts_by_source:
+        console.print(source_table(res.counts_by_source, res.classes, "images per source"))
     rows: list[tuple[str, Any]] = [
         ("rejected", f"{res.n_rejected}" + (f"  (see {res.rejects_path})" if res.n_rejected else "")),
         ("duplicate groups (sha256)", f"{res.n_duplicate} ({res.n_duplicate_files} files)"),
         ("ignored non-image files", res.n_ignored),
         ("patients", res.n_patients),
         ("patient id from", ", ".join(f"{k}: {v}" for k, v in res.patient_id_sources.items() if v)),
+        ("source from", ", ".join(f"{k}: {v}" for k, v in res.source_from.items() if v)),
         ("time", f"{res.elapsed_s:.1f} s ({res.n_candidates / max(res.elapsed_s, 1e-9):.0f} files/s)"),
         ("manifest", res.manifest_path),
         ("rejects", res.rejects_path),
@@ -137,6 +162,18 @@ def _print_ingest(res: Any) -> None:
         for r in res.rejects[:10]:
             rt.add_row(str(r["path"]), str(r["reason"]))
         console.print(rt)
+
+
+def source_table(counts: dict[str, dict[str, int]], classes: list[str], title: str) -> Table:
+    """source x class counts (with totals) as a rich table."""
+    t = Table(title=title, title_justify="left")
+    t.add_column("source", style="bold")
+    for c in classes:
+        t.add_column(c, justify="right")
+    t.add_column("total", justify="right")
+    for s, row in counts.items():
+        t.add_row(s, *[str(row.get(c, 0)) for c in classes], str(sum(row.values())))
+    return t
 
 
 # ---------------------------------------------------------------------------------------------------- synth
@@ -219,6 +256,11 @@ def split_cmd(
     near_dup_threshold: int = typer.Option(
         2, "--near-dup-threshold", min=-1, max=64, help="Max pHash Hamming distance of near duplicates (-1: off)."
     ),
+    holdout_source: list[str] = typer.Option(
+        [],
+        "--holdout-source",
+        help="Put every image of this source in an 'external' split, never in train/val/test (repeatable).",
+    ),
     name: str | None = typer.Option(
         None, "--name", help="Dataset name for the W&B artifact data-<name>-split (default xray / xray-tiny)."
     ),
@@ -231,7 +273,6 @@ def split_cmd(
     """Grouped (patient, sha256, near-duplicate), stratified, seeded train/val/test split of a manifest, with a
     dataset version id derived from its content."""
     from cxrlab.config import ConfigError
-    from cxrlab.data.manifest import SPLITS
     from cxrlab.data.split import SplitConfig, split
 
     try:
@@ -249,6 +290,7 @@ def split_cmd(
             "exclude_flagged": _csv_list(exclude_flagged),
             "audit": audit_dir,
             "near_dup_threshold": near_dup_threshold,
+            "holdout_sources": tuple(holdout_source),
             "name": name,
             "wandb": wandb,
             "wandb_project": wandb_project,
@@ -257,16 +299,19 @@ def split_cmd(
         source="cxrlab data split",
     )
     res = split(cfg)
+    names = res.split_names
     t = Table(title=f"split {res.dataset_version}: {res.n_images} images, {res.n_groups} groups", title_justify="left")
     t.add_column("class", style="bold")
-    for s in SPLITS:
+    for s in names:
         t.add_column(s, justify="right")
     t.add_column("total", justify="right")
     for c in res.classes:
-        t.add_row(c, *[str(res.counts[c][s]) for s in SPLITS], str(sum(res.counts[c].values())))
+        t.add_row(c, *[str(res.counts[c][s]) for s in names], str(sum(res.counts[c].values())))
     t.add_section()
-    t.add_row("total", *[str(sum(res.counts[c][s] for c in res.classes)) for s in SPLITS], str(res.n_images))
+    t.add_row("total", *[str(sum(res.counts[c][s] for c in res.classes)) for s in names], str(res.n_images))
     console.print(t)
+    if len(res.counts_by_source) > 1 or res.holdout_sources:
+        console.print(source_table(res.counts_by_source, names, "images per source and split"))
     rows: list[tuple[str, Any]] = [
         ("dataset version", res.dataset_version),
         ("near-duplicate pairs", res.n_near_dup_pairs),
@@ -354,6 +399,22 @@ def audit_cmd(
         for g, v in conf["groups"].items():
             ct.add_row(g, f"{v['balanced_accuracy']:.2f}", f"{v['accuracy']:.2f}")
         console.print(ct)
+    sa = res.sources
+    if sa.get("table"):
+        console.print(source_table(sa["table"], res.classes, "images per source"))
+        spc = sa.get("source_predicts_class")
+        if spc and sa["n_sources"] > 1:
+            console.print(
+                f"source alone -> class: balanced accuracy {spc['balanced_accuracy']:.2f} (chance "
+                f"{spc['chance_balanced_accuracy']:.2f}), accuracy {spc['accuracy']:.2f}, "
+                f"Cramer's V {spc['cramers_v']:.2f}"
+            )
+        for s, c in sa.get("per_source_confound", {}).items():
+            if "all" in c:
+                console.print(
+                    f"confound score within {s}: balanced accuracy {c['all']['balanced_accuracy']:.2f} "
+                    f"(chance {c['chance_balanced_accuracy']:.2f})"
+                )
     rows: list[tuple[str, Any]] = [
         ("unreadable", res.n_unreadable),
         ("duplicate pairs", f"{res.duplicates['exact_pairs']} exact, {res.duplicates['near_pairs']} near, "

@@ -71,6 +71,9 @@ def print_eval(res) -> None:  # noqa: ANN001 - EvalResult, imported lazily
     for c, row in zip(res.classes, res.confusion, strict=True):
         cm.add_row(c, *[str(int(v)) for v in row])
     console.print(cm)
+    if res.per_source is not None:
+        console.print(per_source_table(res.per_source, res.classes))
+    print_shift_warnings(res.warnings, res.shift)
     for s in res.skipped[:10]:
         err_console.print(f"[yellow]skipped[/] {s['path']}: {s['reason']}")
     if len(res.skipped) > 10:
@@ -80,9 +83,53 @@ def print_eval(res) -> None:  # noqa: ANN001 - EvalResult, imported lazily
     console.print(f"results: {res.out_dir}  report: {res.paths.get('report', '-')}")
 
 
+def per_source_table(ps, classes: list[str]) -> Table:  # noqa: ANN001 - DataFrame from per_source_metrics
+    """n, accuracy [CI] and per-class recall [CI] (n) per source."""
+    t = Table(title="per source (recall [95% CI], n; predicted = images predicted as the class)", title_justify="left")
+    t.add_column("source", style="bold")
+    t.add_column("n", justify="right")
+    t.add_column("accuracy [95% CI]", justify="right")
+    shown = [c for c in classes if (ps[f"n_{c}"] > 0).any()]
+    for c in shown:
+        t.add_column(f"recall {c}", justify="right")
+    t.add_column("predicted", justify="left")
+    for r in ps.to_dict(orient="records"):
+        cells = [r["source"], str(r["n"]), f"{_f(r['accuracy'], 3)} {_ci((r['accuracy_lo'], r['accuracy_hi']), 2)}"]
+        for c in shown:
+            if r[f"n_{c}"] == 0:
+                cells.append("–")
+            else:
+                cells.append(
+                    f"{_f(r[f'recall_{c}'], 2)} {_ci((r[f'recall_{c}_lo'], r[f'recall_{c}_hi']), 2)} ({r[f'n_{c}']})"
+                )
+        cells.append(", ".join(f"{c} {r[f'predicted_{c}']}" for c in classes if r[f"predicted_{c}"]))
+        t.add_row(*cells)
+    return t
+
+
+def print_shift_warnings(warnings: list[str], shift: dict) -> None:
+    """The shift checks that fired (red, on stderr), else one line saying they passed."""
+    for w in warnings:
+        err_console.print(f"[bold red]warning:[/] {w}")
+    if not warnings and shift:
+        parts = []
+        if "label_shift" in shift:
+            parts.append(f"label shift p={shift['label_shift']['p_value']:.2g}")
+        if "collapse" in shift:
+            parts.append(f"collapse p={shift['collapse']['p_value']:.2g}")
+        if "ood" in shift:
+            o = shift["ood"]
+            parts.append(f"{o['n_flagged']} of {o['n']} images flagged out-of-distribution")
+        console.print("shift checks passed: " + "; ".join(parts))
+    if shift.get("note"):
+        console.print(f"[yellow]note:[/] {shift['note']}")
+
+
 def evaluate_cmd(
     target: Path = typer.Argument(..., help="Run directory (runs/<id>) or model bundle directory.", show_default=False),
-    split: str = typer.Option("test", "--split", help="Split of the run's own data: test or val."),
+    split: str = typer.Option(
+        "test", "--split", help="Split of the run's own data: test, val or external (held-out sources)."
+    ),
     data: Path | None = typer.Option(
         None,
         "--data",
@@ -174,6 +221,22 @@ def compare_cmd(
     for row in r.errors.itertuples(index=False):
         e.add_row(*[str(v) for v in row])
     console.print(e)
+    if r.baseline.per_source is not None and r.challenger.per_source is not None:
+        ps = Table(title="accuracy per source [95% CI]", title_justify="left")
+        for col in ("source", "n", "baseline", "challenger"):
+            ps.add_column(col, justify="left" if col == "source" else "right")
+        chal = r.challenger.per_source.set_index("source")
+        for row in r.baseline.per_source.to_dict(orient="records"):
+            c = chal.loc[row["source"]] if row["source"] in chal.index else None
+            cells = [f"{_f(row['accuracy'], 3)} {_ci((row['accuracy_lo'], row['accuracy_hi']), 2)}"]
+            cells.append(
+                f"{_f(c['accuracy'], 3)} {_ci((c['accuracy_lo'], c['accuracy_hi']), 2)}" if c is not None else "–"
+            )
+            ps.add_row(str(row["source"]), str(row["n"]), *cells)
+        console.print(ps)
+    for name, side in (("baseline", r.baseline), ("challenger", r.challenger)):
+        for w in side.warnings:
+            err_console.print(f"[bold red]warning ({name}):[/] {w}")
     mc = r.mcnemar
     console.print(
         f"McNemar: only baseline right b={mc.b}, only challenger right c={mc.c}; exact p={mc.p_exact:.4g}, "

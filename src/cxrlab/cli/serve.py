@@ -53,20 +53,27 @@ def register(app: typer.Typer) -> None:
 # -------------------------------------------------------------------------------------------------- predict
 
 
+OOD_COLUMNS = ("ood", "ood_score", "ood_reasons")
+
+
 def format_csv(preds, classes: list[str]) -> str:
-    """CSV text: path, label, prob_<class>..., error, cam_path, notice (the notice on every row)."""
+    """CSV text: path, label, prob_<class>..., error, cam_path, ood, ood_score, ood_reasons, notice (the notice on
+    every row; the ood columns are empty for a bundle without shift statistics)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "label", *[f"prob_{c}" for c in classes], "error", "cam_path", "notice"])
+    w.writerow(["path", "label", *[f"prob_{c}" for c in classes], "error", "cam_path", *OOD_COLUMNS, "notice"])
     for p in preds:
         probs = [f"{p.probabilities[c]:.6f}" if p.ok else "" for c in classes]
-        w.writerow([p.path, p.label or "", *probs, p.error or "", p.cam_path or "", cxrlab.RESEARCH_NOTICE])
+        ood = ["" if p.ood is None else str(p.ood).lower(), "" if p.ood_score is None else f"{p.ood_score:.3f}"]
+        row = [p.path, p.label or "", *probs, p.error or "", p.cam_path or "", *ood, "; ".join(p.ood_reasons)]
+        w.writerow([*row, cxrlab.RESEARCH_NOTICE])
     return buf.getvalue()
 
 
-def format_json(preds, model_info: dict, ignored: list[tuple[str, str]] | None = None) -> str:
-    """JSON text: {notice, model, summary, predictions: [...], ignored: [{path, reason}]} (``ignored``: files in the
-    input folders that are not image inputs, with the reason)."""
+def format_json(preds, model_info: dict, ignored: list[tuple[str, str]] | None = None, shift=None) -> str:  # noqa: ANN001
+    """JSON text: {notice, model, summary, predictions: [...], ignored: [{path, reason}], label_shift} (``ignored``:
+    files in the input folders that are not image inputs, with the reason; ``label_shift``: the check over all
+    predictions, cxrlab.analysis.shift.LabelShift, null for a bundle without shift statistics)."""
     ignored = ignored or []
     doc = {
         "notice": cxrlab.RESEARCH_NOTICE,
@@ -74,6 +81,7 @@ def format_json(preds, model_info: dict, ignored: list[tuple[str, str]] | None =
         "summary": {"images": len(preds), "errors": sum(not p.ok for p in preds)},
         "predictions": [p.to_dict() for p in preds],
         "ignored": [{"path": p, "reason": why} for p, why in ignored],
+        "label_shift": shift.to_json() if shift is not None else None,
     }
     return json.dumps(doc, indent=2)
 
@@ -98,12 +106,13 @@ def format_table(preds, classes: list[str]) -> Table:
     t.add_column("label", style="bold")
     for c in classes:
         t.add_column(c, justify="right")
-    t.add_column("error / cam", overflow="fold")
+    t.add_column("error / cam / out of distribution", overflow="fold")
     for p in preds:
         name = str(Path(p.path).resolve().relative_to(root)) if root is not None else p.path
         if p.ok:
             probs = [f"{p.probabilities[c]:.3f}" for c in classes]
-            t.add_row(name, p.label, *probs, p.cam_path or "")
+            note = "; ".join(x for x in [p.cam_path or "", *(f"[red]OOD: {r}[/]" for r in p.ood_reasons)] if x)
+            t.add_row(name, p.label, *probs, note)
         else:
             t.add_row(name, "[red]-[/]", *["" for _ in classes], f"[red]{p.error}[/]")
     return t
@@ -139,6 +148,7 @@ def predict_cmd(
     )
     preds = predictor.predict(paths, cam_dir=cam)
     n_err = sum(not p.ok for p in preds)
+    shift = predictor.label_shift(preds)
     if fmt is OutputFormat.table:
         table = format_table(preds, predictor.classes)
         if out is not None:
@@ -151,7 +161,7 @@ def predict_cmd(
         text = (
             format_csv(preds, predictor.classes)
             if fmt is OutputFormat.csv
-            else format_json(preds, predictor.model_info, predictor.ignored)
+            else format_json(preds, predictor.model_info, predictor.ignored, shift)
         )
         if out is None:
             sys.stdout.write(text if text.endswith("\n") else text + "\n")
@@ -173,6 +183,19 @@ def predict_cmd(
     if out is not None:
         summary += f"; written to {out}"
     err_console.print(summary)
+    n_ood, n_ok = sum(bool(p.ood) for p in preds), len(preds) - n_err
+    if n_ood:
+        from cxrlab.analysis.shift import ood_excess
+
+        # a few flags are what the threshold lets through; clearly more mean foreign data (binomial test)
+        many = ood_excess(n_ood, n_ok, predictor.ood.expected_flag_rate)[0] or n_ok == 1
+        level = "[bold red]warning:[/]" if many else "[yellow]note:[/]"
+        err_console.print(
+            f"{level} {n_ood} of {n_ok} images are unlike the training images (out of distribution); do not trust "
+            "their predictions (see the ood columns)"
+        )
+    if shift is not None and shift.shifted:
+        err_console.print(f"[bold red]warning:[/] {shift.message}")
     if fmt is not OutputFormat.table or out is not None:
         err_console.print(f"[yellow]{cxrlab.RESEARCH_NOTICE}[/]")
     if n_err and (strict or n_err == len(preds)):

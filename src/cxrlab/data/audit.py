@@ -8,6 +8,9 @@ after resizing to ``SHARP_SIZE`` square, so it compares across resolutions), bur
 - counts per class (and split), per-class distributions, quality flags (blur, under/over-exposure, low
   contrast, text, unreadable) with the share of each class flagged;
 - exact (sha256) and near (pHash) duplicates, within and across splits and labels;
+- sources (when the data records them): the source x class table, how well the source alone predicts the
+  class, the confound score within each source that holds several classes, and a plain warning naming the
+  classes that share no source with any other class (:mod:`cxrlab.data.sources`);
 - the **confound score**: cross-validated (stratified 5-fold, seeded) accuracy and balanced accuracy of a
   gradient-boosting classifier that sees only these trivial statistics, overall and per feature group
   (size/aspect, intensity, sharpness, text), against chance (majority share; 1/k). A group that reaches
@@ -43,7 +46,15 @@ from cxrlab.atomic import write_json
 from cxrlab.config import StrictModel
 from cxrlab.data.confound import CONFOUND_MARGIN, confound_score
 from cxrlab.data.grouping import image_phash, near_duplicate_pairs, phash_to_int
-from cxrlab.data.manifest import MANIFEST_FILE, SPLIT_FILE, SPLIT_META_FILE, SPLITS, DataError, read_manifest
+from cxrlab.data.manifest import (
+    MANIFEST_FILE,
+    SPLIT_FILE,
+    SPLIT_META_FILE,
+    SPLITS,
+    DataError,
+    has_sources,
+    read_manifest,
+)
 from cxrlab.data.parallel import map_files
 from cxrlab.data.split import AUDIT_FEATURES_FILE, DEFAULT_NEAR_DUP_THRESHOLD
 
@@ -88,6 +99,7 @@ class AuditResult:
     duplicates: dict[str, int]
     warnings: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
+    sources: dict[str, Any] = field(default_factory=dict)  # cxrlab.data.sources.source_audit; {} without sources
 
 
 # -------------------------------------------------------------------------------------------- measuring
@@ -249,6 +261,8 @@ def audit(cfg: AuditConfig) -> AuditResult:
         if c not in m.columns:
             m[c] = np.nan if c in num_cols else ""
     feats = pd.DataFrame({"path": df["path"].astype(str), "label": df["label"], "split": df["split"]})
+    if has_sources(df):
+        feats["source"] = df["source"].astype(str)
     feats = feats.merge(m, on="path", how="left")
     feats["error"] = feats["error"].fillna("").astype(str)
     feats["text_glyphs"] = feats["text_glyphs"].fillna(0).astype(int)
@@ -287,7 +301,13 @@ def audit(cfg: AuditConfig) -> AuditResult:
     }
     text_share = {c: per_class[c]["text_share"] for c in classes}
 
-    warnings: list[str] = list(conf.get("warnings", []))
+    src_audit: dict[str, Any] = {}
+    if "source" in feats.columns:
+        from cxrlab.data.sources import source_audit
+
+        src_audit = source_audit(feats, classes, cfg.cv_folds, cfg.seed)
+    # the source warnings first: they name the confound that matters most
+    warnings: list[str] = list(src_audit.get("warnings", [])) + list(conf.get("warnings", []))
     ts = [v for v in text_share.values()]
     if len(ts) > 1 and max(ts) - min(ts) >= 0.25:
         hi = max(text_share, key=text_share.get)
@@ -344,6 +364,7 @@ def audit(cfg: AuditConfig) -> AuditResult:
         "text_share": text_share,
         "duplicates": dsum,
         "confound": conf,
+        "sources": src_audit,
         "warnings": warnings,
         "thresholds": {
             "blur_threshold": cfg.blur_threshold,
@@ -376,6 +397,7 @@ def audit(cfg: AuditConfig) -> AuditResult:
         flags=FLAGS,
         sharp_size=SHARP_SIZE,
         confound_margin=CONFOUND_MARGIN,
+        src_audit=src_audit,
     )
     rh.write_page(html_path, page)
     elapsed = time.perf_counter() - t0
@@ -397,6 +419,7 @@ def audit(cfg: AuditConfig) -> AuditResult:
         duplicates=dsum,
         warnings=warnings,
         elapsed_s=round(elapsed, 2),
+        sources=src_audit,
     )
 
 

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cxrlab.config import Config, ConfigError
 from cxrlab.data.io import read_xray
-from cxrlab.data.manifest import SPLITS, DataError, SplitInfo, load_split
+from cxrlab.data.manifest import ALL_SPLITS, DataError, SplitInfo, load_split
 from cxrlab.preprocess import apply_preprocess
 from cxrlab.transforms import norm_constants, resize_gray, to_channels
 
@@ -111,9 +111,13 @@ class XrayDataset(Dataset):
         preprocess: dict[str, Any] | None = None,
         cache: ImageCache | None = None,
         seed: int | None = None,
+        sources: Sequence[str] | None = None,
+        groups: Sequence[int] | None = None,
     ) -> None:
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        if sources is not None and len(sources) != len(paths):
+            raise ValueError(f"{len(paths)} paths but {len(sources)} sources")
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
@@ -122,6 +126,10 @@ class XrayDataset(Dataset):
         self.preprocess = preprocess
         self.cache = cache
         self.seed = seed
+        # where each image comes from ("" when the split records no source): per-source metrics and sampling
+        self.sources: list[str] = list(sources) if sources is not None else [""] * len(self.paths)
+        # (source, class) group index per item for a group-robust loss: items are then (image, label, group)
+        self.groups = np.asarray(groups, dtype=np.int64) if groups is not None else None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -132,7 +140,7 @@ class XrayDataset(Dataset):
             return self.cache[i]
         return load_image(self.paths[i], self.img_size, self.preprocess)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, int]:
         epoch, i = key if isinstance(key, tuple) else (0, key)
         if self.seed is not None and hasattr(self.transform, "set_random_state"):
             # One generator shared by all ops (Compose.set_random_seed would give each op its own generator with
@@ -140,6 +148,8 @@ class XrayDataset(Dataset):
             rng = np.random.default_rng([self.seed, epoch, i])
             self.transform.set_random_state(rng, random.Random(int(rng.integers(2**63))))
         out = self.transform(image=to_channels(self.image(i), self.in_chans))
+        if self.groups is not None:
+            return out["image"], int(self.labels[i]), int(self.groups[i])
         return out["image"], int(self.labels[i])
 
 
@@ -215,9 +225,9 @@ def check_split(info: SplitInfo, evaluate: str = "val") -> None:
     unknown = sorted(set(table["label"]) - set(info.classes))
     if unknown:
         raise DataError(f"{where} has labels {unknown} that are not in split.json's classes {info.classes}")
-    bad = sorted(set(table["split"]) - set(SPLITS))
+    bad = sorted(set(table["split"]) - set(ALL_SPLITS))
     if bad:
-        raise DataError(f"{where} has split values {bad}; expected {list(SPLITS)}")
+        raise DataError(f"{where} has split values {bad}; expected {list(ALL_SPLITS)}")
     needed = ["train", "val"] + (["test"] if evaluate == "test" else [])
     for s in needed:
         if not (table["split"] == s).any():
@@ -280,6 +290,17 @@ class CXRDataModule(L.LightningDataModule):
         counts = self.table(split)["label"].value_counts()
         return [int(counts.get(c, 0)) for c in self.classes]
 
+    def group_names(self) -> list[str]:
+        """The (source, class) cells of the training split, as ``source/class`` (``/class`` without sources)."""
+        tab = self.table("train")
+        src = tab["source"].astype(str) if "source" in tab.columns else pd.Series([""] * len(tab), index=tab.index)
+        return sorted(set(src + "/" + tab["label"].astype(str)))
+
+    def _group_index(self, tab: pd.DataFrame) -> list[int]:
+        names = {g: i for i, g in enumerate(self.group_names())}
+        src = tab["source"].astype(str) if "source" in tab.columns else pd.Series([""] * len(tab), index=tab.index)
+        return [names[g] for g in src + "/" + tab["label"].astype(str)]
+
     def class_weights(self) -> torch.Tensor:
         """Inverse-frequency weights of the training classes, ``n / (k * count)`` (sklearn's "balanced"): every class
         carries the same total weight in the loss, and balanced data gets weight 1 everywhere."""
@@ -300,6 +321,8 @@ class CXRDataModule(L.LightningDataModule):
         paths = tab["path"].astype(str).tolist()
         index = {c: i for i, c in enumerate(self.classes)}
         labels = [index[c] for c in tab["label"]]
+        sources = tab["source"].astype(str).tolist() if "source" in tab.columns else None
+        groups = self._group_index(tab) if split == "train" and cfg.loss == "groupdro" else None
         preprocess = cfg.preprocess.model_dump()
         cache = None
         if cfg.cache_images:
@@ -322,6 +345,8 @@ class CXRDataModule(L.LightningDataModule):
                 cache.data = cache.data[keep].clone().share_memory_()
                 cache.paths = [paths[i] for i in keep]
                 paths, labels = cache.paths, [labels[i] for i in keep]
+                sources = [sources[i] for i in keep] if sources is not None else None
+                groups = [groups[i] for i in keep] if groups is not None else None
                 cache.failed = {}
         return XrayDataset(
             paths,
@@ -332,6 +357,8 @@ class CXRDataModule(L.LightningDataModule):
             preprocess,
             cache,
             seed=cfg.seed if split == "train" else None,
+            sources=sources,
+            groups=groups,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -363,6 +390,10 @@ class CXRDataModule(L.LightningDataModule):
         if self.cfg.imbalance == "sampler":
             per_class = 1.0 / torch.tensor(np.bincount(ds.labels, minlength=self.num_classes), dtype=torch.float64)
             weights = per_class[torch.from_numpy(ds.labels)]
+        elif self.cfg.imbalance == "source":
+            # every (source, class) cell is drawn equally often, however many images it holds
+            cells = pd.Series([f"{s}/{y}" for s, y in zip(ds.sources, ds.labels, strict=True)])
+            weights = torch.tensor(1.0 / cells.map(cells.value_counts()).to_numpy(), dtype=torch.float64)
         return EpochSampler(len(ds), self.cfg.seed, weights)
 
     def train_dataloader(self) -> DataLoader:
@@ -389,7 +420,14 @@ class CXRDataModule(L.LightningDataModule):
         if split == "train":
             ds = self.dataset("train")
             ds = XrayDataset(
-                ds.paths, ds.labels, self._transform(False), ds.in_chans, ds.img_size, ds.preprocess, ds.cache
+                ds.paths,
+                ds.labels,
+                self._transform(False),
+                ds.in_chans,
+                ds.img_size,
+                ds.preprocess,
+                ds.cache,
+                sources=ds.sources,
             )
             return self._loader(ds)
         return self._loader(self.dataset(split))

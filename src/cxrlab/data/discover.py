@@ -21,6 +21,7 @@ _CSV_PATH_KEYS = ("path", "file", "filename", "file_name", "image", "image_path"
 _CSV_LABEL_KEYS = ("label", "class", "target", "finding_label")
 _CSV_PATIENT_KEYS = ("patient_id", "patientid", "patient")
 _CSV_SPLIT_KEYS = ("source_split", "split")
+_SOURCES_FILE_KEYS = ("file", "path", "filename", "file_name", "image")
 # ------------------------------------------------------------------------------------------ discovering files
 
 
@@ -30,10 +31,12 @@ class Candidate:
     label: str
     source_split: str = ""
     patient_id: str = ""  # from a CSV column
+    source: str = ""  # from a CSV column
+    root: int = 0  # index of the root (cfg.roots) it was found under
 
 
 @dataclass
-class _Scan:
+class Scan:
     layout: str
     root: Path | None = None  # folder whose sub-folders were read (SRC, or the wrapper folder inside it)
     candidates: list[Candidate] = field(default_factory=list)
@@ -45,7 +48,7 @@ class _Scan:
     warnings: list[str] = field(default_factory=list)
 
 
-def _note(scan: _Scan, f: Found, label: str = "") -> None:
+def _note(scan: Scan, f: Found, label: str = "") -> None:
     """A name the walker could not read as a file (a reject with its reason) or did not search (ignored)."""
     if f.verdict == "broken":
         scan.rejects.append({"path": display_path(f.path), "reason": f.reason, "kind": f.kind, "label": label})
@@ -53,7 +56,7 @@ def _note(scan: _Scan, f: Found, label: str = "") -> None:
         scan.ignored.append({"path": display_path(f.path), "reason": f.reason})
 
 
-def _add_candidate(scan: _Scan, cand: Candidate) -> bool:
+def _add_candidate(scan: Scan, cand: Candidate) -> bool:
     """Queue ``cand`` for decoding, or reject it when its path cannot be written to the (UTF-8) manifest."""
     why = name_problem(cand.path)
     if why is not None:
@@ -63,7 +66,7 @@ def _add_candidate(scan: _Scan, cand: Candidate) -> bool:
     return True
 
 
-def _scan_class_dir(scan: _Scan, class_dir: Path, label: str, split: str, skip: Path | None) -> None:
+def _scan_class_dir(scan: Scan, class_dir: Path, label: str, split: str, skip: Path | None) -> None:
     n = 0
     for f in walk(class_dir, skip):
         if f.verdict != "file":
@@ -80,7 +83,7 @@ def _scan_class_dir(scan: _Scan, class_dir: Path, label: str, split: str, skip: 
         scan.empty_classes.append(f"{split}/{label}" if split else label)
 
 
-def _scan_loose_files(scan: _Scan, folder: Path, where: str) -> None:
+def _scan_loose_files(scan: Scan, folder: Path, where: str) -> None:
     """Files directly in SRC (or a split folder): images there have no class; the rest is ignored."""
     for f in scan_dir(folder):
         if f.verdict == "dir":
@@ -111,7 +114,7 @@ def _split_dirs(folder: Path, skip: Path | None) -> list[Path]:
     return [d for d in _subdirs(folder, skip) if d.name.lower() in SPLIT_DIR_NAMES and _subdirs(d, skip)]
 
 
-def scan_folder(src: Path, skip: Path | None) -> _Scan:
+def scan_folder(src: Path, skip: Path | None) -> Scan:
     subdirs = _subdirs(src, skip)
     if not subdirs:
         what = "holds only files" if any(p.is_file() for p in src.iterdir()) else "is empty"
@@ -119,7 +122,7 @@ def scan_folder(src: Path, skip: Path | None) -> _Scan:
             f"{src} {what}: expected one sub-folder per class (e.g. {src}/NORMAL/*.png), a Kaggle folder with "
             "train/ and test/ holding class folders, or a CSV of path,label (pass the CSV file as SRC)"
         )
-    scan = _Scan("class-folders")
+    scan = Scan("class-folders")
     _scan_loose_files(scan, src, "top level")
     root = src
     if len(subdirs) == 1 and not _split_dirs(src, skip) and _split_dirs(subdirs[0], skip):
@@ -163,8 +166,8 @@ def _pick(header: list[str], keys: Iterable[str]) -> int | None:
     return None
 
 
-def scan_csv(src: Path) -> _Scan:
-    scan = _Scan("csv")
+def scan_csv(src: Path, source_column: str = "source") -> Scan:
+    scan = Scan("csv")
     try:
         with open(src, newline="", encoding="utf-8-sig") as f:
             sample = f.read(4096)
@@ -182,6 +185,7 @@ def scan_csv(src: Path) -> _Scan:
     ip, il = _pick(header, _CSV_PATH_KEYS), _pick(header, _CSV_LABEL_KEYS)
     if ip is not None and il is not None:
         ipat, isplit, body = _pick(header, _CSV_PATIENT_KEYS), _pick(header, _CSV_SPLIT_KEYS), rows[1:]
+        isrc = _pick(header, (source_column.strip().lower(),))
         first_line = 2
     elif ip is not None or il is not None:
         raise DataError(
@@ -192,6 +196,7 @@ def scan_csv(src: Path) -> _Scan:
         if len(header) < 2:
             raise DataError(f"CSV {src}: expected at least two columns path,label, got {header}")
         ip, il, ipat, isplit, body, first_line = 0, 1, (2 if len(header) > 2 else None), None, rows, 1
+        isrc = None
     base = src.parent
     for i, r in enumerate(body, start=first_line):
 
@@ -213,7 +218,55 @@ def scan_csv(src: Path) -> _Scan:
             scan.rejects.append({"path": str(p), "reason": f"{why} (CSV row {i})", "kind": "not_found", "label": label})
             continue
         split = cell(isplit).lower()
-        _add_candidate(scan, Candidate(p, label, SPLIT_DIR_NAMES.get(split, split), cell(ipat)))
+        _add_candidate(scan, Candidate(p, label, SPLIT_DIR_NAMES.get(split, split), cell(ipat), cell(isrc)))
     if not scan.candidates and not scan.rejects:
         raise DataError(f"CSV {src} lists no images: expected rows of path,label[,patient_id]")
     return scan
+
+
+# ------------------------------------------------------------------------------------------ SOURCES.csv
+
+
+def load_sources_csv(paths: list[Path], column: str = "patient_id") -> tuple[dict[str, str], dict[str, str]]:
+    """(absolute path -> value, "<csv folder>/<file name>" -> value for names unique in that CSV) of ``column`` in
+    SOURCES.csv files. A file name only matches images below the CSV's own folder (:func:`sources_lookup`):
+    another root's ``NORMAL/1.png`` is not this one's."""
+    by_path: dict[str, str] = {}
+    by_name: dict[str, str | None] = {}
+    column = column.strip().lower()
+    for p in paths:
+        try:
+            with open(p, newline="", encoding="utf-8-sig") as f:
+                reader = csvlib.DictReader(f)
+                fields = [c.strip().lower() for c in reader.fieldnames or []]
+                if column not in fields:
+                    continue
+                orig = {c.strip().lower(): c for c in reader.fieldnames or []}
+                key = next((orig[k] for k in _SOURCES_FILE_KEYS if k in orig), None)
+                if key is None:
+                    continue
+                pid_key = orig[column]
+                for row in reader:
+                    name, pid = (row.get(key) or "").strip(), (row.get(pid_key) or "").strip()
+                    if not name or not pid:
+                        continue
+                    by_path[os.path.normpath(os.path.join(p.parent, name))] = pid
+                    base = os.path.join(str(p.parent), os.path.basename(name))
+                    by_name[base] = pid if by_name.get(base, pid) == pid else None
+        except (OSError, UnicodeDecodeError, csvlib.Error):
+            continue  # it stays listed under "ignored"; patient ids fall back to the next rule
+    return by_path, {k: v for k, v in by_name.items() if v is not None}
+
+
+def sources_lookup(sources: tuple[dict[str, str], dict[str, str]], path: Path) -> str:
+    """The SOURCES.csv value of ``path`` (absolute): by its path, else by its file name in the CSV of its nearest
+    ancestor folder that has one; "" when none matches."""
+    by_path, by_name = sources
+    hit = by_path.get(str(path))
+    if hit or not by_name:
+        return hit or ""
+    for parent in path.parents:
+        hit = by_name.get(os.path.join(str(parent), path.name))
+        if hit:
+            return hit
+    return ""

@@ -1,6 +1,7 @@
 """The building blocks of a leak-free split: perceptual hashes and near-duplicate pairs, patient/duplicate groups
-(connected components), class-balanced group assignment to splits by largest remainder, and the dataset
-version hash. Arrays in, arrays out; ``cxrlab.data.split`` reads and writes the files."""
+(connected components), class-balanced group assignment to splits by largest remainder, the dataset version
+hash, and holding sources out whole (with every group they touch). Arrays in, arrays out; ``cxrlab.data.split``
+reads and writes the files."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import hashlib
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from cxrlab.data.manifest import DataError, has_sources
 
 # ------------------------------------------------------------------------------------------ building blocks
 
@@ -188,3 +192,41 @@ def dataset_version(sha: list[str], labels: list[str], splits: list[str], seed: 
         h.update(("\t".join(row) + "\n").encode())
     h.update(json.dumps({"seed": seed, "fractions": list(fractions)}, sort_keys=True).encode())
     return "xray-" + h.hexdigest()[:12]
+
+
+def hold_out_sources(
+    df: pd.DataFrame, groups: np.ndarray, holdout: tuple[str, ...], classes: list[str], where: Path
+) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame, np.ndarray, list[tuple[str, str]]]:
+    """(rows to split, their groups, held-out rows, their groups, left-out rows as (path, reason)); groups are
+    renumbered in canonical order on each side.
+
+    Rows of other sources in a group that holds a held-out image are left out: they are the same patient or the
+    same picture, and training on them would let the held-out source in through the back door."""
+    if not has_sources(df):
+        raise DataError(
+            f"{where} records no source per image, so --holdout-source has nothing to match; re-run `cxrlab data "
+            "ingest` (it writes the source column: SOURCES.csv, --source-regex or the root folder's name)"
+        )
+    src = df["source"].astype(str)
+    known = sorted(src.unique())
+    unknown = [s for s in holdout if s not in known]
+    if unknown:
+        raise DataError(f"held-out source(s) {unknown} are not in {where}; its sources are: {', '.join(known)}")
+    held = src.isin(holdout).to_numpy()
+    touched = np.isin(groups, np.unique(groups[held]))
+    leak = touched & ~held
+    leaked = [
+        (str(p), f"shares a patient or duplicate group with an image of held-out source(s) {', '.join(holdout)}")
+        for p in df.loc[leak, "path"]
+    ]
+    keep = ~touched
+    rest = df[keep].reset_index(drop=True)
+    missing = [c for c in classes if not (rest["label"] == c).any()]
+    if missing:
+        raise DataError(
+            f"holding out {', '.join(holdout)} leaves no image of class {', '.join(missing)} to train on; hold out "
+            "fewer sources, or sources that do not hold every image of a class"
+        )
+    _, rest_groups = np.unique(groups[keep], return_inverse=True)  # renumber, keeps canonical order
+    _, held_groups = np.unique(groups[held], return_inverse=True)
+    return rest, rest_groups, df[held].reset_index(drop=True), held_groups, leaked

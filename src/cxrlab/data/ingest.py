@@ -19,6 +19,13 @@ uses too: symlinked folders are followed (a loop is listed under ``ignored``), d
 loops are rejects with their reason, and a file whose name is not valid UTF-8 is a reject (``bad_name``: the
 manifest is UTF-8 text) instead of ending the run.
 
+Source (the hospital or collection an image comes from; the ``source`` column), first that applies: the CSV
+listing's ``source_column`` (default ``source``); ``source_regex`` on the image's path below the root's parent
+(``cxr-tiny/COVID19/x.jpg``: first group, else the whole match); the name given for its root
+(``source_names``); a ``SOURCES.csv`` beside the images with a ``source_column`` column (rows matched by path,
+else by file name when unique); else the root folder's name. Several roots (``src`` plus ``extra_src``) go
+into one manifest; path-based patient ids then start with the root's folder name so two roots never share one.
+
 Each candidate is read once: sha256 of the bytes, then one decode (:func:`cxrlab.data.io.decode_xray`) gives
 size / mode / bit depth and the 8-bit image for the perceptual hash (``imagehash.phash``, 16 hex chars). Work
 runs in a process pool (``workers``, default 2) with a progress bar.
@@ -47,7 +54,7 @@ from pydantic import Field, field_validator
 
 from cxrlab.atomic import atomic_open, write_json
 from cxrlab.config import StrictModel
-from cxrlab.data.discover import Candidate, scan_csv, scan_folder
+from cxrlab.data.discover import Candidate, Scan, load_sources_csv, scan_csv, scan_folder, sources_lookup
 from cxrlab.data.io import ImageReadError, decode_xray
 from cxrlab.data.manifest import MANIFEST_COLUMNS, MANIFEST_FILE, REJECTS_FILE, DataError
 from cxrlab.data.parallel import map_files
@@ -62,22 +69,34 @@ class IngestConfig(StrictModel):
 
     src: Path = Field(description="class folders, Kaggle train/+test/ folder, or CSV of path,label[,patient_id]")
     out: Path = Field(description="output folder for manifest.csv, rejects.csv, ingest.json")
+    extra_src: tuple[Path, ...] = Field((), description="more roots (same kinds as src) ingested into one manifest")
     patient_regex: str | None = Field(None, description="regex on the file name: first group (or match) = patient")
+    source_regex: str | None = Field(
+        None, description="regex on the path below the root's parent (root/class/file): first group (or match) = source"
+    )
+    source_column: str = Field("source", min_length=1, description="column naming the source in a CSV / SOURCES.csv")
+    source_names: tuple[str, ...] = Field(
+        (), description="source name of each root, in order (default: SOURCES.csv, else the root folder's name)"
+    )
     strict: bool = Field(False, description="raise IngestRejectsError when any file is rejected (files still written)")
     csv: bool | None = Field(None, description="True: SRC is a CSV; False: SRC must be a folder; None: auto (*.csv)")
     use_sources_csv: bool = Field(True, description="take patient ids from a SOURCES.csv beside the images")
     workers: int = Field(2, ge=0, description="decoder processes; 0 or 1 = in-process")
     progress: bool = Field(True, description="show a progress bar")
 
-    @field_validator("patient_regex")
+    @field_validator("patient_regex", "source_regex")
     @classmethod
     def _compiles(cls, v: str | None) -> str | None:
         if v is not None:
             try:
                 re.compile(v)
             except re.error as e:
-                raise ValueError(f"patient_regex {v!r} is not a valid regular expression: {e}") from None
+                raise ValueError(f"{v!r} is not a valid regular expression: {e}") from None
         return v
+
+    @property
+    def roots(self) -> list[Path]:
+        return [Path(self.src), *(Path(p) for p in self.extra_src)]
 
 
 @dataclass
@@ -103,6 +122,9 @@ class IngestResult:
     rejects: list[dict[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
+    roots: list[Path] = field(default_factory=list)
+    counts_by_source: dict[str, dict[str, int]] = field(default_factory=dict)  # source -> class -> images
+    source_from: dict[str, int] = field(default_factory=dict)  # csv / regex / name / SOURCES.csv / root -> images
 
     @property
     def files(self) -> list[Path]:
@@ -120,34 +142,6 @@ class IngestRejectsError(DataError):
 # ----------------------------------------------------------------------------------------------- patient ids
 
 
-def _load_sources(paths: list[Path]) -> tuple[dict[str, str], dict[str, str]]:
-    """(absolute path -> patient id, file name -> patient id for names that are unique) from SOURCES.csv."""
-    by_path: dict[str, str] = {}
-    by_name: dict[str, str | None] = {}
-    for p in paths:
-        try:
-            with open(p, newline="", encoding="utf-8-sig") as f:
-                reader = csvlib.DictReader(f)
-                fields = [c.strip().lower() for c in reader.fieldnames or []]
-                if "patient_id" not in fields:
-                    continue
-                orig = {c.strip().lower(): c for c in reader.fieldnames or []}
-                key = next((orig[k] for k in ("file", "path", "filename", "file_name", "image") if k in orig), None)
-                if key is None:
-                    continue
-                pid_key = orig["patient_id"]
-                for row in reader:
-                    name, pid = (row.get(key) or "").strip(), (row.get(pid_key) or "").strip()
-                    if not name or not pid:
-                        continue
-                    by_path[os.path.normpath(os.path.join(p.parent, name))] = pid
-                    base = os.path.basename(name)
-                    by_name[base] = pid if by_name.get(base, pid) == pid else None
-        except (OSError, UnicodeDecodeError, csvlib.Error):
-            continue  # it stays listed under "ignored"; patient ids fall back to the next rule
-    return by_path, {k: v for k, v in by_name.items() if v is not None}
-
-
 def _path_id(path: Path, root: Path) -> str:
     try:
         rel = path.relative_to(root)
@@ -160,7 +154,6 @@ def _patient_ids(
     cands: list[Candidate], regex: str | None, sources: tuple[dict[str, str], dict[str, str]], root: Path
 ) -> tuple[list[str], Counter[str]]:
     rx = re.compile(regex) if regex else None
-    by_path, by_name = sources
     out: list[str] = []
     used: Counter[str] = Counter()
     for c in cands:
@@ -170,8 +163,8 @@ def _patient_ids(
             if m:
                 pid = next((g for g in m.groups() if g), None) or m.group(0)
                 src = "regex"
-        if not pid and (by_path or by_name):
-            pid = by_path.get(str(c.path)) or by_name.get(c.path.name, "")
+        if not pid and (sources[0] or sources[1]):
+            pid = sources_lookup(sources, c.path)
             src = "SOURCES.csv"
         if not pid:
             pid, src = _path_id(c.path, root), "path"
@@ -218,20 +211,15 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> No
             w.writerow({c: r.get(c, "") for c in columns})
 
 
-def ingest(cfg: IngestConfig) -> IngestResult:
-    """Read every candidate image under ``cfg.src`` once and write manifest.csv, rejects.csv and ingest.json
-    to ``cfg.out``. Rejected files are listed with reasons (a warning; an error with ``strict``); a missing or
-    empty source, or a source with no class folders, raises :class:`DataError`."""
-    t0 = time.perf_counter()
-    src = Path(os.path.abspath(Path(cfg.src).expanduser()))
-    out = Path(os.path.abspath(Path(cfg.out).expanduser()))
+def _scan_src(src: Path, cfg: IngestConfig, out: Path) -> Scan:
+    """Candidates, rejects and ignored files of one root (folder layouts or a CSV listing)."""
     if not src.exists():
         raise DataError(f"ingest source not found: {src} (give a folder of class folders or a CSV of path,label)")
     as_csv = cfg.csv if cfg.csv is not None else (src.is_file() and src.suffix.lower() in (".csv", ".tsv"))
     if as_csv:
         if not src.is_file():
             raise DataError(f"--csv was given but {src} is not a file")
-        scan = scan_csv(src)
+        scan = scan_csv(src, cfg.source_column)
     elif src.is_file():
         raise DataError(
             f"{src} is a file: give a folder of class folders, or a CSV of path,label (a *.csv, or add --csv)"
@@ -240,17 +228,105 @@ def ingest(cfg: IngestConfig) -> IngestResult:
         scan = scan_folder(src, skip=out)
     if not scan.candidates and not scan.rejects:
         raise DataError(f"no images found under {src}: the class folders {[d.name for d in scan.class_dirs]} are empty")
+    return scan
+
+
+def _root_name(src: Path, layout: str) -> str:
+    """A root's default source name: its folder's name (a CSV listing: the folder holding the CSV)."""
+    return (src.parent if layout == "csv" else src).name or str(src)
+
+
+def _sources(
+    cands: list[Candidate],
+    cfg: IngestConfig,
+    roots: list[Path],
+    root_names: list[str],
+    from_csv: tuple[dict[str, str], dict[str, str]],
+) -> tuple[list[str], Counter[str]]:
+    """The source of every candidate and how many got it from each rule (see the module doc for the order)."""
+    rx = re.compile(cfg.source_regex) if cfg.source_regex else None
+    out: list[str] = []
+    used: Counter[str] = Counter()
+    for c in cands:
+        src, how = c.source, "csv"
+        if not src and rx is not None:
+            try:
+                rel = c.path.relative_to(roots[c.root].parent).as_posix()
+            except ValueError:  # a CSV may list files outside its folder
+                rel = c.path.as_posix()
+            m = rx.search(rel)
+            if m:
+                src, how = next((g for g in m.groups() if g), None) or m.group(0), "regex"
+        if not src and c.root < len(cfg.source_names):
+            src, how = cfg.source_names[c.root], "name"
+        if not src and (from_csv[0] or from_csv[1]):
+            src, how = sources_lookup(from_csv, c.path), "SOURCES.csv"
+        if not src:
+            src, how = root_names[c.root], "root"
+        out.append(src)
+        used[how] += 1
+    return out, used
+
+
+def ingest(cfg: IngestConfig) -> IngestResult:
+    """Read every candidate image under ``cfg.src`` (and ``cfg.extra_src``) once and write manifest.csv,
+    rejects.csv and ingest.json to ``cfg.out``. Rejected files are listed with reasons (a warning; an error with
+    ``strict``); a missing or empty source, or a source with no class folders, raises :class:`DataError`."""
+    t0 = time.perf_counter()
+    roots = [Path(os.path.abspath(Path(r).expanduser())) for r in cfg.roots]
+    out = Path(os.path.abspath(Path(cfg.out).expanduser()))
+    if len(set(roots)) < len(roots):
+        raise DataError(f"a root is given twice: {[str(r) for r in roots]}")
+    if len(cfg.source_names) > len(roots):
+        raise DataError(f"{len(cfg.source_names)} source names for {len(roots)} root(s): give one name per root")
+    scans = [_scan_src(r, cfg, out) for r in roots]
+    for i, sc in enumerate(scans):
+        for c in sc.candidates:
+            c.root = i
+    scan = scans[0]
+    if len(scans) > 1:  # one scan over every root; the per-root facts that matter are kept on the candidates
+        scan = Scan("+".join(dict.fromkeys(sc.layout for sc in scans)), root=scans[0].root)
+        for sc in scans:
+            scan.candidates += sc.candidates
+            scan.rejects += sc.rejects
+            scan.ignored += sc.ignored
+            scan.class_dirs += sc.class_dirs
+            scan.sources_csvs += sc.sources_csvs
+            scan.empty_classes += [f"{sc.root.name if sc.root else ''}/{e}" for e in sc.empty_classes]
+            scan.warnings += sc.warnings
+    src = roots[0]
+    seen: set[Path] = set()
+    for c in scan.candidates:
+        if c.path in seen:
+            raise DataError(
+                f"{c.path} is found under two of the roots {[str(r) for r in roots]}: give roots that do not overlap"
+            )
+        seen.add(c.path)
 
     results = _run_all([str(c.path) for c in scan.candidates], cfg.workers, cfg.progress)
 
     sources: tuple[dict[str, str], dict[str, str]] = ({}, {})
+    source_csv: tuple[dict[str, str], dict[str, str]] = ({}, {})
     if cfg.use_sources_csv and scan.sources_csvs:
-        sources = _load_sources(scan.sources_csvs)
+        sources = load_sources_csv(scan.sources_csvs)
+        source_csv = load_sources_csv(scan.sources_csvs, cfg.source_column)
     good = [(c, r) for c, r in zip(scan.candidates, results, strict=True) if r[0] == "ok"]
-    id_root = src.parent if scan.layout == "csv" else src
-    pids, pid_used = _patient_ids([c for c, _ in good], cfg.patient_regex, sources, id_root)
+    # patient ids per root: with several roots a path-based id starts with the root's folder name
+    pid_of: dict[int, str] = {}
+    pid_used: Counter[str] = Counter()
+    for i, (r, sc) in enumerate(zip(roots, scans, strict=True)):
+        mine = [c for c, _ in good if c.root == i]
+        id_root = r.parent if sc.layout == "csv" else r
+        if len(roots) > 1:
+            id_root = id_root.parent
+        ids, used = _patient_ids(mine, cfg.patient_regex, sources, id_root)
+        pid_used.update(used)
+        pid_of.update({id(c): p for c, p in zip(mine, ids, strict=True)})
+    pids = [pid_of[id(c)] for c, _ in good]
+    root_names = [_root_name(r, sc.layout) for r, sc in zip(roots, scans, strict=True)]
+    srcs, src_used = _sources([c for c, _ in good], cfg, roots, root_names, source_csv)
     rows: list[dict[str, Any]] = []
-    for (c, r), pid in zip(good, pids, strict=True):
+    for (c, r), pid, source in zip(good, pids, srcs, strict=True):
         _, sha, w, h, mode, bits, phash = r
         rows.append(
             {
@@ -264,6 +340,7 @@ def ingest(cfg: IngestConfig) -> IngestResult:
                 "patient_id": pid,
                 "source_split": c.source_split,
                 "phash": phash,
+                "source": source,
             }
         )
     rows.sort(key=lambda r: (r["label"], r["source_split"], r["path"]))
@@ -305,6 +382,15 @@ def ingest(cfg: IngestConfig) -> IngestResult:
             f"--patient-regex matched {pid_used['regex']} of {len(rows)} file names; the others use "
             "SOURCES.csv or their own path (one patient per image)"
         )
+    if cfg.source_regex and src_used["regex"] < len(rows):
+        warnings.append(
+            f"--source-regex matched {src_used['regex']} of {len(rows)} paths; the others take their source from "
+            "the root's name, SOURCES.csv or the root folder"
+        )
+    by_source: dict[str, dict[str, int]] = {}
+    for r in rows:
+        by_source.setdefault(r["source"], {k: 0 for k in classes})[r["label"]] += 1
+    by_source = dict(sorted(by_source.items()))
     if rows and len(classes) < 2:
         warnings.append(f"only one class ({classes[0]}): a classifier needs at least two")
 
@@ -333,9 +419,13 @@ def ingest(cfg: IngestConfig) -> IngestResult:
         rejects=rejects,
         warnings=warnings,
         elapsed_s=elapsed,
+        roots=roots,
+        counts_by_source=by_source,
+        source_from={k: src_used.get(k, 0) for k in ("csv", "regex", "name", "SOURCES.csv", "root")},
     )
     summary = {
         "src": str(src),
+        "roots": [str(r) for r in roots],
         "out": str(out),
         "layout": res.layout,
         "root": str(scan.root or src),
@@ -352,6 +442,12 @@ def ingest(cfg: IngestConfig) -> IngestResult:
         "n_patients": res.n_patients,
         "patient_id_sources": res.patient_id_sources,
         "patient_regex": cfg.patient_regex,
+        "n_sources": len(by_source),
+        "counts_by_source": by_source,
+        "source_from": res.source_from,
+        "source_regex": cfg.source_regex,
+        "source_column": cfg.source_column,
+        "source_names": list(cfg.source_names),
         "sources_csv": [str(p) for p in scan.sources_csvs],
         "n_ignored": res.n_ignored,
         "ignored": scan.ignored,

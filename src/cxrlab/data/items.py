@@ -31,6 +31,7 @@ class Items:
     source: str  # human-readable description of where the items came from
     dataset_version: str
     kind: Literal["split", "external"]
+    sources: list[str] | None = None  # each image's source (hospital / collection) when the data records it
 
 
 def map_class_names(names: list[str] | set[str], classes: list[str], where: str) -> dict[str, str]:
@@ -51,6 +52,12 @@ def map_class_names(names: list[str] | set[str], classes: list[str], where: str)
             "rename them or evaluate a model trained on these classes"
         )
     return out
+
+
+def _table_sources(df: pd.DataFrame) -> list[str] | None:
+    from cxrlab.data.manifest import has_sources
+
+    return df["source"].astype(str).tolist() if has_sources(df) else None
 
 
 def _list_class_folders(root: Path, classes: list[str]) -> tuple[list[str], list[str]]:
@@ -74,7 +81,9 @@ def _list_class_folders(root: Path, classes: list[str]) -> tuple[list[str], list
     return paths, labels
 
 
-def _table_items(df: pd.DataFrame, base: Path, split: str, classes: list[str], where: str) -> tuple[list, list, str]:
+def _table_items(
+    df: pd.DataFrame, base: Path, split: str, classes: list[str], where: str
+) -> tuple[list, list, str, list[str] | None]:
     if "path" not in df.columns or "label" not in df.columns:
         raise EvalError(f"{where} needs 'path' and 'label' columns (a cxrlab manifest or split csv)")
     what = "all rows"
@@ -86,7 +95,7 @@ def _table_items(df: pd.DataFrame, base: Path, split: str, classes: list[str], w
         df, what = sub, f"split '{split}'"
     mapping = map_class_names(set(df["label"].astype(str)), classes, where)
     paths = [str(p if Path(p).is_absolute() else (base / p).resolve()) for p in df["path"].astype(str)]
-    return paths, [mapping[str(v)] for v in df["label"]], what
+    return paths, [mapping[str(v)] for v in df["label"]], what, _table_sources(df)
 
 
 def _split_dataset_version(d: Path) -> str:
@@ -107,19 +116,22 @@ def resolve_external_items(data: Path, split: str, classes: list[str]) -> Items:
     if data.is_file():
         if data.suffix.lower() != ".csv":
             raise EvalError(f"--data {data} is a file but not a csv; pass a folder of class folders or a csv")
-        df = pd.read_csv(data, keep_default_na=False)
-        paths, labels, what = _table_items(df, data.parent, split, classes, str(data))
-        return Items(paths, labels, f"{data} ({what})", _split_dataset_version(data.parent), "external")
+        df = pd.read_csv(data, keep_default_na=False, dtype={"source": str})
+        paths, labels, what, srcs = _table_items(df, data.parent, split, classes, str(data))
+        return Items(paths, labels, f"{data} ({what})", _split_dataset_version(data.parent), "external", srcs)
     if (data / SPLIT_FILE).is_file():
         info = load_split(data)
-        paths, labels, what = _table_items(info.table, data, split, classes, str(data / SPLIT_FILE))
-        return Items(paths, labels, f"{data} ({what})", info.dataset_version, "external")
+        paths, labels, what, srcs = _table_items(info.table, data, split, classes, str(data / SPLIT_FILE))
+        return Items(paths, labels, f"{data} ({what})", info.dataset_version, "external", srcs)
     if (data / "manifest.csv").is_file():
         df = read_manifest(data)
-        paths, labels, what = _table_items(df, data, split, classes, str(data / "manifest.csv"))
-        return Items(paths, labels, f"{data} ({what})", "unversioned", "external")
+        paths, labels, what, srcs = _table_items(df, data, split, classes, str(data / "manifest.csv"))
+        return Items(paths, labels, f"{data} ({what})", "unversioned", "external", srcs)
+    from cxrlab.data.sources import folder_sources
+
     paths, labels = _list_class_folders(data, classes)
-    return Items(paths, labels, f"{data} (class folders)", "unversioned", "external")
+    srcs = folder_sources(data, paths)
+    return Items(paths, labels, f"{data} (class folders)", "unversioned", "external", srcs)
 
 
 def run_split_dir(run_dir: Path | None, summary: dict[str, Any], bundle_config: dict[str, Any]) -> Path | None:
@@ -164,4 +176,4 @@ def resolve_items(
     mapping = map_class_names(set(sub["label"].astype(str)), classes, str(info.root / SPLIT_FILE))
     paths = [str(p if Path(p).is_absolute() else (info.root / p).resolve()) for p in sub["path"].astype(str)]
     labels = [mapping[str(v)] for v in sub["label"]]
-    return Items(paths, labels, f"{info.root} (split '{split}')", info.dataset_version, "split")
+    return Items(paths, labels, f"{info.root} (split '{split}')", info.dataset_version, "split", _table_sources(sub))

@@ -26,14 +26,20 @@ MANIFEST_COLUMNS = [
     "patient_id",  # CSV column, --patient-regex or SOURCES.csv; else path below SRC sans suffix (own patient)
     "source_split",  # original split of the source layout (Kaggle train/test) or ""
     "phash",  # 64-bit perceptual hash as 16 hex chars (near-duplicate detection)
+    "source",  # where the image comes from (hospital / collection): SOURCES.csv, CSV column, regex or root folder
 ]
 SPLIT_COLUMNS = ["split", "group"]  # split in {train, val, test}; group = connected patient/duplicate group
 SPLITS = ("train", "val", "test")
+EXTERNAL_SPLIT = "external"  # images of held-out sources (``split --holdout-source``): never trained or tuned on
+ALL_SPLITS = (*SPLITS, EXTERNAL_SPLIT)
 
 MANIFEST_FILE = "manifest.csv"
 REJECTS_FILE = "rejects.csv"  # columns: path, reason
 SPLIT_FILE = "split.csv"
 SPLIT_META_FILE = "split.json"
+
+
+_STR_COLUMNS = {"patient_id": str, "source_split": str, "phash": str, "sha256": str, "source": str}
 
 
 class DataError(CxrlabError):
@@ -52,6 +58,16 @@ class SplitInfo:
     def subset(self, split: str) -> pd.DataFrame:
         return self.table[self.table["split"] == split].reset_index(drop=True)
 
+    @property
+    def has_sources(self) -> bool:
+        """True when the table records a source for its images (``source`` column, not all empty)."""
+        return has_sources(self.table)
+
+
+def has_sources(df: pd.DataFrame) -> bool:
+    """True when ``df`` has a ``source`` column with at least one non-empty value."""
+    return "source" in df.columns and bool((df["source"].astype(str).str.len() > 0).any())
+
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
     p = Path(path)
@@ -59,9 +75,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         p = p / MANIFEST_FILE
     if not p.is_file():
         raise DataError(f"manifest not found: {p} (run `cxrlab data ingest SRC --out DIR` first)")
-    df = pd.read_csv(
-        p, dtype={"patient_id": str, "source_split": str, "phash": str, "sha256": str}, keep_default_na=False
-    )
+    df = pd.read_csv(p, dtype=_STR_COLUMNS, keep_default_na=False)
     missing = [c for c in ("path", "label") if c not in df.columns]
     if missing:
         raise DataError(f"{p} is not a cxrlab manifest: missing columns {missing}")
@@ -75,9 +89,7 @@ def load_split(path: str | Path) -> SplitInfo:
         p = p / SPLIT_FILE
     if not p.is_file():
         raise DataError(f"split not found: {p} (run `cxrlab data split MANIFEST --out DIR` first)")
-    df = pd.read_csv(
-        p, dtype={"patient_id": str, "source_split": str, "phash": str, "sha256": str}, keep_default_na=False
-    )
+    df = pd.read_csv(p, dtype=_STR_COLUMNS, keep_default_na=False)
     if "split" not in df.columns or "label" not in df.columns or "path" not in df.columns:
         raise DataError(f"{p} is not a cxrlab split file: it needs path, label and split columns")
     meta_path = p.parent / SPLIT_META_FILE

@@ -17,6 +17,11 @@ the fractions rounded by largest remainder; groups are placed largest first (see
 sizes) into the split that most reduces the squared distance to the per-class targets. Singletons go last
 and fill the targets exactly, so with enough small groups each class is within one image of its fractions.
 
+Held-out sources (``holdout_sources``): every image of those sources goes to the ``external`` split, never to
+train/val/test, and the rest is split as above. An image of another source that shares a patient or a
+(near-)duplicate group with a held-out image would leak the held-out source into training: it is left out
+(``excluded.csv`` says why).
+
 Determinism: the rows are put in a canonical order (sha256, path) before anything random happens, all
 randomness comes from ``np.random.default_rng(seed)``, and the files carry no timestamps or output paths,
 so the same manifest content and seed give byte-identical ``split.csv`` / ``split.json`` and the same
@@ -44,12 +49,14 @@ from cxrlab.data.grouping import (
     build_groups,
     dataset_version,
     group_matrix,
+    hold_out_sources,
     image_phash,
     largest_remainder,
     majority_class,
 )
 from cxrlab.data.io import read_xray
 from cxrlab.data.manifest import (
+    EXTERNAL_SPLIT,
     MANIFEST_COLUMNS,
     SPLIT_COLUMNS,
     SPLIT_FILE,
@@ -88,6 +95,9 @@ class SplitConfig(StrictModel):
     audit: Path | None = Field(None, description="audit folder or audit_features.csv (for exclude_flagged)")
     near_dup_threshold: int = Field(
         DEFAULT_NEAR_DUP_THRESHOLD, ge=-1, le=64, description="max pHash Hamming distance of near duplicates; -1 off"
+    )
+    holdout_sources: tuple[str, ...] = Field(
+        (), description="sources whose images all go to the 'external' split (never train/val/test)"
     )
     name: str | None = Field(None, description="dataset name for the W&B artifact data-<name>-split")
     wandb: Literal["auto", "online", "offline", "off"] = "off"
@@ -129,6 +139,14 @@ class SplitResult:
     warnings: list[str] = field(default_factory=list)
     wandb_artifact: str | None = None
     wandb_dir: Path | None = None
+    holdout_sources: list[str] = field(default_factory=list)
+    n_external: int = 0
+    counts_by_source: dict[str, dict[str, int]] = field(default_factory=dict)  # source -> split -> images
+
+    @property
+    def split_names(self) -> list[str]:
+        """train, val, test, plus external when sources were held out."""
+        return [*SPLITS, EXTERNAL_SPLIT] if self.holdout_sources else list(SPLITS)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -244,9 +262,21 @@ def split(cfg: SplitConfig) -> SplitResult:
     classes = sorted(df["label"].unique())
     labels = df["label"].to_numpy(dtype=object)
 
-    # 3. groups, balanced subset
+    # 3. groups, held-out sources, balanced subset
     rng = np.random.default_rng(cfg.seed)
     groups, n_pairs = build_groups(df, cfg.near_dup_threshold)
+    external, ext_groups = df.iloc[0:0], np.zeros(0, np.int64)
+    if cfg.holdout_sources:
+        df, groups, external, ext_groups, leaked = hold_out_sources(
+            df, groups, cfg.holdout_sources, classes, manifest_path
+        )
+        excluded += leaked
+        if leaked:
+            warnings.append(
+                f"{len(leaked)} image(s) of other sources share a patient or duplicate group with a held-out image "
+                f"and were left out so the held-out sources stay unseen (see {EXCLUDED_FILE})"
+            )
+        labels = df["label"].to_numpy(dtype=object)
     gm = group_matrix(groups, labels, classes)
     if cfg.per_class is not None:
         take = balanced_subset(gm, cfg.per_class, rng)
@@ -292,16 +322,30 @@ def split(cfg: SplitConfig) -> SplitResult:
         for s in SPLITS:
             if tgt[c][s] > 0 and counts[c][s] == 0:
                 warnings.append(f"class {c} has no images in {s} (its groups are too large for the fractions)")
+    if len(external):
+        external = external.copy()
+        external["split"] = EXTERNAL_SPLIT
+        external["group"] = [f"x{g:0{width}d}" for g in ext_groups]
+        for c in classes:
+            counts[c][EXTERNAL_SPLIT] = int((external["label"] == c).sum())
+        df = pd.concat([df, external], ignore_index=True)
     version = dataset_version(
         df["sha256"].astype(str).tolist(), df["label"].tolist(), df["split"].tolist(), cfg.seed, cfg.fractions
     )
+    split_order = [*SPLITS, EXTERNAL_SPLIT]
+    by_source: dict[str, dict[str, int]] = {}
+    if "source" in df.columns:
+        tab = pd.crosstab(df["source"].astype(str), df["split"])
+        by_source = {
+            str(s): {sp: int(tab.loc[s, sp]) for sp in split_order if sp in tab.columns} for s in sorted(tab.index)
+        }
 
     # 6. write (manifest order for readability: canonical order is sha-sorted, so sort by split then path)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     lead = [c for c in MANIFEST_COLUMNS if c in df.columns]
     rest = [c for c in df.columns if c not in lead and c not in SPLIT_COLUMNS]
-    df["_s"] = df["split"].map({s: i for i, s in enumerate(SPLITS)})
+    df["_s"] = df["split"].map({s: i for i, s in enumerate(split_order)})
     table = df.sort_values(["_s", "label", "path"], kind="stable")[lead + rest + SPLIT_COLUMNS]
     split_path = out / SPLIT_FILE
     table.to_csv(split_path, index=False, lineterminator="\n")
@@ -318,13 +362,16 @@ def split(cfg: SplitConfig) -> SplitResult:
         "near_dup_threshold": cfg.near_dup_threshold,
         "exclude_flagged": list(cfg.exclude_flagged),
         "n_images": len(df),
+        "n_external": len(external),
         "n_groups": len(gm),
         "n_mixed_label_groups": mixed,
         "n_near_dup_pairs": n_pairs,
         "n_excluded": len(excluded),
         "counts": counts,
         "targets": tgt,
-        "totals": {s: int((split_names == s).sum()) for s in SPLITS},
+        "totals": {s: int((df["split"] == s).sum()) for s in split_order if s in SPLITS or len(external)},
+        "holdout_sources": list(cfg.holdout_sources),
+        "counts_by_source": by_source,
         "manifest": str(manifest_path.resolve()),
         "warnings": warnings,
     }
@@ -344,6 +391,9 @@ def split(cfg: SplitConfig) -> SplitResult:
         n_near_dup_pairs=n_pairs,
         excluded=excluded,
         warnings=warnings,
+        holdout_sources=list(cfg.holdout_sources),
+        n_external=len(external),
+        counts_by_source=by_source,
     )
     _log_wandb(cfg, res, table)
     return res
@@ -414,7 +464,7 @@ def _log_wandb_run(cfg: SplitConfig, res: SplitResult, table: pd.DataFrame, mode
         art.add_file(str(res.meta_path))
         run.log_artifact(art, aliases=[res.dataset_version])
         if cfg.table_rows > 0:
-            wt = wandb.Table(columns=["thumbnail", "label", "split", "width", "height", "group", "path"])
+            wt = wandb.Table(columns=["thumbnail", "label", "split", "width", "height", "group", "source", "path"])
             for _, r in _table_sample(table, cfg.table_rows, cfg.seed).iterrows():
                 try:
                     g = read_xray(r["path"])
@@ -423,7 +473,14 @@ def _log_wandb_run(cfg: SplitConfig, res: SplitResult, table: pd.DataFrame, mode
                 s = 128 / max(g.shape)
                 thumb = cv2.resize(g, (max(1, round(g.shape[1] * s)), max(1, round(g.shape[0] * s))), cv2.INTER_AREA)
                 wt.add_data(
-                    wandb.Image(thumb), r["label"], r["split"], int(g.shape[1]), int(g.shape[0]), r["group"], r["path"]
+                    wandb.Image(thumb),
+                    r["label"],
+                    r["split"],
+                    int(g.shape[1]),
+                    int(g.shape[0]),
+                    r["group"],
+                    str(r.get("source", "")),
+                    r["path"],
                 )
             run.log({"split_table": wt})
         run.summary["dataset_version"] = res.dataset_version

@@ -7,6 +7,7 @@ never drift from training. Layout::
     bundle/
       model.safetensors
       bundle.json
+      shift.safetensors   label-shift / out-of-distribution feature statistics (cxrlab.analysis.shift), when fitted
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class BundleMeta:
     # sha256 of model.safetensors, written by save_bundle and checked by load_bundle ("" in bundles made before
     # the check existed: those load unchecked)
     weights_sha256: str = ""
+    # label-shift / OOD reference (cxrlab.analysis.shift): class names, validation confusion matrix, training prior,
+    # feature-distance and polarity thresholds; the feature statistics are in shift.safetensors beside it
+    shift: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:

@@ -4,7 +4,8 @@ over images uses them)."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,6 +42,23 @@ class ReadBatch:
 
     indices: list[int]
     grays: list[np.ndarray]
+    colours: list[float] = field(default_factory=list)  # share of coloured pixels per image (``colour=True``)
+
+
+_GREY_MODES = ("1", "L", "LA", "I", "F")
+
+
+def read_gray_colour(path: str | Path, need_colour: bool) -> tuple[np.ndarray, float]:
+    """(2-D uint8 image, share of coloured pixels): the file is read a second time only when its original
+    mode is a colour mode and ``need_colour`` (the OOD input check) asks for it."""
+    from cxrlab.data.io import read_xray_with_info
+
+    gray, info = read_xray_with_info(path, dtype="uint8")
+    if not need_colour or info.format == "DICOM" or info.mode in _GREY_MODES or info.mode.startswith("I;"):
+        return gray, 0.0
+    from cxrlab.analysis.ood import colour_share
+
+    return gray, colour_share(Path(path).read_bytes())
 
 
 def read_batches(
@@ -49,13 +67,15 @@ def read_batches(
     skipped: list[dict[str, str]],
     progress: bool = True,
     desc: str = "predict",
+    colour: bool = False,
 ) -> Iterator[ReadBatch]:
     """The batched read loop every data-set stage runs a model over (evaluate, explain): decode each path with
     ``read_xray``, append an unreadable or missing file to ``skipped`` as ``{path, reason}`` and go on, yield the
-    readable ones ``batch_size`` at a time, with one progress bar over all paths."""
+    readable ones ``batch_size`` at a time, with one progress bar over all paths. With ``colour`` each batch also
+    carries the share of coloured pixels of every image (:func:`read_gray_colour`, for the OOD input check)."""
     from tqdm.auto import tqdm
 
-    from cxrlab.data.io import ImageReadError, read_xray
+    from cxrlab.data.io import ImageReadError
 
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
     try:
@@ -63,7 +83,9 @@ def read_batches(
             batch = ReadBatch([], [])
             for i in range(start, min(start + batch_size, len(paths))):
                 try:
-                    batch.grays.append(read_xray(paths[i]))
+                    gray, col = read_gray_colour(paths[i], colour)
+                    batch.grays.append(gray)
+                    batch.colours.append(col)
                     batch.indices.append(i)
                 except ImageReadError as e:
                     skipped.append({"path": paths[i], "reason": str(getattr(e, "reason", None) or e)})

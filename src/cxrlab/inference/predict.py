@@ -25,17 +25,16 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from cxrlab.data.io import read_xray
 from cxrlab.errors import CxrlabError
 from cxrlab.inference.bundle import Bundle, load_bundle
-from cxrlab.inference.infer import resolve_device
+from cxrlab.inference.infer import read_gray_colour, resolve_device
 
 Backend = Literal["torch", "onnx", "onnx-int8"]
 BACKENDS = ("torch", "onnx", "onnx-int8")
@@ -60,6 +59,10 @@ class Prediction:
     probabilities: dict[str, float]
     error: str | None = None
     cam_path: str | None = None
+    # out-of-distribution flag (cxrlab.analysis.shift): None when the bundle has no shift statistics
+    ood: bool | None = None
+    ood_score: float | None = None  # feature distance / threshold (> 1 flags); None without feature statistics
+    ood_reasons: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -166,6 +169,10 @@ class Predictor:
         self._session = None
         self._cam_lock = threading.Lock()
         self.ignored: list[tuple[str, str]] = []  # (path, reason) of the last predict(): files that are not inputs
+        from cxrlab.analysis.ood import load_scorer
+
+        # label-shift / OOD statistics stored at training (None for bundles trained before they existed)
+        self.ood = load_scorer(self.bundle.path, self.meta)
         if backend in ("onnx", "onnx-int8"):
             from cxrlab.inference.export import ensure_onnx, onnx_session
             from cxrlab.inference.quantize import ensure_int8
@@ -211,6 +218,40 @@ class Predictor:
                 logits = self.bundle.model(x).float().cpu()
         return torch.softmax(logits.double(), dim=1).numpy()
 
+    def forward_scored(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, penultimate features or None): features when the bundle has feature statistics and
+        the torch backend runs (one forward pass either way); ONNX gives probabilities only."""
+        if self._session is not None or self.ood is None or not self.ood.has_features:
+            return self.forward(x), None
+        from cxrlab.analysis.ood import features_and_probs
+
+        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+        feats, probs = features_and_probs(self.bundle.model, x)
+        return probs, feats
+
+    def flag(
+        self,
+        preds: Sequence[Prediction],
+        feats: np.ndarray | None,
+        grays: Sequence[np.ndarray],
+        colours: Sequence[float] | None = None,
+    ) -> None:
+        """Set the OOD fields of ``preds`` (successful predictions of ``grays``, in order) in place."""
+        if self.ood is None:
+            return
+        for p, r in zip(preds, self.ood.score(feats, grays, colours), strict=True):
+            if p.ok:  # a non-finite output is already an error, not a prediction to flag
+                p.ood, p.ood_score, p.ood_reasons = r.flag, r.score, r.reasons
+
+    def label_shift(self, preds: Sequence[Prediction]):  # -> cxrlab.analysis.shift.LabelShift | None
+        """The label-shift check over a set of predictions (None without shift statistics)."""
+        if self.ood is None or "val_confusion" not in self.ood.meta:
+            return None
+        from cxrlab.analysis.shift import label_shift
+
+        counts = [sum(p.label == c for p in preds if p.ok) for c in self.classes]
+        return label_shift(counts, self.ood.meta)
+
     def predict_proba(self, grays: Sequence[np.ndarray]) -> np.ndarray:
         """Probabilities (N x classes) for 2-D uint8 grayscale images, in batches of ``batch_size``."""
         out = [
@@ -235,8 +276,14 @@ class Predictor:
         names = list(names) if names is not None else [f"array[{i}]" for i in range(len(grays))]
         if len(names) != len(grays):
             raise PredictError(f"{len(names)} names for {len(grays)} images")
-        probs = self.predict_proba(list(grays))
-        return [self.to_prediction(n, p) for n, p in zip(names, probs, strict=True)]
+        out: list[Prediction] = []
+        for i in range(0, len(grays), self.batch_size):
+            chunk = list(grays[i : i + self.batch_size])
+            probs, feats = self.forward_scored(torch.stack([self.preprocess(g) for g in chunk]))
+            preds = [self.to_prediction(n, p) for n, p in zip(names[i : i + self.batch_size], probs, strict=True)]
+            self.flag(preds, feats, chunk)
+            out += preds
+        return out
 
     def predict(self, paths: Iterable[str | Path], cam_dir: str | Path | None = None) -> list[Prediction]:
         """Classify files and folders (recursive). Unreadable files come back with ``error`` set, in order; files
@@ -261,6 +308,9 @@ class Predictor:
         cam_names: set[str] = set()
         results: list[Prediction] = []
 
+        need_colour = self.ood is not None
+        colour: dict[Path, float] = {}
+
         def load(item: tuple[Path, str | None]) -> tuple[np.ndarray | None, torch.Tensor | None, str | None]:
             path, problem = item
             if problem is not None:
@@ -268,7 +318,7 @@ class Predictor:
             # A failure in one file (corrupt, unsupported, a decoder bug) must not end a run over thousands of
             # files: its reason goes into that file's row and the batch goes on.
             try:
-                gray = read_xray(path)
+                gray, colour[path] = read_gray_colour(path, need_colour)
                 return gray, self.preprocess(gray), None
             except Exception as e:
                 return None, None, _reason(e)
@@ -285,8 +335,9 @@ class Predictor:
                 loaded = [f.result() for f in pending]
                 pending = [pool.submit(load, it) for it in chunks[ci + 1]] if ci + 1 < len(chunks) else []
                 good = [i for i, (_, t, _) in enumerate(loaded) if t is not None]
-                probs = self.forward(torch.stack([loaded[i][1] for i in good])) if good else None
+                probs, feats = self.forward_scored(torch.stack([loaded[i][1] for i in good])) if good else (None, None)
                 cams = self.cam_overlays([loaded[i][0] for i in good]) if (good and cam_out is not None) else None
+                batch_preds: list[Prediction] = []
                 for i, ((path, _), (_, _, err)) in enumerate(zip(chunk, loaded, strict=True)):
                     if err is not None:
                         results.append(Prediction(path=display_path(path), label=None, probabilities={}, error=err))
@@ -298,6 +349,10 @@ class Predictor:
                         out.write_bytes(encode_png(cams[k]))
                         pred.cam_path = str(out)
                     results.append(pred)
+                    batch_preds.append(pred)
+                if good:
+                    paths_ok = [chunk[i][0] for i in good]
+                    self.flag(batch_preds, feats, [loaded[i][0] for i in good], [colour.get(p, 0.0) for p in paths_ok])
                 bar.update(len(chunk))
         return results
 

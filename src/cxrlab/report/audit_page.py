@@ -121,16 +121,20 @@ def render_audit_page(
     flags: tuple[str, ...],
     sharp_size: int,
     confound_margin: float,
+    src_audit: dict[str, Any] | None = None,
 ) -> str:
     """The audit page's HTML; ``flags``, ``sharp_size`` and ``confound_margin`` are the audit's definitions
     (``cxrlab.data.audit``), passed in so the page layer does not import the stage."""
     from cxrlab.report import html as rh
 
+    src_audit = src_audit or {}
     parts: list[str] = []
+    for w in src_audit.get("warnings", []):
+        parts.append(rh.callout(w, "error", "Source:"))
     for w in conf.get("warnings", []):
         parts.append(rh.callout(w, "error", "Confound:"))
     for w in warnings:
-        if w not in conf.get("warnings", []):
+        if w not in conf.get("warnings", []) and w not in src_audit.get("warnings", []):
             parts.append(rh.callout(w, "warn"))
     if not warnings and not conf.get("warnings"):
         parts.append(rh.callout("no confound, duplicate or quality warnings", "ok"))
@@ -148,6 +152,8 @@ def render_audit_page(
     ctab = counts.copy()
     ctab.insert(0, "class", ctab.index)
     parts.append(rh.section("Counts", rh.table(ctab.reset_index(drop=True)), rh.figure_tag(_counts_figure(counts))))
+    if src_audit.get("table"):
+        parts.append(_sources_html(src_audit, classes))
 
     # confound
     if "all" in conf:
@@ -239,6 +245,37 @@ def render_audit_page(
     }
     parts.append(rh.section("Thresholds", rh.kv(thr)))
     return rh.page("Data audit", parts, subtitle=f"{src} · {len(feats):,} images")
+
+
+def _sources_html(sa: dict[str, Any], classes: list[str]) -> str:
+    from cxrlab.report import html as rh
+
+    rows = [{"source": s, **row, "total": sum(row.values())} for s, row in sa["table"].items()]
+    parts = [rh.paragraph("Images per source (rows) and class (columns)."), rh.table(rows)]
+    spc = sa.get("source_predicts_class")
+    if spc:
+        rec = ", ".join(f"{c} {v:.2f}" for c, v in spc["recall"].items())
+        parts.append(
+            rh.paragraph(
+                f"The source alone ({spc['rule']}) predicts the class with accuracy {spc['accuracy']:.2f}, balanced "
+                f"accuracy {spc['balanced_accuracy']:.2f} (chance {spc['chance_balanced_accuracy']:.2f}), recall "
+                f"{rec}; Cramer's V {spc['cramers_v']:.2f}."
+            )
+        )
+    within = [
+        {"source": s, "classes": ", ".join(c["all"]["recall"]), **_conf_row(c["all"], list(c["all"]["recall"]))}
+        for s, c in sa.get("per_source_confound", {}).items()
+        if "all" in c
+    ]
+    if within:
+        parts.append(
+            rh.section(
+                "Confound score within each source that holds several classes",
+                rh.table([{k: v for k, v in r.items() if not k.startswith("recall")} for r in within]),
+                level=3,
+            )
+        )
+    return rh.section("Sources", *parts)
 
 
 def _conf_row(g: dict, classes: list[str]) -> dict[str, Any]:

@@ -37,8 +37,6 @@ from cxrlab.runs import (
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from cxrlab.analysis.compare import CompareResult
-
 
 RUN_REPORT = REPORT_FILE
 EVAL_REPORT = REPORT_FILE
@@ -99,7 +97,7 @@ def _card(label: str, value: Any, ci: Any = None) -> str:
     )
 
 
-def _links(items: list[tuple[str, str]]) -> str:
+def links(items: list[tuple[str, str]]) -> str:
     """A line of relative links (href, text)."""
     return "<p>" + " · ".join(f"<a href='{esc(h)}'>{esc(t)}</a>" for h, t in items) + "</p>"
 
@@ -149,7 +147,7 @@ def eval_section_html(eval_dir: Path, level: int = 2, gallery: bool = True) -> s
     p = doc.get("prefix", "test")
     m, ci = doc.get("metrics", {}), doc.get("ci", {})
     classes = doc.get("classes", [])
-    parts = []
+    parts = [rh.callout(w, "error", "Shift:") for w in doc.get("warnings") or []]
     absent = doc.get("absent_classes") or []
     if absent:
         parts.append(
@@ -203,6 +201,11 @@ def eval_section_html(eval_dir: Path, level: int = 2, gallery: bool = True) -> s
     cols = ["class", "images", "predicted", "precision [95% CI]", "recall (per-class accuracy) [95% CI]", "F1 [95% CI]"]
     cols += ["ROC AUC", "false neg.", "false pos."]
     parts.append(rh.section("Per class", rh.table(rows, columns=cols), level=level))
+    if doc.get("per_source"):
+        parts.append(rh.section("Per source", _per_source_table(doc["per_source"], classes), level=level))
+    shift = doc.get("shift") or {}
+    if shift:
+        parts.append(rh.section("Shift checks", _shift_kv(shift), level=level))
     figs = [
         file_img(d / CONFUSION_PNG, "confusion matrix", "confusion matrix (colour = share of the true class)"),
         file_img(d / RELIABILITY_PNG, "reliability diagram", "calibration: accuracy vs confidence"),
@@ -220,6 +223,36 @@ def eval_section_html(eval_dir: Path, level: int = 2, gallery: bool = True) -> s
     return "\n".join(parts)
 
 
+def _per_source_table(per_source: list[dict[str, Any]], classes: list[str]) -> str:
+    shown = [c for c in classes if any(r.get(f"n_{c}") for r in per_source)]
+    rows = []
+    for r in per_source:
+        row = [r["source"], r["n"], _with_ci(r, "accuracy")]
+        row += [f"{_with_ci(r, f'recall_{c}')} ({r[f'n_{c}']})" if r.get(f"n_{c}") else "–" for c in shown]
+        row.append(", ".join(f"{c} {r[f'predicted_{c}']}" for c in classes if r.get(f"predicted_{c}")))
+        rows.append(row)
+    cols = ["source", "images", "accuracy [95% CI]", *[f"recall {c} [95% CI] (n)" for c in shown], "predicted as"]
+    return rh.table(rows, columns=cols)
+
+
+def _shift_kv(shift: dict[str, Any]) -> str:
+    items = []
+    if "label_shift" in shift:
+        ls = shift["label_shift"]
+        items.append(("label shift (BBSE)", ls.get("message", "")))
+    if "collapse" in shift:
+        items.append(("collapse", shift["collapse"].get("message", "")))
+    if "ood" in shift:
+        o = shift["ood"]
+        why = ", ".join(f"{k}: {v}" for k, v in (o.get("reasons") or {}).items())
+        items.append(
+            ("out of distribution", f"{o['n_flagged']} of {o['n']} images flagged" + (f" ({why})" if why else ""))
+        )
+    if shift.get("note"):
+        items.append(("note", shift["note"]))
+    return rh.kv(items)
+
+
 def write_eval_report(eval_dir: Path, out: Path | None = None) -> Path:
     """``<eval_dir>/report.html`` (or ``out``) from the evaluation's files."""
     d = Path(eval_dir)
@@ -228,78 +261,6 @@ def write_eval_report(eval_dir: Path, out: Path | None = None) -> Path:
     title = f"Evaluation of {Path(doc.get('run_dir') or doc.get('bundle') or d).name} on the {on}"
     sub = f"model {doc.get('bundle')}" + (f" · run {doc['run_id']}" if doc.get("run_id") else "")
     return rh.write_page(Path(out) if out else d / EVAL_REPORT, page(title, [eval_section_html(d)], subtitle=sub))
-
-
-# --------------------------------------------------------------------------------------------- compare report
-
-
-def _pt_ci(ci: tuple[float, float]) -> str:
-    if not all(math.isfinite(v) for v in ci):
-        return ""
-    return f"[{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]"
-
-
-def write_compare_report(r: CompareResult, path: Path) -> Path:
-    p = r.baseline.prefix
-    b, c = r.baseline, r.challenger
-    parts = [
-        rh.kv(
-            [
-                ("baseline", b.run_dir or b.bundle_dir),
-                ("challenger", c.run_dir or c.bundle_dir),
-                ("paired images", f"{r.n} from {b.data_source}"),
-            ]
-        ),
-        rh.callout(r.verdict, "ok" if r.significant else "info", title="Verdict:"),
-    ]
-    names = ["accuracy", "precision_macro", "recall_macro", "f1_macro", "auc_macro", "ece", "nll"]
-    costly = costly_class(b.classes)
-    names += [f"recall_{x}" for x in ([costly] if costly else []) + [x for x in b.classes if x != costly]]
-    rows = []
-    for n_ in names:
-        key = f"{p}/{n_}"
-        if key not in b.metrics and key not in c.metrics:
-            continue
-        vb, vc = b.metrics.get(key, math.nan), c.metrics.get(key, math.nan)
-        delta = f"{vc - vb:+.3f}" if math.isfinite(vb) and math.isfinite(vc) else "–"
-        rows.append([n_, f"{fmt(vb)} {fmt_ci(b.ci.get(key))}", f"{fmt(vc)} {fmt_ci(c.ci.get(key))}", delta])
-    parts.append(rh.section("Metrics [95% CI]", rh.table(rows, columns=["metric", "baseline", "challenger", "Δ"])))
-    mc = r.mcnemar
-    tests = [
-        ["both right", r.both_right],
-        ["both wrong", r.both_wrong],
-        ["only baseline right (b)", mc.b],
-        ["only challenger right (c)", mc.c],
-        ["McNemar exact p (two-sided)", f"{mc.p_exact:.4g}"],
-        ["McNemar mid-p", f"{mc.p_midp:.4g}"],
-        ["McNemar χ² (continuity-corrected) p", f"{mc.p_chi2:.4g}"],
-        [
-            "accuracy difference (challenger − baseline)",
-            f"{r.accuracy_diff * 100:+.1f} pt {_pt_ci(r.accuracy_diff_ci)}",
-        ],
-        ["macro-F1 difference", f"{r.f1_diff * 100:+.1f} pt {_pt_ci(r.f1_diff_ci)}"],
-    ]
-    parts.append(rh.section("Paired tests", rh.table(tests, columns=["", "value"])))
-    parts.append(
-        rh.section(
-            "Errors per class",
-            rh.paragraph(f"False negatives of {costly or b.classes[0]} first: a missed case is the costly error."),
-            rh.table(r.errors.rename(columns=lambda x: x.replace("_", " "))),
-        )
-    )
-    parts.append(rh.section("Confusion matrices", file_img(r.out_dir / "confusion_matrices.png", "confusion matrices")))
-    if r.attention is not None:
-        parts.append(
-            rh.section(
-                "Where the models look (explanations)",
-                rh.paragraph("Mean share of the Grad-CAM mass per region (cxrlab explain)."),
-                rh.table(r.attention, float_fmt="{:.3f}"),
-            )
-        )
-    parts.append(
-        _links([("baseline/report.html", "baseline evaluation"), ("challenger/report.html", "challenger evaluation")])
-    )
-    return rh.write_page(path, page("Baseline vs challenger", parts))
 
 
 # --------------------------------------------------------------------------------------------- run report
@@ -353,7 +314,7 @@ def _audit_section(audit_dir: Path | None, base: Path) -> str:
         parts.append(rh.kv([(f"text/markers in {k}", f"{float(v):.0%}") for k, v in doc["text_share"].items()]))
     html_path = a / "audit.html" if a.is_dir() else a.with_name("audit.html")
     if html_path.is_file():
-        parts.append(_links([(_rel(html_path, base), "full audit report")]))
+        parts.append(links([(_rel(html_path, base), "full audit report")]))
     return rh.section("Data audit", *parts)
 
 
@@ -399,7 +360,7 @@ def _explain_section(rd: Path, base: Path) -> str:
             "lungs has learned a shortcut."
         ),
         rh.table(rows, columns=cols, float_fmt="{:.3f}"),
-        _links([(_rel(e, base), f"{e.parent.name}: per-image table") for e in explains]),
+        links([(_rel(e, base), f"{e.parent.name}: per-image table") for e in explains]),
         _review_part(rd),
     )
 
@@ -455,7 +416,7 @@ def write_run_report(run_dir: Path, out: Path | None = None, audit_dir: Path | N
             rh.section(
                 f"Evaluation on the {on}",
                 eval_section_html(d, level=3, gallery=d == evals[0]),
-                _links([(_rel(d / EVAL_REPORT, base), "this evaluation on its own page")]),
+                links([(_rel(d / EVAL_REPORT, base), "this evaluation on its own page")]),
             )
         )
     parts.append(_explain_section(rd, base))

@@ -6,7 +6,9 @@ Endpoints:
   only allows this origin). Drop or pick an X-ray; it shows the label, probability bars, the Grad-CAM overlay
   and the research notice.
 - ``POST /predict[?cam=true]``: multipart form with one ``file`` field (PNG, JPEG or DICOM) -> JSON
-  ``{label, probabilities, model, dataset_version, notice, width, height, format[, cam_png_base64]}``.
+  ``{label, probabilities, model, dataset_version, notice, width, height, format, ood[, cam_png_base64]}``;
+  ``ood`` is ``{flag, score, reasons}`` (:mod:`cxrlab.analysis.shift`: the image is unlike the training images; the page
+  shows a banner) or null for a bundle without shift statistics.
 - ``GET /health``: liveness plus model, classes, limits and whether a token is required.
 - ``GET /docs``: OpenAPI docs (FastAPI's default page, which loads Swagger UI from a CDN; only that page does).
 
@@ -107,6 +109,10 @@ class InferenceWorker:
 
     async def probabilities(self, x: torch.Tensor) -> np.ndarray:
         """Class probabilities for one preprocessed image (C x H x W)."""
+        return (await self.scored(x))[0]
+
+    async def scored(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """(class probabilities, penultimate features or None) for one preprocessed image (C x H x W)."""
         return await self._submit("predict", x)
 
     async def cam(self, gray: np.ndarray) -> np.ndarray:
@@ -144,7 +150,7 @@ class InferenceWorker:
                 else:
                     deferred.append(nxt)
                     break
-            self._do(lambda b=batch: self.predictor.forward(torch.stack([j.payload for j in b])), batch)
+            self._do(lambda b=batch: _rows(self.predictor.forward_scored(torch.stack([j.payload for j in b]))), batch)
             for d in deferred:  # a cam job or the stop signal that interrupted the batch
                 if d is None:
                     return
@@ -164,6 +170,12 @@ class InferenceWorker:
         else:
             for j, row in zip(jobs, out, strict=True):
                 j.future.set_result(row)
+
+
+def _rows(scored: tuple[np.ndarray, np.ndarray | None]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """A batch's (probabilities, features or None) -> one (probabilities, features) pair per image."""
+    probs, feats = scored
+    return [(p, feats[i] if feats is not None else None) for i, p in enumerate(probs)]
 
 
 # ------------------------------------------------------------------------------------------ input checks
@@ -341,6 +353,8 @@ def create_app(bundle_path: str | Path, settings: ServeSettings | None = None) -
             "auth_required": s.token is not None,
             "limits": {"max_upload_bytes": limit, "max_pixels": s.max_pixels, "formats": list(s.formats)},
             "inference": {"requests": worker.requests, "forward_passes": worker.batches, "max_batch": max_batch},
+            # whether every response carries an out-of-distribution flag (bundles trained before it: no)
+            "ood_check": predictor.ood is not None,
             "notice": cxrlab.RESEARCH_NOTICE,
         }
 
@@ -419,22 +433,25 @@ def create_app(bundle_path: str | Path, settings: ServeSettings | None = None) -
                 413, f"{name} is {width}x{height} = {width * height:,} pixels; the limit is {s.max_pixels:,}"
             )
 
-        def decode() -> tuple[np.ndarray, torch.Tensor]:
+        def decode() -> tuple[np.ndarray, torch.Tensor, float]:
+            from cxrlab.analysis.ood import colour_share
             from cxrlab.data.io import read_xray_bytes
 
             gray = read_xray_bytes(data, name)
-            return gray, predictor.preprocess(gray)
+            colour = colour_share(data) if predictor.ood is not None and fmt != "DICOM" else 0.0
+            return gray, predictor.preprocess(gray), colour
 
         try:
-            gray, x = await anyio.to_thread.run_sync(decode, limiter=decode_limiter)
+            gray, x, colour = await anyio.to_thread.run_sync(decode, limiter=decode_limiter)
         except ImageTooLargeError as e:
             raise HTTPException(413, f"{name}: {e.reason}") from None
         except ImageReadError as e:
             raise HTTPException(422, f"{name}: {e.reason}") from None
-        probs = await worker.probabilities(x)
+        probs, feats = await worker.scored(x)
         pred = predictor.to_prediction(name, probs)
         if not pred.ok:  # non-finite output: a fault of the model, never a label
             raise HTTPException(500, f"{name}: {pred.error}")
+        predictor.flag([pred], feats[None] if feats is not None else None, [gray], [colour])
         out: dict[str, Any] = {
             "filename": name,
             "label": pred.label,
@@ -444,6 +461,11 @@ def create_app(bundle_path: str | Path, settings: ServeSettings | None = None) -
             "format": fmt,
             "width": width,
             "height": height,
+            "ood": (
+                {"flag": pred.ood, "score": pred.ood_score, "reasons": pred.ood_reasons}
+                if pred.ood is not None
+                else None
+            ),
             "notice": cxrlab.RESEARCH_NOTICE,
         }
         if cam:

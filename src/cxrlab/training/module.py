@@ -54,6 +54,7 @@ class CXRClassifier(L.LightningModule):
         class_names: Sequence[str],
         class_weights: torch.Tensor | None = None,
         model: nn.Module | None = None,
+        n_groups: int = 0,
     ) -> None:
         super().__init__()
         from cxrlab.training.model import build_model
@@ -65,6 +66,16 @@ class CXRClassifier(L.LightningModule):
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.label_smoothing)
+        self.group_dro = cfg.loss == "groupdro"
+        if self.group_dro:
+            if n_groups < 1:
+                raise ValueError("loss=groupdro needs the number of (source, class) groups of the training split")
+            # GroupDRO (Sagawa et al. 2020): a weight per group, raised exponentially with the group's loss; a
+            # buffer, so it is saved in checkpoints and a resumed run continues with the same weights
+            self.per_sample = nn.CrossEntropyLoss(
+                weight=class_weights, label_smoothing=cfg.label_smoothing, reduction="none"
+            )
+            self.register_buffer("group_q", torch.full((n_groups,), 1.0 / n_groups))
         # ModuleDict keys get a suffix: "train" would clash with nn.Module.train
         self.metrics = nn.ModuleDict({f"{s}_": _metrics(n, full=s != "train") for s in STAGES})
         self.losses = nn.ModuleDict({f"{s}_": MeanMetric() for s in STAGES})
@@ -76,10 +87,24 @@ class CXRClassifier(L.LightningModule):
         return self.model(x)
 
     # ---- steps
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        x, y = batch
+    def _group_dro_loss(self, logits: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        per = self.per_sample(logits, y)
+        n = self.group_q.numel()
+        count = torch.zeros(n, device=per.device).scatter_add_(0, g, torch.ones_like(per))
+        group_loss = torch.zeros(n, device=per.device).scatter_add_(0, g, per) / count.clamp(min=1)
+        with torch.no_grad():
+            seen = count > 0
+            q = self.group_q * torch.exp(self.cfg.groupdro_eta * group_loss.detach() * seen)
+            self.group_q.copy_(q / q.sum())
+        return (self.group_q * group_loss).sum()
+
+    def _step(self, batch: tuple[torch.Tensor, ...], stage: str) -> torch.Tensor:
+        x, y = batch[0], batch[1]
         logits = self(x)
-        loss = self.criterion(logits, y)
+        if self.group_dro and stage == "train" and len(batch) > 2:
+            loss = self._group_dro_loss(logits, y, batch[2])
+        else:
+            loss = self.criterion(logits, y)
         self.losses[f"{stage}_"].update(loss.detach(), weight=y.numel())
         self.metrics[f"{stage}_"].update(logits.detach().float(), y)
         return loss

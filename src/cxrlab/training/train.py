@@ -184,7 +184,8 @@ def train(
                 mean, std = model_data_config(model)
                 dm = CXRDataModule(cfg, info, mean, std)
                 weights = dm.class_weights() if cfg.imbalance == "loss" else None
-                module = CXRClassifier(cfg, info.classes, class_weights=weights, model=model)
+                n_groups = len(dm.group_names()) if cfg.loss == "groupdro" else 0
+                module = CXRClassifier(cfg, info.classes, class_weights=weights, model=model, n_groups=n_groups)
             except BaseException:
                 if new_run:
                     _remove_if_only_config(run_dir)  # nothing was trained: leave no orphan run directory
@@ -397,6 +398,13 @@ def _finish(
         metrics.update({k: float(v) for k, v in (out[0] if out else {}).items() if k.startswith("test/")})
 
     notes = _absent_class_metrics(info, metrics)
+    shift_meta, shift_arrays = {}, None
+    if cfg.shift_stats and trainer.is_global_zero:
+        from cxrlab.analysis.shift_fit import fit_from_datamodule
+
+        shift_meta, shift_arrays = fit_from_datamodule(
+            module.model, dm, next(module.model.parameters()).device, seed=cfg.seed
+        )
     mean, std = dm.mean, dm.std
     meta = BundleMeta(
         model_name=cfg.model_name,
@@ -410,10 +418,15 @@ def _finish(
         metrics=dict(metrics),
         config=cfg.model_dump(mode="json"),
         run_id=run_id,
+        shift=shift_meta,
     )
     bundle_dir = run_dir / BUNDLE_DIR
     if trainer.is_global_zero:
         save_bundle(module.model, meta, bundle_dir)
+        if shift_arrays is not None:
+            from cxrlab.analysis.shift_fit import save_statistics
+
+            save_statistics(bundle_dir, shift_meta, shift_arrays)
         if wandb_logger is not None and cfg.tracking.log_model:
             _log_model_artifact(wandb_logger.experiment, bundle_dir, run_id, best_epoch, metrics, info)
         if wandb_logger is not None:
