@@ -1,6 +1,7 @@
 """Finding the candidate images of an ingest and their labels: class folders, Kaggle's train/test layout (one
-wrapper folder descended into), or a CSV of ``path,label[,patient_id]``. Every file found is a candidate, a
-reject with its reason, or listed as ignored (see ``cxrlab.data.ingest`` for the rules)."""
+wrapper folder descended into), or a CSV of ``path,label[,patient_id][,source]``. Every file found is a
+candidate, a reject with its reason, or listed as ignored (see ``cxrlab.data.ingest`` for the rules). Also the
+SOURCES.csv reader (patient ids and sources per file) that ingest and :mod:`cxrlab.data.sources` share."""
 
 from __future__ import annotations
 

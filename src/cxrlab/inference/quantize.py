@@ -117,7 +117,7 @@ def _images(bundle: Bundle, paths: list[str], labels: list[str]) -> tuple[torch.
     return torch.stack(xs), kept, kept_labels
 
 
-def _split_items(bundle: Bundle, split: str, data: str | Path | None):  # -> cxrlab.evaluate.Items
+def _split_items(bundle: Bundle, split: str, data: str | Path | None):  # -> cxrlab.data.items.Items
     """The images of ``split`` of the run's own split (or of ``data``), as ``cxrlab evaluate`` resolves them."""
     from cxrlab.data.items import resolve_items
     from cxrlab.errors import EvalError
