@@ -25,6 +25,7 @@ from cxrlab.sweep.optuna_backend import (
     A_RUN_DIR,
     A_YIELD,
 )
+from cxrlab.sweep.resume import A_RESUMED_BY, A_RESUMES
 from cxrlab.sweep.spec import SweepSpec
 from cxrlab.sweep.trial import SweepResult, TrialRunner
 
@@ -52,8 +53,14 @@ def trial_rows(trials: list[Any], spec: SweepSpec) -> list[dict[str, Any]]:
         elif t.state == TrialState.FAIL:
             status = "INTERRUPTED"
             reason = u.get(A_REASON) or "worker lost (no heartbeat within the grace period)"
+            if u.get(A_RESUMED_BY) is not None:
+                reason += f"; resumed by trial {u[A_RESUMED_BY]}"
+        elif t.state == TrialState.PRUNED:
+            status, reason = "PRUNED", u.get(A_REASON, "pruned")
         else:
             status, reason = t.state.name, u.get(A_REASON, "")
+        if u.get(A_RESUMES) is not None:
+            reason = f"resumed trial {u[A_RESUMES]} from its last.ckpt" + (f"; {reason}" if reason else "")
         rows.append(
             {
                 "trial": t.number,
@@ -66,6 +73,7 @@ def trial_rows(trials: list[Any], spec: SweepSpec) -> list[dict[str, Any]]:
                 "worker": f"{u.get(A_HOST, '')}:{u.get(A_PID, '')}",
                 "duration_s": u.get(A_DURATION),
                 "point": u.get(A_POINT, ""),
+                "resumed_by": u.get(A_RESUMED_BY),
             }
         )
     return rows
@@ -136,6 +144,10 @@ def write_parcoords(rows: list[dict[str, Any]], params: list[str], spec: SweepSp
     import plotly.graph_objects as go
 
     done = [r for r in rows if r["status"] == "COMPLETE" and r["objective"] is not None]
+    # pruned trials are drawn too, with the last value they reported, and a status axis tells them apart
+    pruned = [r for r in rows if r["status"] == "PRUNED" and r["metrics"].get(spec.metric) is not None]
+    pruned = [{**r, "objective": r["metrics"][spec.metric]} for r in pruned]
+    done = sorted(done + pruned, key=lambda r: r["trial"])
     dims: list[dict[str, Any]] = []
     declared = {p.key: p for p in spec.params}
     for key in params:
@@ -159,6 +171,9 @@ def write_parcoords(rows: list[dict[str, Any]], params: list[str], spec: SweepSp
                 }
             )
     objective = [r["objective"] for r in done]
+    if pruned:
+        status = [1 if r["status"] == "PRUNED" else 0 for r in done]
+        dims.append({"label": "status", "values": status, "tickvals": [0, 1], "ticktext": ["COMPLETE", "PRUNED"]})
     dims.append({"label": spec.metric, "values": objective})
     names = {k for r in done for k in r["metrics"]}
     for extra in ("test/f1_macro", costly_recall_key(names)):
@@ -177,7 +192,8 @@ def write_parcoords(rows: list[dict[str, Any]], params: list[str], spec: SweepSp
         )
     )
     failed = sum(r["status"] == "FAILED" for r in rows)
-    sub = f"{len(done)} completed trial(s)" + (f", {failed} failed (not plotted)" if failed else "")
+    sub = f"{len(done) - len(pruned)} completed trial(s)" + (f", {failed} failed (not plotted)" if failed else "")
+    sub += f", {len(pruned)} pruned (their last reported {spec.metric})" if pruned else ""
     fig.update_layout(
         title={"text": f"{title}<br><sup>{sub}</sup>", "y": 0.97}, margin={"l": 110, "r": 80, "t": 130, "b": 40}
     )
@@ -210,14 +226,14 @@ def summary_table(result: SweepResult, max_reason: int = 60) -> Table:
     if show_reason:
         t.add_column("reason", overflow="fold")
     best = result.best["trial"] if result.best else None
-    colour = {"COMPLETE": "green", "FAILED": "red", "RUNNING": "cyan", "INTERRUPTED": "yellow"}
+    colour = {"COMPLETE": "green", "FAILED": "red", "RUNNING": "cyan", "INTERRUPTED": "yellow", "PRUNED": "magenta"}
     for r in result.rows:
         fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
         reason = r["reason"] if len(r["reason"]) <= max_reason else r["reason"][: max_reason - 3] + "..."
         t.add_row(
             f"{r['trial']}{' *' if r['trial'] == best else ''}",
             *[str(_cell(r["params"].get(p, ""))) for p in result.params],
-            fmt(r["objective"]),
+            fmt(r["objective"] if r["objective"] is not None else r["metrics"].get(result.metric)),
             *[fmt(r["metrics"].get(k)) for k in extra],
             f"[{colour.get(r['status'], 'white')}]{r['status']}[/]",
             *([reason] if show_reason else []),
@@ -261,7 +277,9 @@ def apply_retention(rows: list[dict[str, Any]], best: dict[str, Any] | None, run
                 drop(ckpts / BEST_CKPT)  # its weights are the bundle's; last.ckpt continues training
             else:
                 drop(ckpts)
-        elif r["status"] == "INTERRUPTED":
+        elif r["status"] == "PRUNED" and r["run_dir"]:
+            drop(Path(r["run_dir"]) / CKPT_DIR)
+        elif r["status"] == "INTERRUPTED" and r.get("resumed_by") is None:  # a resumed one's dir is its successor's
             drop(runner.runs_dir / runner.run_name(r["trial"]))
     return freed
 
