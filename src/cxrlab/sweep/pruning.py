@@ -58,7 +58,8 @@ def pruning_callback(trial: optuna.trial.Trial, metric: str) -> Any:
                 return
             epoch = int(trainer.current_epoch) + 1
             trial.report(value, epoch)
-            if trial.should_prune():
+            last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+            if not last and trial.should_prune():  # a finished trial is complete: pruning it saves nothing
                 raise pruned(epoch, value)
 
     return _Pruning()
