@@ -418,7 +418,7 @@ class OptunaSweep:
         """Adopt an interrupted trial with a last.ckpt: grid -> its run dir (or None); sampled -> (params, run dir)."""
         while (found := find_resumable(self.trials(), self.runner.runs_dir, self.runner.run_name, point)) is not None:
             old, run_dir = found
-            if adopt(self.storage, old, trial_id, number, copy_params=point is None):
+            if adopt(self.storage, self.study_id, old, trial_id, number, run_dir, copy_params=point is None):
                 return run_dir if point is not None else (dict(old.user_attrs[A_PARAMS]), run_dir)
         return None
 

@@ -25,7 +25,7 @@ from cxrlab.sweep.optuna_backend import (
     A_RUN_DIR,
     A_YIELD,
 )
-from cxrlab.sweep.resume import A_RESUMED_BY, A_RESUMES
+from cxrlab.sweep.resume import A_RESUMES, resumed_by
 from cxrlab.sweep.spec import SweepSpec
 from cxrlab.sweep.trial import SweepResult, TrialRunner
 
@@ -40,6 +40,7 @@ def trial_rows(trials: list[Any], spec: SweepSpec) -> list[dict[str, Any]]:
     from optuna.trial import TrialState
 
     rows: list[dict[str, Any]] = []
+    successor = resumed_by(trials)
     for t in sorted(trials, key=lambda t: t.number):
         u = t.user_attrs
         if u.get(A_YIELD):
@@ -53,8 +54,8 @@ def trial_rows(trials: list[Any], spec: SweepSpec) -> list[dict[str, Any]]:
         elif t.state == TrialState.FAIL:
             status = "INTERRUPTED"
             reason = u.get(A_REASON) or "worker lost (no heartbeat within the grace period)"
-            if u.get(A_RESUMED_BY) is not None:
-                reason += f"; resumed by trial {u[A_RESUMED_BY]}"
+            if t.number in successor:
+                reason += f"; resumed by trial {successor[t.number]}"
         elif t.state == TrialState.PRUNED:
             status, reason = "PRUNED", u.get(A_REASON, "pruned")
         else:
@@ -73,7 +74,7 @@ def trial_rows(trials: list[Any], spec: SweepSpec) -> list[dict[str, Any]]:
                 "worker": f"{u.get(A_HOST, '')}:{u.get(A_PID, '')}",
                 "duration_s": u.get(A_DURATION),
                 "point": u.get(A_POINT, ""),
-                "resumed_by": u.get(A_RESUMED_BY),
+                "resumed_by": successor.get(t.number),
             }
         )
     return rows
@@ -136,8 +137,16 @@ def _cell(v: Any) -> Any:
     return json.dumps(v) if isinstance(v, list | dict) else v
 
 
-def write_parcoords(rows: list[dict[str, Any]], params: list[str], spec: SweepSpec, path: Path, title: str) -> Path:
-    """Self-contained interactive parallel-coordinates HTML (plotly, JS inlined) of the completed trials.
+def write_parcoords(
+    rows: list[dict[str, Any]],
+    params: list[str],
+    spec: SweepSpec,
+    path: Path,
+    title: str,
+    importance: tuple[dict[str, float] | None, str] | None = None,
+) -> Path:
+    """Self-contained interactive parallel-coordinates HTML (plotly, JS inlined) of the completed (and pruned)
+    trials; with ``importance`` (``(importances or None, note)``), the parameter importances beside it.
 
     Categorical parameters become integer axes with their values as tick labels, like W&B's view.
     """
@@ -199,7 +208,12 @@ def write_parcoords(rows: list[dict[str, Any]], params: list[str], spec: SweepSp
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)  # True = plotly.js inlined: opens offline
+    if importance is not None:
+        from cxrlab.sweep.importance import page
+
+        tmp.write_text(page(fig, importance[0], importance[1], title), encoding="utf-8")
+    else:
+        fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)  # True = plotly.js inlined: opens offline
     tmp.replace(path)
     return path
 
@@ -284,10 +298,19 @@ def apply_retention(rows: list[dict[str, Any]], best: dict[str, Any] | None, run
     return freed
 
 
-def write_outputs(rows: list[dict[str, Any]], spec: SweepSpec, name: str, sweep_dir: Path) -> tuple[Path, Path | None]:
+def write_outputs(
+    rows: list[dict[str, Any]],
+    spec: SweepSpec,
+    name: str,
+    sweep_dir: Path,
+    importance: tuple[dict[str, float] | None, str] | None = None,
+) -> tuple[Path, Path | None]:
+    """summary.csv, parallel_coordinates.html (with the importances when given; also importance.json), best.json."""
     params = [p.key for p in spec.searched]
     csv_path = write_summary_csv(rows, params, spec.metric, sweep_dir / "summary.csv")
-    plot = write_parcoords(rows, params, spec, sweep_dir / "parallel_coordinates.html", f"sweep {name}")
+    plot = write_parcoords(rows, params, spec, sweep_dir / "parallel_coordinates.html", f"sweep {name}", importance)
+    if importance is not None:
+        write_json(sweep_dir / "importance.json", {"importances": importance[0], "note": importance[1]})
     best = best_row(rows, spec.goal)
     write_json(sweep_dir / "best.json", best, default=str)
     return csv_path, plot

@@ -48,6 +48,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cxrlab.sweep.importance import param_importances
 from cxrlab.sweep.optuna_backend import OptunaSweep, redact_url
 from cxrlab.sweep.outputs import apply_retention, best_row, failed_rows, trial_rows, write_outputs
 from cxrlab.sweep.spec import SweepConfig, SweepError, SweepSpec, check_param_keys, flatten_params, parse_sweep_spec
@@ -183,7 +184,8 @@ def sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, console: Console | 
         opt.run()
     finally:  # also on Ctrl-C: the summary shows what finished
         rows = trial_rows(opt.trials(), spec)
-        csv_path, plot = write_outputs(rows, spec, name, sweep_dir)
+        importance = param_importances(opt.study, opt.seed)
+        csv_path, plot = write_outputs(rows, spec, name, sweep_dir, importance)
     pending, running = opt.counts()
     freed = apply_retention(rows, best_row(rows, spec.goal), runner) if cfg.keep == "best" else 0
     from cxrlab.training.rundir import disk_usage
@@ -209,4 +211,6 @@ def sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, console: Console | 
         ignored_keys=spec.ignored,
         disk_bytes=disk_usage(sweep_dir),
         freed_bytes=freed,
+        importances=importance[0],
+        importance_note=importance[1],
     )

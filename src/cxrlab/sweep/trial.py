@@ -62,6 +62,8 @@ class SweepResult:
     ignored_keys: tuple[str, ...] = ()
     disk_bytes: int = 0  # the sweep directory after retention
     freed_bytes: int = 0  # deleted by retention in this command
+    importances: dict[str, float] | None = None  # fANOVA parameter importances (optuna backend, >= 2 completed)
+    importance_note: str = ""
 
     @property
     def complete(self) -> bool:
