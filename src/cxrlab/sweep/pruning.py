@@ -9,6 +9,7 @@ a PRUNED trial (see ``cxrlab.sweep.trial``), which counts as finished: it is not
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from cxrlab.sweep.spec import SweepSpec
@@ -57,7 +58,9 @@ def pruning_callback(trial: optuna.trial.Trial, metric: str) -> Any:
             if not math.isfinite(value):
                 return
             epoch = int(trainer.current_epoch) + 1
-            trial.report(value, epoch)
+            with warnings.catch_warnings():  # a resumed trial may validate its checkpoint's epoch again
+                warnings.filterwarnings("ignore", message=r".*is already reported.*")
+                trial.report(value, epoch)
             last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
             if not last and trial.should_prune():  # a finished trial is complete: pruning it saves nothing
                 raise pruned(epoch, value)
