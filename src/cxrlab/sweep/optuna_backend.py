@@ -327,10 +327,12 @@ class OptunaSweep:
         if self.console:
             more = f" (resuming {resume.name} from its last.ckpt)" if resume else ""
             self.console.print(f"[bold cyan]sweep {self.name}[/] trial t{number:03d}: {label}{more}")
-        cbs = [pruning_callback(optuna.trial.Trial(self.study, trial_id), self.spec.metric)]
+        cbs = None
+        if self.spec.early_terminate and self.runner.accepts("callbacks"):  # hyperband: metric reported per epoch
+            cbs = [pruning_callback(optuna.trial.Trial(self.study, trial_id), self.spec.metric)]
         try:
             with _Heartbeat(self.storage, trial_id, self.cfg.heartbeat_s):
-                out = self.runner(params, number, callbacks=cbs if self.spec.early_terminate else None, resume=resume)
+                out = self.runner(params, number, callbacks=cbs, resume=resume)
         except (KeyboardInterrupt, SystemExit) as e:
             # Lightning turns Ctrl-C during fit into sys.exit(1) after a graceful shutdown: the same interruption.
             why = f"interrupted ({'Ctrl-C' if isinstance(e, KeyboardInterrupt) else 'exit'}); re-run to finish"
@@ -416,6 +418,8 @@ class OptunaSweep:
 
     def _resume(self, trial_id: int, number: int, point: str | None) -> Any:
         """Adopt an interrupted trial with a last.ckpt: grid -> its run dir (or None); sampled -> (params, run dir)."""
+        if not self.runner.accepts("resume"):
+            return None
         while (found := find_resumable(self.trials(), self.runner.runs_dir, self.runner.run_name, point)) is not None:
             old, run_dir = found
             if adopt(self.storage, self.study_id, old, trial_id, number, run_dir, copy_params=point is None):

@@ -152,6 +152,8 @@ def sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, console: Console | 
     if console and spec.ignored:
         console.print(f"[dim]sweep file keys not used by the {cfg.backend} backend: {', '.join(spec.ignored)}[/]")
     params = [p.key for p in spec.searched]
+    if console and spec.early_terminate and cfg.backend == "optuna" and not runner.accepts("callbacks"):
+        console.print("[yellow]warning:[/] early_terminate is ignored: this train function takes no callbacks")
 
     if cfg.backend == "wandb":
         rows, ran = _run_wandb(cfg, spec, name, sweep_dir, runner, console)

@@ -208,6 +208,20 @@ class TrialRunner:
         self.runs_dir = sweep_dir / "runs"
         self.logs_dir = sweep_dir / "logs"
 
+    def accepts(self, keyword: str) -> bool:
+        """Whether ``train_fn`` takes ``keyword`` (``resume``, ``callbacks``): a plain ``train_fn(cfg)`` does not,
+        and then its trials start from scratch / are not pruned, as before."""
+        import inspect
+
+        try:
+            sig = inspect.signature(self.train_fn)
+        except (TypeError, ValueError):
+            return False
+        return any(
+            p.kind == p.VAR_KEYWORD or (p.name == keyword and p.kind != p.POSITIONAL_ONLY)
+            for p in sig.parameters.values()
+        )
+
     def trial_input(self) -> dict[str, Any]:
         """What every trial starts from (the resolved base config after --config, --data and --set, without the
         sweep's own and the per-machine keys; the data as its dataset version when it has one): a resumed or joined
