@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import socket
 import threading
@@ -16,16 +15,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cxrlab.sweep.spec import (
-    NUMPY_DISTS,
-    Param,
-    SweepConfig,
-    SweepError,
-    SweepSpec,
-    SweepSpecError,
-    encode_value,
-    round_q,
-)
+from cxrlab.sweep.pruning import make_pruner, pruning_callback
+from cxrlab.sweep.resume import adopt, find_resumable
+from cxrlab.sweep.sampling import suggest
+from cxrlab.sweep.spec import SweepConfig, SweepError, SweepSpec, encode_value
 from cxrlab.sweep.trial import TrialOutcome, TrialRunner, dict_diff, short_error
 
 if TYPE_CHECKING:
@@ -169,6 +162,7 @@ class OptunaSweep:
                 study_name=name,
                 direction=direction,
                 sampler=self._sampler(self.seed),
+                pruner=make_pruner(spec),  # None: Optuna's default, never asked (no metric is reported)
                 load_if_exists=True,
             )
         self.study_id = self.storage.get_study_id_from_name(name)
@@ -250,7 +244,7 @@ class OptunaSweep:
 
         if t.user_attrs.get(A_YIELD):
             return False
-        if t.state == TrialState.COMPLETE:
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):  # pruned by hyperband: finished, not re-run
             return True
         if t.state == TrialState.RUNNING:
             return mine is None or t.number < mine
@@ -312,6 +306,9 @@ class OptunaSweep:
             self.storage.set_trial_user_attr(trial_id, A_DURATION, round(out.duration_s, 2))
             if out.state == "COMPLETE":
                 self.storage.set_trial_state_values(trial_id, TrialState.COMPLETE, values=[out.value])
+            elif out.state == "PRUNED":
+                self.storage.set_trial_user_attr(trial_id, A_REASON, out.reason)
+                self.storage.set_trial_state_values(trial_id, TrialState.PRUNED)
             else:
                 self.storage.set_trial_user_attr(trial_id, A_REASON, out.reason)
                 self.storage.set_trial_user_attr(trial_id, A_FAILURE, out.failure)
@@ -323,13 +320,19 @@ class OptunaSweep:
                     f"(heartbeat missed for > grace period); its run is kept in {out.run_dir or 'its run dir'}"
                 )
 
-    def _execute(self, trial_id: int, number: int, params: dict[str, Any]) -> None:
+    def _execute(self, trial_id: int, number: int, params: dict[str, Any], resume: Path | None = None) -> None:
+        import optuna
+
         label = ", ".join(f"{k}={v}" for k, v in params.items()) or "(constants only)"
         if self.console:
-            self.console.print(f"[bold cyan]sweep {self.name}[/] trial t{number:03d}: {label}")
+            more = f" (resuming {resume.name} from its last.ckpt)" if resume else ""
+            self.console.print(f"[bold cyan]sweep {self.name}[/] trial t{number:03d}: {label}{more}")
+        cbs = None
+        if self.spec.early_terminate and self.runner.accepts("callbacks"):  # hyperband: metric reported per epoch
+            cbs = [pruning_callback(optuna.trial.Trial(self.study, trial_id), self.spec.metric)]
         try:
             with _Heartbeat(self.storage, trial_id, self.cfg.heartbeat_s):
-                out = self.runner(params, number)
+                out = self.runner(params, number, callbacks=cbs, resume=resume)
         except (KeyboardInterrupt, SystemExit) as e:
             # Lightning turns Ctrl-C during fit into sys.exit(1) after a graceful shutdown: the same interruption.
             why = f"interrupted ({'Ctrl-C' if isinstance(e, KeyboardInterrupt) else 'exit'}); re-run to finish"
@@ -342,6 +345,8 @@ class OptunaSweep:
                 self.console.print(
                     f"  -> {self.spec.metric} = {out.value:.4f} ({out.duration_s:.0f} s)  [dim]{out.run_dir}[/]"
                 )
+            elif out.state == "PRUNED":
+                self.console.print(f"  -> [magenta]PRUNED[/]: {out.reason}")
             else:
                 self.console.print(f"  -> [red]FAILED[/]: {out.reason}")
 
@@ -378,7 +383,7 @@ class OptunaSweep:
                 self._yield(trial_id, f"point already claimed by trial {rivals[0].number}")
                 continue
             attempted.add(keys[i])
-            self._execute(trial_id, number, points[i])
+            self._execute(trial_id, number, points[i], self._resume(trial_id, number, keys[i]))
             ran += 1
 
     def _sweep_size(self) -> int:
@@ -402,10 +407,24 @@ class OptunaSweep:
             if before >= size:
                 self._yield(trial_id, "sweep already has its trials")
                 continue
-            params = self._sample(trial_id, number)
+            resume = self._resume(trial_id, number, None)
+            if resume is not None:
+                params, run_dir = resume
+            else:
+                params, run_dir = self._sample(trial_id, number), None
             self.storage.set_trial_user_attr(trial_id, A_PARAMS, params)
-            self._execute(trial_id, number, params)
+            self._execute(trial_id, number, params, run_dir)
             ran += 1
+
+    def _resume(self, trial_id: int, number: int, point: str | None) -> Any:
+        """Adopt an interrupted trial with a last.ckpt: grid -> its run dir (or None); sampled -> (params, run dir)."""
+        if not self.runner.accepts("resume"):
+            return None
+        while (found := find_resumable(self.trials(), self.runner.runs_dir, self.runner.run_name, point)) is not None:
+            old, run_dir = found
+            if adopt(self.storage, self.study_id, old, trial_id, number, run_dir, copy_params=point is None):
+                return run_dir if point is not None else (dict(old.user_attrs[A_PARAMS]), run_dir)
+        return None
 
     def _sample(self, trial_id: int, number: int) -> dict[str, Any]:
         """Draw the trial's parameters; the sampler is re-seeded per trial so parallel workers differ."""
@@ -418,7 +437,7 @@ class OptunaSweep:
         rng = np.random.default_rng([self.seed, number])
         out: dict[str, Any] = {}
         for p in self.spec.searched:
-            out[p.key] = _suggest(trial, p, rng)
+            out[p.key] = suggest(trial, p, rng)
         return out
 
     def counts(self) -> tuple[int, int]:
@@ -432,50 +451,15 @@ class OptunaSweep:
             done = {
                 t.user_attrs.get(A_POINT)
                 for t in trials
-                if t.state == TrialState.COMPLETE
+                if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
                 or (t.state == TrialState.FAIL and t.user_attrs.get(A_FAILURE) == "error")
             }
             run_pts = {t.user_attrs.get(A_POINT) for t in trials if t.state == TrialState.RUNNING}
             return len(keys - done - run_pts), running
         done_n = sum(
-            t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and t.user_attrs.get(A_FAILURE) == "error")
+            t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            or (t.state == TrialState.FAIL and t.user_attrs.get(A_FAILURE) == "error")
             for t in trials
         )
         size = self.spec.run_cap or self.cfg.n_trials or done_n
         return max(0, size - done_n - running), running
-
-
-def _suggest(trial: optuna.trial.Trial, p: Param, rng: Any) -> Any:
-    d, lo, hi, q = p.distribution, p.min, p.max, p.q
-    if d == "categorical":
-        if p.probabilities:  # Optuna has no weighted categorical: drawn here, recorded in cxrlab_params only
-            probs = [float(x) for x in p.probabilities]
-            return p.values[int(rng.choice(len(p.values), p=[x / sum(probs) for x in probs]))]
-        enc = [encode_value(v) for v in p.values]
-        return p.values[enc.index(trial.suggest_categorical(p.key, enc))]
-    if d == "int_uniform":
-        return trial.suggest_int(p.key, int(lo), int(hi))
-    if d == "uniform":
-        return trial.suggest_float(p.key, lo, hi)
-    if d == "q_uniform":
-        return round_q(trial.suggest_float(p.key, lo, hi), q)
-    if d in ("log_uniform_values", "inv_log_uniform_values"):
-        # 1/X log-uniform on [1/max, 1/min] is X log-uniform on [min, max]
-        return trial.suggest_float(p.key, lo, hi, log=True)
-    if d == "q_log_uniform_values":
-        return round_q(trial.suggest_float(p.key, lo, hi, log=True), q)
-    if d == "log_uniform":  # min/max are natural-log exponents
-        return trial.suggest_float(p.key, math.exp(lo), math.exp(hi), log=True)
-    if d == "q_log_uniform":
-        return round_q(trial.suggest_float(p.key, math.exp(lo), math.exp(hi), log=True), q)
-    if d == "inv_log_uniform":  # X = exp(-Y), Y ~ U(min, max)
-        return trial.suggest_float(p.key, math.exp(-hi), math.exp(-lo), log=True)
-    if d in NUMPY_DISTS:
-        if d in ("normal", "q_normal"):
-            x = float(rng.normal(p.mu, p.sigma))
-        elif d in ("log_normal", "q_log_normal"):
-            x = float(rng.lognormal(p.mu, p.sigma))
-        else:
-            x = float(rng.beta(p.a, p.b))
-        return round_q(x, q) if d.startswith("q_") else x
-    raise SweepSpecError(f"parameter '{p.key}': distribution '{d}' is not supported")

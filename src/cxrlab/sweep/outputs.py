@@ -25,6 +25,7 @@ from cxrlab.sweep.optuna_backend import (
     A_RUN_DIR,
     A_YIELD,
 )
+from cxrlab.sweep.resume import A_RESUMES, resumed_by
 from cxrlab.sweep.spec import SweepSpec
 from cxrlab.sweep.trial import SweepResult, TrialRunner
 
@@ -39,6 +40,7 @@ def trial_rows(trials: list[Any], spec: SweepSpec) -> list[dict[str, Any]]:
     from optuna.trial import TrialState
 
     rows: list[dict[str, Any]] = []
+    successor = resumed_by(trials)
     for t in sorted(trials, key=lambda t: t.number):
         u = t.user_attrs
         if u.get(A_YIELD):
@@ -52,8 +54,14 @@ def trial_rows(trials: list[Any], spec: SweepSpec) -> list[dict[str, Any]]:
         elif t.state == TrialState.FAIL:
             status = "INTERRUPTED"
             reason = u.get(A_REASON) or "worker lost (no heartbeat within the grace period)"
+            if t.number in successor:
+                reason += f"; resumed by trial {successor[t.number]}"
+        elif t.state == TrialState.PRUNED:
+            status, reason = "PRUNED", u.get(A_REASON, "pruned")
         else:
             status, reason = t.state.name, u.get(A_REASON, "")
+        if u.get(A_RESUMES) is not None:
+            reason = f"resumed trial {u[A_RESUMES]} from its last.ckpt" + (f"; {reason}" if reason else "")
         rows.append(
             {
                 "trial": t.number,
@@ -66,6 +74,7 @@ def trial_rows(trials: list[Any], spec: SweepSpec) -> list[dict[str, Any]]:
                 "worker": f"{u.get(A_HOST, '')}:{u.get(A_PID, '')}",
                 "duration_s": u.get(A_DURATION),
                 "point": u.get(A_POINT, ""),
+                "resumed_by": successor.get(t.number),
             }
         )
     return rows
@@ -128,14 +137,26 @@ def _cell(v: Any) -> Any:
     return json.dumps(v) if isinstance(v, list | dict) else v
 
 
-def write_parcoords(rows: list[dict[str, Any]], params: list[str], spec: SweepSpec, path: Path, title: str) -> Path:
-    """Self-contained interactive parallel-coordinates HTML (plotly, JS inlined) of the completed trials.
+def write_parcoords(
+    rows: list[dict[str, Any]],
+    params: list[str],
+    spec: SweepSpec,
+    path: Path,
+    title: str,
+    importance: tuple[dict[str, float] | None, str] | None = None,
+) -> Path:
+    """Self-contained interactive parallel-coordinates HTML (plotly, JS inlined) of the completed (and pruned)
+    trials; with ``importance`` (``(importances or None, note)``), the parameter importances beside it.
 
     Categorical parameters become integer axes with their values as tick labels, like W&B's view.
     """
     import plotly.graph_objects as go
 
     done = [r for r in rows if r["status"] == "COMPLETE" and r["objective"] is not None]
+    # pruned trials are drawn too, with the last value they reported, and a status axis tells them apart
+    pruned = [r for r in rows if r["status"] == "PRUNED" and r["metrics"].get(spec.metric) is not None]
+    pruned = [{**r, "objective": r["metrics"][spec.metric]} for r in pruned]
+    done = sorted(done + pruned, key=lambda r: r["trial"])
     dims: list[dict[str, Any]] = []
     declared = {p.key: p for p in spec.params}
     for key in params:
@@ -159,6 +180,9 @@ def write_parcoords(rows: list[dict[str, Any]], params: list[str], spec: SweepSp
                 }
             )
     objective = [r["objective"] for r in done]
+    if pruned:
+        status = [1 if r["status"] == "PRUNED" else 0 for r in done]
+        dims.append({"label": "status", "values": status, "tickvals": [0, 1], "ticktext": ["COMPLETE", "PRUNED"]})
     dims.append({"label": spec.metric, "values": objective})
     names = {k for r in done for k in r["metrics"]}
     for extra in ("test/f1_macro", costly_recall_key(names)):
@@ -177,13 +201,19 @@ def write_parcoords(rows: list[dict[str, Any]], params: list[str], spec: SweepSp
         )
     )
     failed = sum(r["status"] == "FAILED" for r in rows)
-    sub = f"{len(done)} completed trial(s)" + (f", {failed} failed (not plotted)" if failed else "")
+    sub = f"{len(done) - len(pruned)} completed trial(s)" + (f", {failed} failed (not plotted)" if failed else "")
+    sub += f", {len(pruned)} pruned (their last reported {spec.metric})" if pruned else ""
     fig.update_layout(
         title={"text": f"{title}<br><sup>{sub}</sup>", "y": 0.97}, margin={"l": 110, "r": 80, "t": 130, "b": 40}
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)  # True = plotly.js inlined: opens offline
+    if importance is not None:
+        from cxrlab.sweep.importance import page
+
+        tmp.write_text(page(fig, importance[0], importance[1], title), encoding="utf-8")
+    else:
+        fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)  # True = plotly.js inlined: opens offline
     tmp.replace(path)
     return path
 
@@ -210,14 +240,14 @@ def summary_table(result: SweepResult, max_reason: int = 60) -> Table:
     if show_reason:
         t.add_column("reason", overflow="fold")
     best = result.best["trial"] if result.best else None
-    colour = {"COMPLETE": "green", "FAILED": "red", "RUNNING": "cyan", "INTERRUPTED": "yellow"}
+    colour = {"COMPLETE": "green", "FAILED": "red", "RUNNING": "cyan", "INTERRUPTED": "yellow", "PRUNED": "magenta"}
     for r in result.rows:
         fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
         reason = r["reason"] if len(r["reason"]) <= max_reason else r["reason"][: max_reason - 3] + "..."
         t.add_row(
             f"{r['trial']}{' *' if r['trial'] == best else ''}",
             *[str(_cell(r["params"].get(p, ""))) for p in result.params],
-            fmt(r["objective"]),
+            fmt(r["objective"] if r["objective"] is not None else r["metrics"].get(result.metric)),
             *[fmt(r["metrics"].get(k)) for k in extra],
             f"[{colour.get(r['status'], 'white')}]{r['status']}[/]",
             *([reason] if show_reason else []),
@@ -261,15 +291,26 @@ def apply_retention(rows: list[dict[str, Any]], best: dict[str, Any] | None, run
                 drop(ckpts / BEST_CKPT)  # its weights are the bundle's; last.ckpt continues training
             else:
                 drop(ckpts)
-        elif r["status"] == "INTERRUPTED":
+        elif r["status"] == "PRUNED" and r["run_dir"]:
+            drop(Path(r["run_dir"]) / CKPT_DIR)
+        elif r["status"] == "INTERRUPTED" and r.get("resumed_by") is None:  # a resumed one's dir is its successor's
             drop(runner.runs_dir / runner.run_name(r["trial"]))
     return freed
 
 
-def write_outputs(rows: list[dict[str, Any]], spec: SweepSpec, name: str, sweep_dir: Path) -> tuple[Path, Path | None]:
+def write_outputs(
+    rows: list[dict[str, Any]],
+    spec: SweepSpec,
+    name: str,
+    sweep_dir: Path,
+    importance: tuple[dict[str, float] | None, str] | None = None,
+) -> tuple[Path, Path | None]:
+    """summary.csv, parallel_coordinates.html (with the importances when given; also importance.json), best.json."""
     params = [p.key for p in spec.searched]
     csv_path = write_summary_csv(rows, params, spec.metric, sweep_dir / "summary.csv")
-    plot = write_parcoords(rows, params, spec, sweep_dir / "parallel_coordinates.html", f"sweep {name}")
+    plot = write_parcoords(rows, params, spec, sweep_dir / "parallel_coordinates.html", f"sweep {name}", importance)
+    if importance is not None:
+        write_json(sweep_dir / "importance.json", {"importances": importance[0], "note": importance[1]})
     best = best_row(rows, spec.goal)
     write_json(sweep_dir / "best.json", best, default=str)
     return csv_path, plot

@@ -48,6 +48,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cxrlab.sweep.importance import param_importances
 from cxrlab.sweep.optuna_backend import OptunaSweep, redact_url
 from cxrlab.sweep.outputs import apply_retention, best_row, failed_rows, trial_rows, write_outputs
 from cxrlab.sweep.spec import SweepConfig, SweepError, SweepSpec, check_param_keys, flatten_params, parse_sweep_spec
@@ -151,6 +152,8 @@ def sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, console: Console | 
     if console and spec.ignored:
         console.print(f"[dim]sweep file keys not used by the {cfg.backend} backend: {', '.join(spec.ignored)}[/]")
     params = [p.key for p in spec.searched]
+    if console and spec.early_terminate and cfg.backend == "optuna" and not runner.accepts("callbacks"):
+        console.print("[yellow]warning:[/] early_terminate is ignored: this train function takes no callbacks")
 
     if cfg.backend == "wandb":
         rows, ran = _run_wandb(cfg, spec, name, sweep_dir, runner, console)
@@ -183,7 +186,8 @@ def sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, console: Console | 
         opt.run()
     finally:  # also on Ctrl-C: the summary shows what finished
         rows = trial_rows(opt.trials(), spec)
-        csv_path, plot = write_outputs(rows, spec, name, sweep_dir)
+        importance = param_importances(opt.study, opt.seed)
+        csv_path, plot = write_outputs(rows, spec, name, sweep_dir, importance)
     pending, running = opt.counts()
     freed = apply_retention(rows, best_row(rows, spec.goal), runner) if cfg.keep == "best" else 0
     from cxrlab.training.rundir import disk_usage
@@ -209,4 +213,6 @@ def sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, console: Console | 
         ignored_keys=spec.ignored,
         disk_bytes=disk_usage(sweep_dir),
         freed_bytes=freed,
+        importances=importance[0],
+        importance_note=importance[1],
     )

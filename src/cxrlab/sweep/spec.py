@@ -117,6 +117,7 @@ class SweepSpec:
     run_cap: int | None = None
     ignored: tuple[str, ...] = ()
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    early_terminate: dict[str, Any] | None = None  # {type: hyperband, min_iter, max_iter, eta} (checked)
 
     @property
     def searched(self) -> list[Param]:
@@ -272,6 +273,7 @@ def parse_sweep_spec(source: str | Path | dict[str, Any]) -> SweepSpec:
     run_cap = raw.get("run_cap")
     if run_cap is not None and (not isinstance(run_cap, int) or run_cap < 1):
         raise SweepSpecError(f"{where}: run_cap must be a positive integer, got {run_cap!r}")
+    early = parse_early_terminate(raw.get("early_terminate"), where)
     spec = SweepSpec(
         method=method,
         metric=metric,
@@ -279,13 +281,55 @@ def parse_sweep_spec(source: str | Path | dict[str, Any]) -> SweepSpec:
         params=tuple(params),
         name=raw.get("name"),
         run_cap=run_cap,
-        ignored=tuple(k for k in ("program", "command", "early_terminate", "controller") if k in raw),
+        ignored=tuple(k for k in ("program", "command", "controller") if k in raw),
         raw=raw,
+        early_terminate=early,
     )
     if method == "grid":
         for p in spec.searched:
             p.grid_values()  # raises for continuous distributions
     return spec
+
+
+EARLY_TERMINATE_TYPES = ("hyperband",)
+EARLY_TERMINATE_KEYS = ("type", "min_iter", "max_iter", "eta", "s", "strict")
+
+
+def parse_early_terminate(et: Any, where: str = "<sweep>") -> dict[str, Any] | None:
+    """W&B's ``early_terminate: {type: hyperband, min_iter: 1, eta: 2}`` checked and normalised (None if absent).
+
+    ``min_iter`` / ``max_iter`` count epochs (the sweep metric is reported once per validation epoch); ``eta`` is
+    the reduction factor (default 3, W&B's). ``s`` and ``strict`` are accepted and not used (Optuna's Hyperband
+    derives its brackets from min/max resource and eta).
+    """
+    if et is None:
+        return None
+    if not isinstance(et, dict):
+        raise SweepSpecError(f"{where}: `early_terminate` must be a mapping like {{type: hyperband, min_iter: 1}}")
+    unknown = sorted(set(et) - set(EARLY_TERMINATE_KEYS))
+    if unknown:
+        raise SweepSpecError(
+            f"{where}: early_terminate has unknown key(s) {', '.join(unknown)}; "
+            f"valid: {', '.join(EARLY_TERMINATE_KEYS)}"
+        )
+    kind = et.get("type")
+    if kind not in EARLY_TERMINATE_TYPES:
+        raise SweepSpecError(
+            f"{where}: early_terminate.type must be one of {', '.join(EARLY_TERMINATE_TYPES)}, got {kind!r}"
+        )
+    out: dict[str, Any] = {"type": kind}
+    for key, default, lowest in (("min_iter", None, 1), ("max_iter", None, 1), ("eta", 3, 2)):
+        v = et.get(key, default)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lowest):
+            raise SweepSpecError(f"{where}: early_terminate.{key} must be an integer >= {lowest}, got {v!r}")
+        out[key] = v
+    if out["min_iter"] is None and out["max_iter"] is None:
+        raise SweepSpecError(f"{where}: early_terminate (hyperband) needs min_iter (epochs before the first cut)")
+    if out["min_iter"] is None:
+        out["min_iter"] = 1
+    if out["max_iter"] is not None and out["max_iter"] < out["min_iter"]:
+        raise SweepSpecError(f"{where}: early_terminate.max_iter ({out['max_iter']}) is below min_iter")
+    return out
 
 
 # --------------------------------------------------------------------------------- Config key checking

@@ -62,6 +62,8 @@ class SweepResult:
     ignored_keys: tuple[str, ...] = ()
     disk_bytes: int = 0  # the sweep directory after retention
     freed_bytes: int = 0  # deleted by retention in this command
+    importances: dict[str, float] | None = None  # fANOVA parameter importances (optuna backend, >= 2 completed)
+    importance_note: str = ""
 
     @property
     def complete(self) -> bool:
@@ -73,7 +75,7 @@ class SweepResult:
 
 @dataclass
 class TrialOutcome:
-    state: Literal["COMPLETE", "FAIL"]
+    state: Literal["COMPLETE", "FAIL", "PRUNED"]
     value: float | None
     metrics: dict[str, float]
     reason: str
@@ -99,6 +101,14 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError | MemoryError) and (
         "out of memory" in str(exc).lower() or isinstance(exc, MemoryError)
     )
+
+
+def _is_pruned(exc: BaseException) -> bool:
+    try:
+        import optuna
+    except ImportError:
+        return False
+    return isinstance(exc, optuna.TrialPruned)
 
 
 def _free_memory() -> None:
@@ -198,6 +208,20 @@ class TrialRunner:
         self.runs_dir = sweep_dir / "runs"
         self.logs_dir = sweep_dir / "logs"
 
+    def accepts(self, keyword: str) -> bool:
+        """Whether ``train_fn`` takes ``keyword`` (``resume``, ``callbacks``): a plain ``train_fn(cfg)`` does not,
+        and then its trials start from scratch / are not pruned, as before."""
+        import inspect
+
+        try:
+            sig = inspect.signature(self.train_fn)
+        except (TypeError, ValueError):
+            return False
+        return any(
+            p.kind == p.VAR_KEYWORD or (p.name == keyword and p.kind != p.POSITIONAL_ONLY)
+            for p in sig.parameters.values()
+        )
+
     def trial_input(self) -> dict[str, Any]:
         """What every trial starts from (the resolved base config after --config, --data and --set, without the
         sweep's own and the per-machine keys; the data as its dataset version when it has one): a resumed or joined
@@ -227,9 +251,19 @@ class TrialRunner:
         data["run_name"] = self.run_name(number)
         return build_config(Config, data, source=f"trial {self.run_name(number)}")
 
-    def __call__(self, params: dict[str, Any], number: int | str) -> TrialOutcome:
+    def __call__(
+        self,
+        params: dict[str, Any],
+        number: int | str,
+        *,
+        callbacks: list[Any] | None = None,
+        resume: Path | None = None,
+    ) -> TrialOutcome:
+        """Run one trial. ``callbacks`` (e.g. the pruning callback) and ``resume`` (the run directory of an
+        interrupted trial with the same parameters, continued from its ``last.ckpt``) are passed to ``train_fn``
+        only when given, so a plain ``train_fn(cfg)`` keeps working."""
         t0 = time.perf_counter()
-        run_dir = self.runs_dir / self.run_name(number)
+        run_dir = resume or self.runs_dir / self.run_name(number)
         metric, goal = self.spec.metric, self.spec.goal
 
         def fail(reason: str, failure: str = "error", metrics: dict[str, float] | None = None) -> TrialOutcome:
@@ -245,8 +279,18 @@ class TrialRunner:
 
         try:
             trial_cfg = self.build(params, number)
-            result = self.train_fn(trial_cfg)
+            kwargs: dict[str, Any] = {}
+            if callbacks:
+                kwargs["callbacks"] = callbacks
+            if resume is not None:
+                kwargs["resume"] = resume
+            result = self.train_fn(trial_cfg, **kwargs)
         except Exception as e:
+            if _is_pruned(e):
+                epoch, last = getattr(e, "epoch", None), getattr(e, "value", None)
+                reason = f"pruned after epoch {epoch}" + (f" ({metric} = {last:.4g})" if last is not None else "")
+                got = {metric: float(last)} if last is not None else {}
+                return TrialOutcome("PRUNED", last, got, reason, str(run_dir), time.perf_counter() - t0, "pruned")
             self._log(number, e)
             if _is_oom(e):
                 _free_memory()
