@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             "flagged OOD": f"{sum(bool(p.ood) for p in preds)}/{len(preds)} (feature score alone {by_feature})",
         }
     )
-    table = pd.DataFrame(rows).fillna("")
+    table = pd.DataFrame(rows).astype(object).fillna("")
     print(table.to_string(index=False))
     print()
     print(adult.per_source[["source", "n", "accuracy"] + [c for c in adult.per_source if c.startswith("predicted_")]])

@@ -329,3 +329,20 @@ def test_compare_puts_sources_side_by_side(
     doc = json.loads((tmp_path / "c" / "compare.json").read_text())
     assert [r["source"] for r in doc["per_source"]["baseline"]] == ["site-b", "x", "y"]
     assert doc["per_source"]["baseline"] == doc["per_source"]["challenger"]  # the same weights
+
+
+def test_predict_output_carries_the_source(
+    tiny_bundle: Path, roots: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import io
+
+    argv = ["predict", str(tiny_bundle), str(roots["a"]), str(roots["b"] / "NORMAL"), "--format", "csv"]
+    assert main([*argv, "--no-progress"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    by_dir = {(Path(r["path"]).parent.parent.name, Path(r["path"]).parent.name): r["source"] for r in rows}
+    assert by_dir == {
+        ("site-a", "COVID19"): "x",  # SOURCES.csv
+        ("site-a", "NORMAL"): "y",
+        ("site-a", "PNEUMONIA"): "y",
+        ("site-b", "NORMAL"): "NORMAL",  # the input folder's name
+    }

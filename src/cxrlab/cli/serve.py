@@ -57,16 +57,17 @@ OOD_COLUMNS = ("ood", "ood_score", "ood_reasons")
 
 
 def format_csv(preds, classes: list[str]) -> str:
-    """CSV text: path, label, prob_<class>..., error, cam_path, ood, ood_score, ood_reasons, notice (the notice on
-    every row; the ood columns are empty for a bundle without shift statistics)."""
+    """CSV text: path, label, prob_<class>..., error, cam_path, source, ood, ood_score, ood_reasons, notice (the
+    notice on every row; the ood columns are empty for a bundle without shift statistics)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "label", *[f"prob_{c}" for c in classes], "error", "cam_path", *OOD_COLUMNS, "notice"])
+    head = ["path", "label", *[f"prob_{c}" for c in classes], "error", "cam_path", "source", *OOD_COLUMNS, "notice"]
+    w.writerow(head)
     for p in preds:
         probs = [f"{p.probabilities[c]:.6f}" if p.ok else "" for c in classes]
         ood = ["" if p.ood is None else str(p.ood).lower(), "" if p.ood_score is None else f"{p.ood_score:.3f}"]
-        row = [p.path, p.label or "", *probs, p.error or "", p.cam_path or "", *ood, "; ".join(p.ood_reasons)]
-        w.writerow([*row, cxrlab.RESEARCH_NOTICE])
+        row = [p.path, p.label or "", *probs, p.error or "", p.cam_path or "", p.source or ""]
+        w.writerow([*row, *ood, "; ".join(p.ood_reasons), cxrlab.RESEARCH_NOTICE])
     return buf.getvalue()
 
 
@@ -147,6 +148,10 @@ def predict_cmd(
         bundle, backend=backend.value, device=device, batch_size=batch_size, progress=None if progress else False
     )
     preds = predictor.predict(paths, cam_dir=cam)
+    from cxrlab.data.sources import input_sources
+
+    for p, src in zip(preds, input_sources(paths, [p.path for p in preds]), strict=True):
+        p.source = src
     n_err = sum(not p.ok for p in preds)
     shift = predictor.label_shift(preds)
     if fmt is OutputFormat.table:

@@ -36,6 +36,26 @@ def folder_sources(root: str | Path, paths: list[str], column: str = SOURCE_COLU
     return [sources_lookup(maps, Path(p)) or root.name for p in paths]
 
 
+def input_sources(inputs: list[str | Path], paths: list[str], column: str = SOURCE_COLUMN) -> list[str]:
+    """The source of each of ``paths`` found under the ``inputs`` given to ``predict``: a ``SOURCES.csv`` in the
+    input folder (or below it) when it names the file, else the name of the input folder holding it (a file given
+    directly: its own folder's name)."""
+    from cxrlab.data.ingest import _load_sources, sources_lookup
+
+    folders = sorted({Path(i).resolve() for i in inputs if Path(i).is_dir()}, key=lambda d: -len(d.parts))
+    csvs = [p for d in folders for p in d.rglob("*") if p.is_file() and p.name.lower() == SOURCES_CSV.lower()]
+    maps = _load_sources(sorted(set(csvs)), column) if csvs else ({}, {})
+    out = []
+    for raw in paths:
+        p = Path(raw).resolve()
+        hit = sources_lookup(maps, p)
+        if not hit:
+            root = next((d for d in folders if d in p.parents), p.parent)
+            hit = root.name
+        out.append(hit)
+    return out
+
+
 def source_class_table(df: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
     """source x class image counts (sources sorted, classes in ``classes`` order)."""
     t = pd.crosstab(df[SOURCE_COLUMN].astype(str), df["label"].astype(str))

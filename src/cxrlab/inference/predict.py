@@ -63,6 +63,7 @@ class Prediction:
     ood: bool | None = None
     ood_score: float | None = None  # feature distance / threshold (> 1 flags); None without feature statistics
     ood_reasons: list[str] = field(default_factory=list)
+    source: str | None = None  # where the image comes from (cxrlab.data.sources.input_sources), when asked
 
     @property
     def ok(self) -> bool:
