@@ -15,6 +15,7 @@ A model trained on images whose classes come from different places can learn the
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +41,17 @@ def input_sources(inputs: list[str | Path], paths: list[str], column: str = SOUR
     """The source of each of ``paths`` found under the ``inputs`` given to ``predict``: a ``SOURCES.csv`` in the
     input folder (or below it) when it names the file, else the name of the input folder holding it (a file given
     directly: its own folder's name)."""
-    from cxrlab.data.ingest import _load_sources, sources_lookup
+    from cxrlab.data.discover import load_sources_csv, sources_lookup
 
     folders = sorted({Path(i).resolve() for i in inputs if Path(i).is_dir()}, key=lambda d: -len(d.parts))
     csvs = [p for d in folders for p in d.rglob("*") if p.is_file() and p.name.lower() == SOURCES_CSV.lower()]
-    maps = _load_sources(sorted(set(csvs)), column) if csvs else ({}, {})
+    maps = load_sources_csv(sorted(set(csvs)), column) if csvs else ({}, {})
     out = []
     for raw in paths:
-        p = Path(raw).resolve()
+        try:
+            p = Path(raw).resolve()
+        except (OSError, RuntimeError):  # a symlink loop (listed by predict as such): name it by where it sits
+            p = Path(os.path.abspath(raw))
         hit = sources_lookup(maps, p)
         if not hit:
             root = next((d for d in folders if d in p.parents), p.parent)
