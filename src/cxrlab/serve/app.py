@@ -245,11 +245,12 @@ def _mb(n: float) -> str:
 # --------------------------------------------------------------------------------------------------- page
 
 
-def _index_html() -> tuple[str, str]:
-    """The page and its Content-Security-Policy (inline script/style allowed by hash, nothing off-origin)."""
+def static_page(package: str, resource: str) -> tuple[str, str]:
+    """A packaged offline page (``{{NOTICE}}`` filled in) and its Content-Security-Policy: inline script/style
+    allowed by hash, nothing off-origin. Used by the prediction page and the review page."""
     import html as htmllib
 
-    html = resources.files("cxrlab.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    html = resources.files(package).joinpath(resource).read_text(encoding="utf-8")
     html = html.replace("{{NOTICE}}", htmllib.escape(cxrlab.RESEARCH_NOTICE))
 
     def hashes(tag: str) -> str:
@@ -308,7 +309,7 @@ def create_app(bundle_path: str | Path, settings: ServeSettings | None = None) -
     self_check(predictor)  # also the warm-up: the first forward pass is slow
     worker = InferenceWorker(predictor, max_batch=max_batch)
     decode_limiter = anyio.CapacityLimiter(s.decode_workers)
-    page, csp = _index_html()
+    page, csp = static_page("cxrlab.serve", "static/index.html")
     info = predictor.model_info
     limit = s.max_upload_bytes
 
