@@ -276,7 +276,12 @@ WORKER = textwrap.dedent(
 def test_killed_trial_resumes_from_its_checkpoint(phantom_split: Path, tmp_path: Path) -> None:
     script, ready, out = tmp_path / "worker.py", tmp_path / "ready", tmp_path / "sweeps"
     script.write_text(WORKER)
-    args = {"sweep": str(LARGE_CPU), "out": str(out), "data": str(phantom_split), "ready": str(ready)}
+    # resume is what this test is about: without early termination, so no pruning decision (which depends on the
+    # data seed) can end the resumed trial before its last epoch
+    raw = yaml.safe_load(LARGE_CPU.read_text())
+    raw.pop("early_terminate", None)
+    spec = _write(tmp_path / "sweep-large-cpu-no-pruning.yaml", raw)
+    args = {"sweep": str(spec), "out": str(out), "data": str(phantom_split), "ready": str(ready)}
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.Popen([sys.executable, str(script), json.dumps(args)], env=env, stderr=subprocess.PIPE)
     try:
@@ -309,7 +314,7 @@ def test_killed_trial_resumes_from_its_checkpoint(phantom_split: Path, tmp_path:
         return train(cfg, **kw)
 
     res = sweep(
-        _cfg(tmp_path, LARGE_CPU, data=str(phantom_split), overrides=["tracking.wandb=off"], n_trials=1),
+        _cfg(tmp_path, spec, data=str(phantom_split), overrides=["tracking.wandb=off"], n_trials=1),
         train_fn=train_fn,
     )
     # continued from last.ckpt (Lightning may finish the epoch that checkpoint was saved in), not from epoch 0
