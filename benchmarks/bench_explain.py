@@ -2,10 +2,10 @@
 
 Three parts (``--part cam,lungs,removal``; default ``cam,lungs``):
 
-- ``cam``: ``cxrlab.explain.explain`` on 150 real cxr-tiny images (50 per class) with ``efficientnet_lite0`` at
+- ``cam``: ``cxrlab.analysis.explain.explain`` on 150 real cxr-tiny images (50 per class) with ``efficientnet_lite0`` at
   224 px (random weights: speed does not depend on them), end to end (decode, Grad-CAM, lung segmentation, text
   detection, thumbnails, HTML) and per component. Target: < 2 minutes on 2 cores.
-- ``lungs``: mean IoU of ``cxrlab.lungs.segment_lungs`` against the expert lung masks that the PyPI package
+- ``lungs``: mean IoU of ``cxrlab.analysis.lungs.segment_lungs`` against the expert lung masks that the PyPI package
   ``torchxrayvision`` ships for ieee8023 images (``semantic_masks_v7labs_lungs.zip``), matched to cxr-full's
   COVID19 images by the original file name in ``SOURCES.csv``. Nothing is downloaded here: pass the zip with
   ``--lung-masks`` (or ``CXRLAB_LUNG_MASKS``), or have torchxrayvision installed. To get the zip::
@@ -62,10 +62,11 @@ def bench_cam(work: Path, n_per_class: int, size: int, threads: int) -> dict:
     import timm
     import torch
 
-    from cxrlab.augment import norm_constants
-    from cxrlab.bundle import BundleMeta, load_bundle, save_bundle
+    from cxrlab.analysis.cam import CamEngine, image_regions
+    from cxrlab.analysis.explain import ExplainConfig, explain
     from cxrlab.data.io import read_xray
-    from cxrlab.explain import CamEngine, ExplainConfig, explain, image_regions
+    from cxrlab.inference.bundle import BundleMeta, load_bundle, save_bundle
+    from cxrlab.transforms import norm_constants
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -136,8 +137,8 @@ def _find_masks(arg: str | None) -> Path | None:
 def bench_lungs(masks_zip: Path | None, limit: int | None) -> dict:
     import cv2
 
+    from cxrlab.analysis.lungs import iou, prior_mask, segment_lungs
     from cxrlab.data.io import read_xray
-    from cxrlab.lungs import iou, prior_mask, segment_lungs
 
     if masks_zip is None:
         print("lungs: skip - no semantic_masks_v7labs_lungs.zip (see --help for how to get it)")
@@ -188,11 +189,11 @@ def bench_lungs(masks_zip: Path | None, limit: int | None) -> dict:
 
 
 def bench_removal(work: Path, epochs: int, size: int) -> dict:
+    from cxrlab.analysis.explain import ExplainConfig, explain
     from cxrlab.config import load_config
     from cxrlab.data.ingest import IngestConfig, ingest
     from cxrlab.data.split import SplitConfig, split
-    from cxrlab.explain import ExplainConfig, explain
-    from cxrlab.train import train
+    from cxrlab.training.train import train
 
     split_dir = work / "tiny-split"
     if not (split_dir / "split.csv").is_file():

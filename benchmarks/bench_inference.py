@@ -70,8 +70,8 @@ def random_bundle(model: str, size: int, out: Path) -> tuple[Path, Path]:
     import pandas as pd
     import timm
 
-    from cxrlab.augment import norm_constants
-    from cxrlab.bundle import BundleMeta, save_bundle
+    from cxrlab.inference.bundle import BundleMeta, save_bundle
+    from cxrlab.transforms import norm_constants
 
     torch.manual_seed(0)
     mean, std = norm_constants(3)
@@ -105,15 +105,16 @@ def main() -> int:
     import onnxruntime
     import timm
 
-    from cxrlab.bundle import load_bundle
     from cxrlab.data.io import read_xray
-    from cxrlab.export import Int8GateError, export_int8, onnx_session
+    from cxrlab.inference.bundle import load_bundle
+    from cxrlab.inference.export import onnx_session
+    from cxrlab.inference.quantize import Int8GateError, export_int8
 
     load_start = os.getloadavg()
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench-inference-"))
     if args.run is not None:
-        from cxrlab.bundle import resolve_bundle_dir
+        from cxrlab.inference.bundle import resolve_bundle_dir
 
         src = resolve_bundle_dir(args.run)
         run_copy = tmp / "run"
@@ -194,7 +195,7 @@ def main() -> int:
     load_end = os.getloadavg()
 
     # end to end, as `cxrlab predict` runs it: decode + bundle preprocessing + network, batches of 32
-    from cxrlab.predict import Predictor
+    from cxrlab.inference.predict import Predictor
 
     e2e = {}
     for backend in ("torch", "onnx", "onnx-int8"):

@@ -77,7 +77,7 @@ def timed(fn, *a, **kw):
 
 
 def measure_indexes(base: np.ndarray, queries: np.ndarray, k: int, label: str) -> list[dict]:
-    from cxrlab.mine import ExactIndex, FaissIndex, recall_at_k
+    from cxrlab.analysis.neighbours import ExactIndex, FaissIndex, recall_at_k
 
     rows = []
     ex = ExactIndex(base.shape[1])
@@ -107,10 +107,19 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    from cxrlab.bundle import load_bundle, resolve_bundle_dir
+    from cxrlab.analysis.mine import (
+        CACHE_DIR,
+        EmbeddingCache,
+        MineConfig,
+        embed_files,
+        list_pool,
+        mine,
+        model_fingerprint,
+    )
+    from cxrlab.data.items import run_split_dir
     from cxrlab.data.manifest import load_split
-    from cxrlab.evaluate import _run_split_dir, read_summary
-    from cxrlab.mine import CACHE_DIR, EmbeddingCache, MineConfig, embed_files, list_pool, mine, model_fingerprint
+    from cxrlab.inference.bundle import load_bundle, resolve_bundle_dir
+    from cxrlab.runs import read_summary
 
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-mine-"))
     failures: list[str] = []
@@ -121,7 +130,7 @@ def main() -> int:
           f"{res.n_pool_cached} cached), {res.n_duplicates} dropped as split duplicates, {res.n_searched} searched "
           f"with {res.index}; {t_mine:.1f} s ({res.seconds})")  # fmt: skip
 
-    split_dir = _run_split_dir(args.run, read_summary(args.run), {})
+    split_dir = run_split_dir(args.run, read_summary(args.run), {})
     split = load_split(split_dir).table
     train = split[split["split"] == "train"]
     nb = res.neighbours
@@ -150,7 +159,7 @@ def main() -> int:
     bundle = load_bundle(resolve_bundle_dir(args.run), device="cpu")
     cache = EmbeddingCache(args.run / CACHE_DIR / model_fingerprint(bundle))
     emb = embed_files(bundle, pool_files, 64, cache, progress=False)  # all from the cache
-    from cxrlab.mine import _split_hashes, duplicate_mask
+    from cxrlab.analysis.mine import _split_hashes, duplicate_mask
 
     ksha, kph = _split_hashes(split)
     dropped = duplicate_mask(emb.sha256, emb.phash, ksha, kph, 2)

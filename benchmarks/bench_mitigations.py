@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import logging
 
+    from cxrlab.analysis.validate import ValidateConfig, validate
     from cxrlab.data.ingest import IngestConfig, ingest
-    from cxrlab.validate import ValidateConfig, validate
 
-    logging.getLogger("cxrlab.evaluate").setLevel(logging.ERROR)  # the shift warnings are in each fold's files
+    logging.getLogger("cxrlab.analysis.evaluate").setLevel(logging.ERROR)  # the shift warnings are in each fold's files
 
     t0 = time.perf_counter()
     manifest = args.out / "data"

@@ -5,7 +5,7 @@ weights) and a client with 8 threads (httpx) posts real cxr-tiny JPEGs to ``/pre
 setting: errors (must be 0), p50 / p95 latency, requests/s, and the mean batch the inference thread formed.
 Settings compared: ``--max-batch 1`` (one request per forward pass: a plain lock), ``--max-batch 8`` (greedy
 batching, the default), for the torch, ONNX Runtime float32 and ONNX Runtime INT8 backends. The INT8 export is
-made first with ``cxrlab.export.export_int8``, calibrated on 300 cxr-tiny images (random weights: its accuracy
+made first with ``cxrlab.inference.export.export_int8``, calibrated on 300 cxr-tiny images (random weights: its accuracy
 check is not applicable, see bench_inference.py --run). The load average is printed: at 2 or more on this 2-core
 machine the run is labelled as measured under load.
 
@@ -102,7 +102,7 @@ def main() -> int:
         return 0
 
     from bench_inference import SPEED_ONLY, random_bundle
-    from cxrlab.export import export_int8
+    from cxrlab.inference.quantize import export_int8
 
     load_start = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))

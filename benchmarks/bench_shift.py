@@ -55,7 +55,7 @@ def train_tiny(base: Path) -> Path:
     from cxrlab.config import load_config
     from cxrlab.data.ingest import IngestConfig, ingest
     from cxrlab.data.split import SplitConfig, split
-    from cxrlab.train import train
+    from cxrlab.training.train import train
 
     run = base / "runs" / "tiny"
     if (run / "summary.json").is_file():
@@ -75,14 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     if not (DATA / "cxr-tiny").is_dir() or not (DATA / "cxr-adult").is_dir():
         print(f"skipped: {DATA}/cxr-tiny and cxr-adult are needed")
         return 0
-    from cxrlab.evaluate import EvalConfig, evaluate, find_run_dir, read_summary
-    from cxrlab.predict import Predictor
-    from cxrlab.shift import load_scorer
+    from cxrlab.analysis.evaluate import EvalConfig, evaluate
+    from cxrlab.analysis.ood import load_scorer
+    from cxrlab.inference.predict import Predictor
+    from cxrlab.runs import find_run_dir, read_summary
 
     t0 = time.perf_counter()
     run = args.run or train_tiny(args.out)
     if load_scorer(run / "bundle", json.loads((run / "bundle" / "bundle.json").read_text())) is None:
-        from cxrlab.shift import fit_bundle
+        from cxrlab.analysis.shift_fit import fit_bundle
 
         fit_bundle(run)  # a run trained before shift statistics existed
     rows = []

@@ -90,9 +90,9 @@ def child(worker: str, args: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader, Dataset
 
     from cxrlab.config import load_config
+    from cxrlab.data.datamodule import CXRDataModule
     from cxrlab.data.manifest import load_split
-    from cxrlab.datamodule import CXRDataModule
-    from cxrlab.module import CXRClassifier
+    from cxrlab.training.module import CXRClassifier
 
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch.accelerators.cuda").setLevel(logging.WARNING)
@@ -299,7 +299,7 @@ def main() -> int:
     load_end = os.getloadavg()
 
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    from cxrlab.datamodule import ImageCache
+    from cxrlab.data.datamodule import ImageCache
 
     paths = [str(p) for p in sorted(DATA.glob("*/*.jpg"))]
     t0 = time.perf_counter()

@@ -136,8 +136,8 @@ def tiny_bundle(out: Path) -> Path:
     import timm
     import torch
 
-    from cxrlab.augment import norm_constants
-    from cxrlab.bundle import BundleMeta, save_bundle
+    from cxrlab.inference.bundle import BundleMeta, save_bundle
+    from cxrlab.transforms import norm_constants
 
     torch.manual_seed(0)
     model = timm.create_model("test_efficientnet", pretrained=False, num_classes=2, in_chans=3)

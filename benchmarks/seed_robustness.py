@@ -3,6 +3,7 @@
 
     python benchmarks/seed_robustness.py                 # seeds 1-5, the `trains` tests
     python benchmarks/seed_robustness.py --seeds 1 2 3 4 5 6 7 --all   # every test of the suite, 7 seeds
+    python benchmarks/seed_robustness.py --seeds 2 3 -- tests/test_int8.py   # some files ("--" ends the seeds)
 
 Each seed runs in a fresh pytest process (so nothing trained for one seed is reused by the next). Exit status 0
 only when every selected test passed (or skipped) on every seed.

@@ -80,8 +80,8 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import timm
     import torch
 
-    from cxrlab.augment import norm_constants
-    from cxrlab.bundle import BundleMeta, save_bundle
+    from cxrlab.inference.bundle import BundleMeta, save_bundle
+    from cxrlab.transforms import norm_constants
 
     torch.manual_seed(0)
     model = timm.create_model(TEST_MODEL, pretrained=False, num_classes=3, in_chans=3)

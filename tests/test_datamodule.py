@@ -1,4 +1,4 @@
-"""Contracts of cxrlab.datamodule: the cache equals the inference path, seeded augmentation, the epoch sampler,
+"""Contracts of cxrlab.data.datamodule: the cache equals the inference path, seeded augmentation, the epoch sampler,
 bad splits fail early with what to do, unreadable images are skipped with their reason."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
-from cxrlab.augment import eval_transform, to_channels
 from cxrlab.config import ConfigError, load_config
+from cxrlab.data.datamodule import CXRDataModule, EpochSampler, resolve_split
 from cxrlab.data.io import read_xray
 from cxrlab.data.manifest import DataError, load_split
-from cxrlab.datamodule import CXRDataModule, EpochSampler, resolve_split
 from cxrlab.preprocess import apply_preprocess
+from cxrlab.transforms import eval_transform, to_channels
 
 
 def _cfg(split: Path, *sets: str):

@@ -1,4 +1,5 @@
-"""Contracts of cxrlab.evaluate: statistics against hand-computed cases, evaluate/compare on bundles + phantoms."""
+"""Contracts of cxrlab.analysis.evaluate: statistics against hand-computed cases, evaluate/compare on bundles +
+phantoms."""
 
 from __future__ import annotations
 
@@ -11,23 +12,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrlab.evaluate import (
-    CompareConfig,
-    EvalConfig,
-    EvalError,
+from cxrlab.analysis.compare import CompareConfig, compare, make_verdict
+from cxrlab.analysis.evaluate import EvalConfig, evaluate
+from cxrlab.analysis.metrics import (
     bootstrap_confusions,
     bootstrap_indices,
-    compare,
     compute_metrics,
     confusion_matrix,
-    evaluate,
     expected_calibration_error,
-    make_verdict,
     mcnemar_test,
     metrics_from_confusion,
     paired_bootstrap_diff,
     percentile_ci,
 )
+from cxrlab.errors import EvalError
 
 CLASSES = ["COVID19", "NORMAL", "PNEUMONIA"]
 
@@ -194,8 +192,8 @@ def _other_bundle(tmp: Path) -> Path:
     import timm
     import torch
 
-    from cxrlab.augment import norm_constants
-    from cxrlab.bundle import BundleMeta, save_bundle
+    from cxrlab.inference.bundle import BundleMeta, save_bundle
+    from cxrlab.transforms import norm_constants
 
     torch.manual_seed(1)
     model = timm.create_model("test_efficientnet", pretrained=False, num_classes=3, in_chans=3)
@@ -408,7 +406,7 @@ def test_compare_refuses_different_splits(tiny_bundle: Path, phantom_dir: Path, 
         compare(CompareConfig(baseline=a, challenger=b, out=tmp_path / "cmp", progress=False))
     # same model on the same split: no discordant pairs, p = 1
     c = _make_run(tmp_path, tiny_bundle, split_dir, "c")
-    for run, lungs in ((a, 0.7), (c, 0.4)):  # explanations as cxrlab.explain writes them: shown side by side
+    for run, lungs in ((a, 0.7), (c, 0.4)):  # explanations as cxrlab.analysis.explain writes them: shown side by side
         (run / "explain-test").mkdir()
         doc = {"subset": "all", "split": "test", "summary": {"in_lungs": lungs, "on_text": 0.01, "n_images": 12}}
         (run / "explain-test" / "attention.json").write_text(json.dumps(doc))

@@ -14,16 +14,9 @@ import pytest
 import torch
 
 from conftest import TEST_SEED
-from cxrlab.explain import (
-    CamEngine,
-    ExplainConfig,
-    ExplainError,
-    attention_share,
-    border_mask,
-    explain,
-    image_regions,
-    resolve_target_layer,
-)
+from cxrlab.analysis.cam import CamEngine, attention_share, border_mask, image_regions, resolve_target_layer
+from cxrlab.analysis.explain import ExplainConfig, explain
+from cxrlab.errors import ExplainError
 
 # lazy images load when scrolled into view: scroll to each, wait for it, then report every naturalWidth
 LOAD_ALL_IMAGES_JS = """async () => {
@@ -110,8 +103,8 @@ def test_cam_engine_matches_plain_gradcam(tiny_bundle: Path, target: str) -> Non
     """Differentiating only from the target layer on must give pytorch-grad-cam's own result."""
     from pytorch_grad_cam import GradCAM
 
-    from cxrlab.bundle import load_bundle
-    from cxrlab.explain import PredictedMargin
+    from cxrlab.analysis.cam import PredictedMargin
+    from cxrlab.inference.bundle import load_bundle
 
     b = load_bundle(tiny_bundle)
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -130,7 +123,7 @@ def test_cam_engine_matches_plain_gradcam(tiny_bundle: Path, target: str) -> Non
 
 
 def test_margin_target_is_logit_minus_mean_of_others() -> None:
-    from cxrlab.explain import PredictedMargin
+    from cxrlab.analysis.cam import PredictedMargin
 
     out = torch.tensor([1.0, 4.0, -2.0])
     assert float(PredictedMargin()(out)) == pytest.approx(4.0 - (1.0 - 2.0) / 2)
@@ -146,8 +139,8 @@ def explained(tiny_bundle: Path, phantom_dir: Path, tmp_path_factory: pytest.Tem
 
 
 def test_explain_writes_table_json_csv_html(explained, tiny_bundle: Path) -> None:
-    from cxrlab.bundle import load_bundle
     from cxrlab.data.io import read_xray
+    from cxrlab.inference.bundle import load_bundle
 
     res = explained
     assert res.n_images == res.n_seen == 12 and len(res.table) == 12
@@ -211,9 +204,9 @@ def test_text_removal_bundle_still_measures_attention_on_the_marker(tmp_path: Pa
     """With text_removal in the bundle the model never sees the marker, but on_text is measured where it was."""
     import timm
 
-    from cxrlab.augment import norm_constants
-    from cxrlab.bundle import BundleMeta, save_bundle
     from cxrlab.data.synth import SynthConfig, generate
+    from cxrlab.inference.bundle import BundleMeta, save_bundle
+    from cxrlab.transforms import norm_constants
 
     generate(SynthConfig(out=tmp_path / "d", n_per_class=2, size=96, seed=2, shortcut_class="COVID19"))
     mean, std = norm_constants(3)
@@ -299,7 +292,7 @@ def test_html_shows_images_sorts_and_filters_in_chromium(explained, browser, tmp
 def test_cam_lands_where_a_hand_built_cnn_sees_its_evidence() -> None:
     """No training: a CNN whose only evidence is the brightness of one region must put its CAM on that region,
     wherever the region is (so a CAM stuck in one place, or spread evenly, fails)."""
-    from cxrlab.explain import attention_share
+    from cxrlab.analysis.cam import attention_share
 
     torch.manual_seed(0)
     features = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
@@ -342,7 +335,7 @@ def _train_on_phantoms(root: Path, shortcut: str | None, text_removal: str = "no
     from cxrlab.data.ingest import IngestConfig, ingest
     from cxrlab.data.split import SplitConfig, split
     from cxrlab.data.synth import SynthConfig, generate
-    from cxrlab.train import train
+    from cxrlab.training.train import train
 
     generate(
         SynthConfig(
@@ -418,7 +411,7 @@ def probe() -> tuple[list[np.ndarray], np.ndarray]:
 def _marker_attention(run: Path, imgs: list[np.ndarray], region: np.ndarray) -> np.ndarray:
     """Per image: the share of the model's Grad-CAM (predicted-class margin, on ``SHORTCUT_LAYER``) inside
     ``region``, with the images preprocessed exactly as the bundle does (text removal included)."""
-    from cxrlab.bundle import load_bundle
+    from cxrlab.inference.bundle import load_bundle
 
     b = load_bundle(run)
     x = torch.stack([b.preprocess(g) for g in imgs])
@@ -431,8 +424,8 @@ def _marker_attention(run: Path, imgs: list[np.ndarray], region: np.ndarray) -> 
 def _covid_calls(run: Path, marker: bool) -> float:
     """How often the model calls 20 NORMAL/PNEUMONIA phantoms COVID19, with or without the corner marker drawn
     on them (the same images either way: the corner marker takes nothing from the random generator)."""
-    from cxrlab.bundle import load_bundle
     from cxrlab.data.synth import make_phantom
+    from cxrlab.inference.bundle import load_bundle
 
     b = load_bundle(run)
     rng = np.random.default_rng(TEST_SEED + 100)

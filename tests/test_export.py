@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from cxrlab.bundle import BundleError, UntrustedCheckpointError, load_bundle, load_checkpoint_state
 from cxrlab.data.io import read_xray
-from cxrlab.export import (
+from cxrlab.inference.bundle import BundleError, UntrustedCheckpointError, load_bundle, load_checkpoint_state
+from cxrlab.inference.export import (
     DIGEST_KEY,
     META_KEY,
     ExportError,
@@ -69,7 +69,7 @@ def test_onnx_metadata_and_staleness(bundle_copy: Path) -> None:
     assert ensure_onnx(b) == path and path.stat().st_mtime_ns == mtime  # reused while current
 
     # new weights in the bundle -> the cached export is stale and is re-made
-    from cxrlab.bundle import save_bundle
+    from cxrlab.inference.bundle import save_bundle
 
     with torch.no_grad():
         for p in b.model.parameters():
@@ -81,7 +81,7 @@ def test_onnx_metadata_and_staleness(bundle_copy: Path) -> None:
 
 
 def test_failed_check_leaves_no_file(bundle_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import cxrlab.export as ex
+    import cxrlab.inference.export as ex
 
     real = ex.run_exported
     monkeypatch.setattr(ex, "run_exported", lambda p, f, x: real(p, f, x) + 1e-3)

@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 
 from conftest import REPO, TEST_MODEL
-from cxrlab.bundle import META_FILE, WEIGHTS_FILE, BundleError, BundleMeta, load_bundle, save_bundle
 from cxrlab.cli import main
+from cxrlab.inference.bundle import META_FILE, WEIGHTS_FILE, BundleError, BundleMeta, load_bundle, save_bundle
 
 CLASSES = ["COVID19", "NORMAL", "PNEUMONIA"]
 
@@ -165,12 +165,12 @@ def test_save_refuses_duplicate_class_names(tmp_path: Path) -> None:
 def test_unexpected_error_is_one_line_and_traceback_only_with_debug(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tiny_bundle: Path, image: Path
 ) -> None:
-    import cxrlab.predict
+    import cxrlab.inference.predict
 
     def boom(*_a, **_k):
         raise RuntimeError("decoder exploded\nsecond line")
 
-    monkeypatch.setattr(cxrlab.predict.Predictor, "predict", boom)
+    monkeypatch.setattr(cxrlab.inference.predict.Predictor, "predict", boom)
     monkeypatch.delenv("CXRLAB_DEBUG", raising=False)
     args = ["predict", str(tiny_bundle), str(image), "--device", "cpu"]
     assert main(args) == 1
@@ -203,7 +203,7 @@ def nan_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A bundle whose (checksummed, loadable) weights hold NaN: what 'overwritten weights' look like once saved."""
     import timm
 
-    from cxrlab.augment import norm_constants
+    from cxrlab.transforms import norm_constants
 
     model = timm.create_model(TEST_MODEL, pretrained=False, num_classes=3, in_chans=3)
     with torch.no_grad():
@@ -214,7 +214,7 @@ def nan_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_non_finite_logits_are_an_error_per_image_not_a_label(nan_bundle: Path, image: Path, tmp_path: Path) -> None:
-    from cxrlab.predict import Predictor
+    from cxrlab.inference.predict import Predictor
 
     p = Predictor(nan_bundle, device="cpu", progress=False)
     preds = p.predict([image, image])
@@ -236,7 +236,7 @@ def test_serve_refuses_to_start_when_the_self_check_is_not_finite(nan_bundle: Pa
         create_app(nan_bundle, ServeSettings(device="cpu"))
     r = _cli("serve", str(nan_bundle), "--device", "cpu", "--port", "0")
     assert r.returncode == 2 and "refusing to serve" in _one_error_line(r.stderr)
-    from cxrlab.predict import Predictor
+    from cxrlab.inference.predict import Predictor
 
     self_check(Predictor(tiny_bundle, device="cpu", progress=False))  # a sound model passes
 
@@ -323,7 +323,7 @@ def test_ingest_and_predict_see_the_same_files_with_the_same_verdicts(
     odd_folder: Path, tiny_bundle: Path, tmp_path: Path
 ) -> None:
     from cxrlab.data.ingest import IngestConfig, ingest
-    from cxrlab.predict import Predictor
+    from cxrlab.inference.predict import Predictor
 
     out = tmp_path / "out"
     ingest(IngestConfig(src=odd_folder, out=out, workers=0, progress=False))
@@ -449,7 +449,8 @@ def _fake_train(cfg):
 
 
 def test_sweep_refuses_set_output_dir(tmp_path: Path) -> None:
-    from cxrlab.sweep import SweepConfig, SweepError, sweep
+    from cxrlab.sweep.runner import sweep
+    from cxrlab.sweep.spec import SweepConfig, SweepError
 
     cfg = SweepConfig(
         sweep_file=_sweep_yaml(tmp_path), out=tmp_path / "sw", data="d", overrides=["output_dir=/elsewhere"]
@@ -459,7 +460,8 @@ def test_sweep_refuses_set_output_dir(tmp_path: Path) -> None:
 
 
 def test_resumed_sweep_with_other_trial_input_refuses(tmp_path: Path) -> None:
-    from cxrlab.sweep import SweepConfig, SweepError, sweep
+    from cxrlab.sweep.runner import sweep
+    from cxrlab.sweep.spec import SweepConfig, SweepError
 
     splits = {}
     for version in ("v1", "v2"):  # two split directories: the data is fingerprinted by its dataset version
@@ -506,7 +508,8 @@ class _CkptTrain:
 
 
 def test_sweep_keeps_bundles_and_the_best_trials_last_ckpt_only(tmp_path: Path) -> None:
-    from cxrlab.sweep import SweepConfig, sweep
+    from cxrlab.sweep.runner import sweep
+    from cxrlab.sweep.spec import SweepConfig
 
     base = {"sweep_file": _sweep_yaml(tmp_path), "data": "d", "verbose": False}
     with pytest.raises(KeyboardInterrupt):
@@ -552,7 +555,9 @@ def test_train_warns_on_a_class_absent_from_test_and_resume_survives_a_truncated
     import pandas as pd
 
     from cxrlab.config import ConfigError, load_config
-    from cxrlab.train import RunError, resume_config, train
+    from cxrlab.errors import RunError
+    from cxrlab.training.rundir import resume_config
+    from cxrlab.training.train import train
 
     split = Path(shutil.copytree(phantom_split, tmp_path / "split"))
     df = pd.read_csv(split / "split.csv", dtype=str, keep_default_na=False)

@@ -14,21 +14,12 @@ import pytest
 import torch
 
 from conftest import TEST_MODEL, TEST_SEED
-from cxrlab.bundle import load_bundle, save_bundle
 from cxrlab.data.io import read_xray
 from cxrlab.data.manifest import load_split
-from cxrlab.export import (
-    DIGEST_KEY,
-    ExportError,
-    Int8GateError,
-    ensure_int8,
-    export_int8,
-    int8_path,
-    read_int8_record,
-    read_onnx_metadata,
-    weights_digest,
-)
-from cxrlab.predict import Predictor
+from cxrlab.inference.bundle import load_bundle, save_bundle
+from cxrlab.inference.export import DIGEST_KEY, ExportError, read_onnx_metadata, weights_digest
+from cxrlab.inference.predict import Predictor
+from cxrlab.inference.quantize import Int8GateError, ensure_int8, export_int8, int8_path, read_int8_record
 
 CLASSES = ["COVID19", "NORMAL", "PNEUMONIA"]
 
@@ -63,7 +54,7 @@ def run_dir(phantom_run_split: Path, tmp_path_factory: pytest.TempPathFactory) -
     """A trained run of timm's tiny test model on phantoms at 64 px (~10 s; test macro-F1 ~0.86-0.89 over data
     seeds 1-5): its split is recorded in the run, as for any `cxrlab train` run."""
     from cxrlab.config import load_config
-    from cxrlab.train import train
+    from cxrlab.training.train import train
 
     out = tmp_path_factory.mktemp("int8-runs")
     sets = [
@@ -134,7 +125,7 @@ def test_export_passes_the_check_and_records_its_calibration(exported, phantom_r
 def test_calibration_images_come_from_the_training_split_through_bundle_preprocessing(
     run_copy: Path, phantom_run_split: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import cxrlab.export as ex
+    import cxrlab.inference.quantize as ex
 
     seen: list[np.ndarray] = []
     real = ex.quantize_int8
@@ -160,7 +151,7 @@ def test_calibration_images_come_from_the_training_split_through_bundle_preproce
 
 def test_limits_are_inclusive_bounds() -> None:
     """The defaults: refused above a 1-point macro-F1 drop or below 98% top-1 agreement, accepted at them."""
-    from cxrlab.export import DEFAULT_MAX_F1_DROP, DEFAULT_MIN_AGREEMENT, Int8Report
+    from cxrlab.inference.quantize import DEFAULT_MAX_F1_DROP, DEFAULT_MIN_AGREEMENT, Int8Report
 
     assert (DEFAULT_MAX_F1_DROP, DEFAULT_MIN_AGREEMENT) == (0.01, 0.98)
 

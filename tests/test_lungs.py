@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cxrlab.analysis.lungs import PRIOR_ELLIPSES, iou, prior_mask, segment_lungs
 from cxrlab.data.synth import CLASSES, make_phantom
-from cxrlab.lungs import PRIOR_ELLIPSES, iou, prior_mask, segment_lungs
 
 
 def _phantoms(n: int, size: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:

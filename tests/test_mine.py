@@ -16,16 +16,9 @@ import pytest
 import yaml
 
 from conftest import TEST_SEED
-from cxrlab.mine import (
-    ExactIndex,
-    FaissIndex,
-    MineConfig,
-    MineError,
-    duplicate_mask,
-    make_index,
-    mine,
-    recall_at_k,
-)
+from cxrlab.analysis.mine import MineConfig, duplicate_mask, mine
+from cxrlab.analysis.neighbours import ExactIndex, FaissIndex, make_index, recall_at_k
+from cxrlab.errors import MineError
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +47,9 @@ def pool(phantom_split: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_neighbours_never_come_from_the_split_and_outputs_are_usable(run_dir: Path, pool: Path, tmp_path) -> None:
+    from cxrlab.data.grouping import phash_to_int
     from cxrlab.data.ingest import IngestConfig, ingest
     from cxrlab.data.manifest import load_split
-    from cxrlab.data.split import phash_to_int
 
     res = mine(MineConfig(target=run_dir, pool=pool, k=5, out=tmp_path / "out", cache=tmp_path / "c", progress=False))
     assert res.n_queries > 0, "the untrained tiny model should make errors on the phantom test split"

@@ -60,7 +60,7 @@ def _split_with_sources(tmp: Path) -> Path:
 
 
 def test_source_balanced_sampler_draws_every_cell_equally(tmp_path: Path) -> None:
-    from cxrlab.datamodule import make_datamodule
+    from cxrlab.data.datamodule import make_datamodule
 
     split_dir = _split_with_sources(tmp_path)
     cfg = Config(model_name=TEST_MODEL, img_size=(32, 32), data=str(split_dir), imbalance="source", cache_images=False)
@@ -76,9 +76,9 @@ def test_source_balanced_sampler_draws_every_cell_equally(tmp_path: Path) -> Non
 
 @pytest.mark.trains
 def test_groupdro_and_preprocessing_train_and_travel_in_the_bundle(tmp_path: Path) -> None:
-    from cxrlab.bundle import load_bundle
-    from cxrlab.evaluate import EvalConfig, evaluate
-    from cxrlab.train import train
+    from cxrlab.analysis.evaluate import EvalConfig, evaluate
+    from cxrlab.inference.bundle import load_bundle
+    from cxrlab.training.train import train
 
     split_dir = _split_with_sources(tmp_path)
     sets = [f"model_name={TEST_MODEL}", "pre_trained=false", "img_size=[48,48]", "batch_size=16", "epochs=2",

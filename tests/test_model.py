@@ -1,4 +1,4 @@
-"""Contracts of cxrlab.model: weights loading, fine-tune freezing, every optimizer x scheduler, and the
+"""Contracts of cxrlab.training.model: weights loading, fine-tune freezing, every optimizer x scheduler, and the
 warm-up cosine restarts schedule against its defining formula (written out independently here)."""
 
 from __future__ import annotations
@@ -16,19 +16,21 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from conftest import TEST_MODEL
-from cxrlab import model as M
 from cxrlab.config import Config, ConfigError
-from cxrlab.model import (
-    OPTIMIZERS,
-    SCHEDULERS,
-    CustomCosineAnnealingWarmUpRestarts,
+from cxrlab.training import model as M
+from cxrlab.training.model import (
     PretrainedWeightsWarning,
     WeightsError,
     build_model,
-    build_optimizer,
-    build_scheduler,
     load_pretrained,
     model_data_config,
+)
+from cxrlab.training.optim import (
+    OPTIMIZERS,
+    SCHEDULERS,
+    CustomCosineAnnealingWarmUpRestarts,
+    build_optimizer,
+    build_scheduler,
 )
 
 torch.set_num_threads(1)

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from cxrlab import RESEARCH_NOTICE
-from cxrlab.bundle import load_bundle
 from cxrlab.data.io import read_xray
-from cxrlab.predict import PredictError, Prediction, Predictor
+from cxrlab.inference.bundle import load_bundle
+from cxrlab.inference.predict import PredictError, Prediction, Predictor
 
 CLASSES = ["COVID19", "NORMAL", "PNEUMONIA"]
 

@@ -1,4 +1,4 @@
-"""Contracts of cxrlab.report: self-contained pages (no external resources) that render their figures offline."""
+"""Contracts of cxrlab.report.pages: self-contained pages (no external resources) that render their figures offline."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cxrlab.evaluate import EvalConfig, evaluate
-from cxrlab.report import write_run_report
+from cxrlab.analysis.evaluate import EvalConfig, evaluate
+from cxrlab.report.pages import write_run_report
 
 CLASSES = ["COVID19", "NORMAL", "PNEUMONIA"]
 EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", re.IGNORECASE)

@@ -35,7 +35,7 @@ from cxrlab.review.store import Answer, ReviewError, ReviewStore, export_csv
 @pytest.fixture(scope="module")
 def explained_run(tiny_bundle: Path, phantom_split: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run directory (the tiny untrained bundle, trained 'on' phantom_split) explained on its val + test splits."""
-    from cxrlab.explain import ExplainConfig, explain
+    from cxrlab.analysis.explain import ExplainConfig, explain
 
     run = tmp_path_factory.mktemp("runs") / "run-review"
     shutil.copytree(tiny_bundle, run / "bundle")
@@ -393,8 +393,8 @@ def test_scripted_reader_answers_10_images_with_the_keyboard_and_reloads_midway(
 
 
 def test_run_report_and_compare_show_the_reviewed_agreement(explained_run: Path, tmp_path: Path) -> None:
-    from cxrlab.evaluate import _read_attention
-    from cxrlab.report import write_run_report
+    from cxrlab.analysis.compare import _read_attention
+    from cxrlab.report.pages import write_run_report
     from cxrlab.review.core import read_agreement
 
     db = _fresh_db(tmp_path)

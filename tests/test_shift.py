@@ -1,6 +1,6 @@
-"""Contracts of cxrlab.shift: the statistics against hand-computed and simulated cases, and the warnings end to
-end on a model trained on phantoms (own test split: silent; one-class folder, collapsing model, foreign inputs:
-loud)."""
+"""Contracts of cxrlab.analysis.shift and cxrlab.analysis.ood: the statistics against hand-computed and simulated
+cases, and the warnings end to end on a model trained on phantoms (own test split: silent; one-class folder,
+collapsing model, foreign inputs: loud)."""
 
 from __future__ import annotations
 
@@ -19,17 +19,15 @@ from safetensors.torch import load_file
 import cxrlab.cli.evaluate
 import cxrlab.cli.serve
 from conftest import TEST_MODEL, TEST_SEED
-from cxrlab.cli import main
-from cxrlab.shift import (
+from cxrlab.analysis.ood import colour_share, input_problems, polarity
+from cxrlab.analysis.shift import (
     SHIFT_WEIGHTS,
     bbse_weights,
     collapse_check,
-    colour_share,
-    input_problems,
     label_shift,
-    polarity,
     stuart_maxwell,
 )
+from cxrlab.cli import main
 
 CLASSES = ["A", "B", "C"]
 
@@ -151,7 +149,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from cxrlab.data.ingest import IngestConfig, ingest
     from cxrlab.data.split import SplitConfig, split
     from cxrlab.data.synth import SynthConfig, generate
-    from cxrlab.train import train
+    from cxrlab.training.train import train
 
     base = tmp_path_factory.mktemp("shift")
     generate(SynthConfig(out=base / "img", n_per_class=50, size=64, seed=TEST_SEED))
@@ -205,7 +203,7 @@ def test_bundle_holds_the_statistics(trained: dict[str, Path]) -> None:
 
 @pytest.mark.trains
 def test_own_test_split_raises_no_warning(trained: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    from cxrlab.evaluate import EvalConfig, evaluate
+    from cxrlab.analysis.evaluate import EvalConfig, evaluate
 
     e = evaluate(EvalConfig(target=trained["run"], split="val", n_boot=0, progress=False, report=False))
     assert e.warnings == []
@@ -244,8 +242,8 @@ def test_collapsing_model_raises_the_collapse_warning(trained: dict[str, Path]) 
     """A bundle whose classifier bias drowns everything predicts one class: evaluate names it."""
     import torch
 
-    from cxrlab.bundle import load_bundle, save_bundle
-    from cxrlab.evaluate import EvalConfig, evaluate
+    from cxrlab.analysis.evaluate import EvalConfig, evaluate
+    from cxrlab.inference.bundle import load_bundle, save_bundle
 
     stub = trained["base"] / "stub"
     shutil.copytree(trained["run"], stub)
@@ -289,7 +287,7 @@ def test_foreign_inputs_are_flagged_in_predict_and_serve(trained: dict[str, Path
 def test_fit_shift_adds_statistics_to_an_older_bundle(
     tiny_bundle: Path, phantom_split: Path, tmp_path: Path, capsys
 ) -> None:
-    from cxrlab.evaluate import EvalConfig, evaluate
+    from cxrlab.analysis.evaluate import EvalConfig, evaluate
 
     b = tmp_path / "b"
     shutil.copytree(tiny_bundle, b)

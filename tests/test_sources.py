@@ -131,7 +131,7 @@ def test_holdout_source_goes_to_external_only(manifest: Path, tmp_path: Path, ca
     assert meta["counts_by_source"]["site-b"] == {"train": 0, "val": 0, "test": 0, "external": 36}
     # the datamodule accepts the external split and carries the source of every item
     from cxrlab.config import Config
-    from cxrlab.datamodule import CXRDataModule
+    from cxrlab.data.datamodule import CXRDataModule
 
     dm = CXRDataModule(Config(model_name="test_efficientnet", img_size=(32, 32), data=str(tmp_path / "s")), info)
     ext = dm.dataset("external")
@@ -194,7 +194,8 @@ def test_audit_measures_the_confound_by_source(manifest: Path, tmp_path: Path) -
 def test_evaluate_breaks_metrics_down_by_source(
     tiny_bundle: Path, manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from cxrlab.evaluate import EvalConfig, evaluate, per_source_metrics
+    from cxrlab.analysis.evaluate import EvalConfig, evaluate
+    from cxrlab.analysis.metrics import per_source_metrics
 
     split(SplitConfig(manifest=manifest, out=tmp_path / "s", holdout_sources=("site-b",), progress=False))
     e = evaluate(EvalConfig(target=tiny_bundle, data=tmp_path / "s", split="external", n_boot=50, progress=False,
@@ -279,7 +280,7 @@ def test_validate_holds_out_each_source_and_resumes(
     manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from conftest import TEST_MODEL
-    from cxrlab.validate import ValidateConfig, validate
+    from cxrlab.analysis.validate import ValidateConfig, validate
 
     sets = [f"model_name={TEST_MODEL}", "pre_trained=false", "img_size=[32,32]", "batch_size=16", "epochs=1",
             "threads=1", "tracking.wandb=off", "trainer.enable_progress_bar=false"]  # fmt: skip

@@ -13,8 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cxrlab.data.grouping import image_phash, largest_remainder, near_duplicate_pairs
 from cxrlab.data.manifest import MANIFEST_COLUMNS, DataError, load_split
-from cxrlab.data.split import SplitConfig, image_phash, largest_remainder, near_duplicate_pairs, split
+from cxrlab.data.split import SplitConfig, split
 
 
 def _texture(rng: np.random.Generator, size: int = 64) -> np.ndarray:

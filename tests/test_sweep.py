@@ -25,7 +25,9 @@ import pytest
 import yaml
 
 from cxrlab.config import Config
-from cxrlab.sweep import (
+from cxrlab.sweep.outputs import summary_table
+from cxrlab.sweep.runner import sweep
+from cxrlab.sweep.spec import (
     SweepConfig,
     SweepError,
     SweepSpecError,
@@ -33,8 +35,6 @@ from cxrlab.sweep import (
     config_keys,
     flatten_params,
     parse_sweep_spec,
-    summary_table,
-    sweep,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ FIRST_POINT = ("tf_efficientnetv2_b3", "AdamW")  # first in the grid's fixed ord
 
 
 class FakeTrain:
-    """Deterministic stand-in for ``cxrlab.train.train``: records each Config, returns metrics from it."""
+    """Deterministic stand-in for ``cxrlab.training.train.train``: records each Config, returns metrics from it."""
 
     def __init__(
         self,
@@ -416,7 +416,8 @@ WORKER = textwrap.dedent(
     import json, os, sys, time
     from pathlib import Path
     from types import SimpleNamespace
-    from cxrlab.sweep import SweepConfig, sweep
+    from cxrlab.sweep.runner import sweep
+    from cxrlab.sweep.spec import SweepConfig
 
     args = json.loads(sys.argv[1])
     log, ready = Path(args["log"]), Path(args["ready"])

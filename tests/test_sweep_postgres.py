@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cxrlab.sweep import storage_url, sweep
+from cxrlab.sweep.optuna_backend import storage_url
+from cxrlab.sweep.runner import sweep
 from test_sweep import (
     SEED_POINTS,
     SEED_SWEEP,

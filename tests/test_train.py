@@ -1,5 +1,5 @@
-"""Contracts of cxrlab.train and `cxrlab train`: the run directory, the bundle, seeding, exact resume, offline W&B
-that writes nowhere else, clear errors on bad input, and the seed's configs."""
+"""Contracts of cxrlab.training.train and `cxrlab train`: the run directory, the bundle, seeding, exact resume, offline
+W&B that writes nowhere else, clear errors on bad input, and the seed's configs."""
 
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 
 from conftest import REPO, TEST_MODEL
-from cxrlab.bundle import load_bundle
 from cxrlab.cli import main
 from cxrlab.config import load_config
 from cxrlab.data.io import read_xray
-from cxrlab.train import RunResult, read_metrics, train
+from cxrlab.inference.bundle import load_bundle
+from cxrlab.training.rundir import read_metrics
+from cxrlab.training.train import RunResult, train
 
 CLASSES = ["COVID19", "NORMAL", "PNEUMONIA"]
 
@@ -163,7 +164,7 @@ def test_fresh_head_on_pretrained_weights_starts_near_uniform(tiny_bundle: Path)
     head that did not come with the weights nn.Linear's +-1/sqrt(in_features); a loaded head is left alone."""
     import timm
 
-    from cxrlab.model import build_model
+    from cxrlab.training.model import build_model
 
     fresh = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=3)
     assert fresh.classifier.weight.abs().max() > 0.3  # timm's own init, what the head would start from

@@ -30,8 +30,11 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from cxrlab.atomic import write_json
 from cxrlab.config import Config, ConfigError, StrictModel, apply_overrides, build_config, read_yaml
+from cxrlab.data.classes import costly_recall_key
 from cxrlab.errors import CxrlabError
+from cxrlab.runs import REPORT_FILE, checkpoint_path
 
 STAGES = ("synth", "ingest", "split", "audit", "train", "evaluate", "explain", "report")
 MARKER_DIR = ".stages"
@@ -165,7 +168,7 @@ class _Stages:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **extra,
         }
-        self.marker(name).write_text(json.dumps(doc, indent=2, default=str))
+        write_json(self.marker(name), doc, default=str)
         return doc
 
 
@@ -313,24 +316,24 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], Any] = print) -> PipelineR
     )
 
     def do_train() -> dict[str, Any]:
-        from cxrlab.train import train
+        from cxrlab.training.train import train
 
         started = st.marker("train.started")
         resume = None
         if started.is_file():
             prev = json.loads(started.read_text())
             rd = Path(prev.get("run_dir", ""))
-            if prev.get("fingerprint") == train_fp and (rd / "checkpoints" / "last.ckpt").is_file():
+            if prev.get("fingerprint") == train_fp and checkpoint_path(rd, "last").is_file():
                 log(f"train: resuming the interrupted run {rd}")
                 resume = rd
         if resume is None:
-            from cxrlab.train import new_run_dir
+            from cxrlab.training.rundir import new_run_dir
 
             run_dir, run_id = new_run_dir(tc)
-            started.write_text(json.dumps({"fingerprint": train_fp, "run_dir": str(run_dir)}))
+            write_json(started, {"fingerprint": train_fp, "run_dir": str(run_dir)}, indent=None)
             r = train(tc.model_copy(update={"run_name": run_id}))
         else:
-            from cxrlab.train import resume_config
+            from cxrlab.training.rundir import resume_config
 
             r = train(resume_config(resume), resume=resume)
         started.unlink(missing_ok=True)
@@ -342,7 +345,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], Any] = print) -> PipelineR
 
     # ---- evaluate on the held-out test split
     def do_evaluate() -> dict[str, Any]:
-        from cxrlab.evaluate import EvalConfig, evaluate
+        from cxrlab.analysis.evaluate import EvalConfig, evaluate
 
         r = evaluate(EvalConfig(target=run_dir, split="test", n_boot=cfg.n_boot, progress=cfg.progress))
         return {"eval_dir": r.out_dir, "metrics": r.paths["metrics"], "report": r.paths.get("report")}
@@ -355,7 +358,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], Any] = print) -> PipelineR
     else:
 
         def do_explain() -> dict[str, Any]:
-            from cxrlab.explain import ExplainConfig, explain
+            from cxrlab.analysis.explain import ExplainConfig, explain
 
             r = explain(
                 ExplainConfig(target=run_dir, split="test", max_images=cfg.explain_max_images, progress=cfg.progress)
@@ -366,11 +369,11 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], Any] = print) -> PipelineR
 
     # ---- report: the run's page, and the same page at out/report.html
     def do_report() -> dict[str, Any]:
-        from cxrlab.report import write_run_report
+        from cxrlab.report.pages import write_run_report
 
         adir = Path(audit_out["audit"]).parent if audit_out else None
         run_page = write_run_report(run_dir, audit_dir=adir)
-        top = write_run_report(run_dir, out=out / "report.html", audit_dir=adir)
+        top = write_run_report(run_dir, out=out / REPORT_FILE, audit_dir=adir)
         return {"report": top, "run_report": run_page}
 
     upstream = [fps.get(s) for s in STAGES if s != "report"]
@@ -379,8 +382,8 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], Any] = print) -> PipelineR
     headline: dict[str, float] = {}
     try:
         m = json.loads(Path(ev["metrics"]).read_text()).get("metrics", {})
-        for k in ("test/accuracy", "test/f1_macro", "test/recall_COVID19", "test/ece"):
-            if m.get(k) is not None:
+        for k in ("test/accuracy", "test/f1_macro", costly_recall_key(m), "test/ece"):
+            if k is not None and m.get(k) is not None:
                 headline[k] = float(m[k])
     except (OSError, json.JSONDecodeError):
         pass
@@ -392,23 +395,21 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], Any] = print) -> PipelineR
         headline=headline,
         wall_s=time.perf_counter() - t_start,
     )
-    (out / PIPELINE_FILE).write_text(
-        json.dumps(
-            {
-                "src": str(src),
-                "demo": cfg.demo,
-                "config": str(cfg_path) if cfg_path else None,
-                "overrides": cfg.overrides,
-                "dataset_version": spl.get("dataset_version"),
-                "run_dir": str(run_dir),
-                "audit": str(audit_dir) if audit_out else None,
-                "report": str(result.report),
-                "headline": headline,
-                "stages": [asdict(s) for s in statuses],
-                "wall_s": round(result.wall_s, 1),
-            },
-            indent=2,
-        )
+    write_json(
+        out / PIPELINE_FILE,
+        {
+            "src": str(src),
+            "demo": cfg.demo,
+            "config": str(cfg_path) if cfg_path else None,
+            "overrides": cfg.overrides,
+            "dataset_version": spl.get("dataset_version"),
+            "run_dir": str(run_dir),
+            "audit": str(audit_dir) if audit_out else None,
+            "report": str(result.report),
+            "headline": headline,
+            "stages": [asdict(s) for s in statuses],
+            "wall_s": round(result.wall_s, 1),
+        },
     )
     return result
 

@@ -2,7 +2,7 @@
 inference alike), in this order:
 
 1. ``text_removal``: burned-in text/marker removal (detector: ``cxrlab.data.textdetect``);
-2. ``crop: lungs``: crop to the bounding box of the lung fields (``cxrlab.lungs.segment_lungs``) plus a 10%
+2. ``crop: lungs``: crop to the bounding box of the lung fields (``cxrlab.analysis.lungs.segment_lungs``) plus a 10%
    margin, so the borders (collimation, labels, the body outline) that differ between hospitals are cut away;
 3. ``pad_square``: pad to a square with black (air) instead of letting the resize squash the aspect ratio, which
    otherwise tells one source's 224x224 copies from another's portrait originals;
@@ -25,7 +25,7 @@ CROP_MARGIN = 0.10  # of the lung box's size, on every side
 
 def crop_to_lungs(gray: np.ndarray) -> np.ndarray:
     """The lung fields' bounding box (plus ``CROP_MARGIN``); the whole image when only the prior was found."""
-    from cxrlab.lungs import segment_lungs
+    from cxrlab.analysis.lungs import segment_lungs
 
     m = segment_lungs(gray)
     if m.method == "prior" or not m.mask.any():

@@ -63,11 +63,6 @@ def wandb_dirs(base: str | Path) -> Iterator[Path]:
                 os.environ[var] = value
 
 
-def sync_command(wandb_run_dir: str | Path | None) -> str | None:
-    """The command that uploads an offline W&B run later, or None."""
-    return f"wandb sync {wandb_run_dir}" if wandb_run_dir else None
-
-
 def point_wandb_dirs(base: str | Path) -> Path:
     """Point W&B's directories at ``base/wandb`` unless the user set them; returns the directory used."""
     d = Path(base) / "wandb"
@@ -86,12 +81,12 @@ def tracked_run_info(run_dir: str | Path, summary: dict[str, Any] | None = None)
     """
     import json
 
-    import yaml
+    from cxrlab.runs import WANDB_FILE, read_run_config
 
     run_dir = Path(run_dir)
     summary = summary or {}
     info: dict[str, Any] = {}
-    wj = run_dir / "wandb.json"
+    wj = run_dir / WANDB_FILE
     if wj.is_file():
         try:
             info = json.loads(wj.read_text())
@@ -103,12 +98,7 @@ def tracked_run_info(run_dir: str | Path, summary: dict[str, Any] | None = None)
         run_id = Path(str(summary["wandb_dir"])).name.rsplit("-", 1)[-1]  # offline-run-<time>-<id>
     if not run_id or mode in ("", "disabled"):
         return None
-    cfg: dict[str, Any] = {}
-    if (run_dir / "config.yaml").is_file():
-        try:
-            cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        except yaml.YAMLError:
-            cfg = {}
+    cfg = read_run_config(run_dir)
     tracking = cfg.get("tracking") if isinstance(cfg.get("tracking"), dict) else {}
     return {
         "id": str(run_id),

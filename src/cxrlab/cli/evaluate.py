@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cxrlab.config import build_config
+from cxrlab.runs import EVAL_METRICS_FILE, SUMMARY_FILE
 
 console = Console()
 err_console = Console(stderr=True)
@@ -145,7 +146,7 @@ def evaluate_cmd(
 ) -> None:
     """Metrics with 95% bootstrap CIs, per-class table, confusion matrix, calibration (ECE + reliability
     diagram), ROC AUC, predictions.csv and a self-contained report.html."""
-    from cxrlab.evaluate import EvalConfig, evaluate
+    from cxrlab.analysis.evaluate import EvalConfig, evaluate
 
     cfg = build_config(
         EvalConfig,
@@ -183,7 +184,7 @@ def compare_cmd(
 ) -> None:
     """Both models on the same images: metrics side by side, McNemar's exact test, a paired bootstrap CI of the
     accuracy difference, false negatives/positives per class, and a plain verdict (compare.html/.json)."""
-    from cxrlab.evaluate import CompareConfig, compare
+    from cxrlab.analysis.compare import CompareConfig, compare
 
     cfg = build_config(
         CompareConfig,
@@ -253,12 +254,12 @@ def report_cmd(
 ) -> None:
     """(Re)build the self-contained HTML report of a run from its files (training curves, evaluations,
     calibration, audit summary, link to the explanations)."""
-    from cxrlab import report
+    from cxrlab.report.pages import write_eval_report, write_run_report
 
-    if (run / "metrics.json").is_file() and not (run / "summary.json").is_file():
-        path = report.write_eval_report(run, out)
+    if (run / EVAL_METRICS_FILE).is_file() and not (run / SUMMARY_FILE).is_file():
+        path = write_eval_report(run, out)
     else:
-        path = report.write_run_report(run, out, audit_dir=audit)
+        path = write_run_report(run, out, audit_dir=audit)
     console.print(f"report: {path}")
 
 

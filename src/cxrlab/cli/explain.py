@@ -1,4 +1,4 @@
-"""CLI command ``cxrlab explain RUN_OR_BUNDLE``: Grad-CAM table + attention scores (see ``cxrlab.explain``)."""
+"""CLI command ``cxrlab explain RUN_OR_BUNDLE``: Grad-CAM table + attention scores (see ``cxrlab.analysis.explain``)."""
 
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def explain_cmd(
 ) -> None:
     """Grad-CAM for every image of a split, attention in the lungs / on burned-in text / on the border, and a
     sortable, filterable HTML table (explain.html) with overlays, scores and errors."""
+    from cxrlab.analysis.explain import ExplainConfig, explain
     from cxrlab.config import build_config
-    from cxrlab.explain import ExplainConfig, explain
 
     cfg = build_config(
         ExplainConfig,

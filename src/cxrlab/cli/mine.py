@@ -1,4 +1,4 @@
-"""CLI command ``cxrlab mine RUN --pool DIR``: pool images similar to a run's errors (see ``cxrlab.mine``)."""
+"""CLI command ``cxrlab mine RUN --pool DIR``: pool images similar to a run's errors (see ``cxrlab.analysis.mine``)."""
 
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ def mine_cmd(
     content, so a re-run embeds only new files), cosine nearest neighbours, pool images already in the run's split
     dropped (sha256 / perceptual hash). Writes gallery.html, neighbours.csv and to_label.csv (fill in 'label',
     then `cxrlab data ingest to_label.csv --out DIR`)."""
+    from cxrlab.analysis.mine import MineConfig, mine
     from cxrlab.config import build_config
-    from cxrlab.mine import MineConfig, mine
 
     cfg = build_config(
         MineConfig,

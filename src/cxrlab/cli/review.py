@@ -119,7 +119,7 @@ def review_cmd(
 
     import uvicorn
 
-    from cxrlab.cli.serve import TOKEN_ENV, _is_loopback, read_token_file
+    from cxrlab.cli.serve import TOKEN_ENV, is_loopback, read_token_file
     from cxrlab.review.app import ReviewSettings, create_review_app
     from cxrlab.review.store import ReviewStore, redact
 
@@ -141,7 +141,7 @@ def review_cmd(
     if not q.items:
         console.print(f"[yellow]nothing to review[/]: {q.explain_dir} lists no images")
         return
-    if not _is_loopback(host) and token is None:
+    if not is_loopback(host) and token is None:
         err_console.print(f"[yellow]warning:[/] serving on {host} without --token: anyone who can reach it can answer")
     store = ReviewStore(q.db_url)
     app = create_review_app(q, store, settings)

@@ -74,7 +74,7 @@ def format_csv(preds, classes: list[str]) -> str:
 def format_json(preds, model_info: dict, ignored: list[tuple[str, str]] | None = None, shift=None) -> str:  # noqa: ANN001
     """JSON text: {notice, model, summary, predictions: [...], ignored: [{path, reason}], label_shift} (``ignored``:
     files in the input folders that are not image inputs, with the reason; ``label_shift``: the check over all
-    predictions, cxrlab.shift.LabelShift, null for a bundle without shift statistics)."""
+    predictions, cxrlab.analysis.shift.LabelShift, null for a bundle without shift statistics)."""
     ignored = ignored or []
     doc = {
         "notice": cxrlab.RESEARCH_NOTICE,
@@ -142,7 +142,7 @@ def predict_cmd(
 
     Unreadable files are reported with their reason (error column) and the rest go on.
     """
-    from cxrlab.predict import Predictor
+    from cxrlab.inference.predict import Predictor
 
     predictor = Predictor(
         bundle, backend=backend.value, device=device, batch_size=batch_size, progress=None if progress else False
@@ -190,7 +190,7 @@ def predict_cmd(
     err_console.print(summary)
     n_ood, n_ok = sum(bool(p.ood) for p in preds), len(preds) - n_err
     if n_ood:
-        from cxrlab.shift import ood_excess
+        from cxrlab.analysis.shift import ood_excess
 
         # a few flags are what the threshold lets through; clearly more mean foreign data (binomial test)
         many = ood_excess(n_ood, n_ok, predictor.ood.expected_flag_rate)[0] or n_ok == 1
@@ -240,8 +240,8 @@ def export_cmd(
     The export is checked against PyTorch (max |difference| <= 1e-4) before it is written; an --int8 export is
     checked against float32 on the run's test split (macro-F1 drop, top-1 agreement) and refused if it fails.
     """
-    from cxrlab.bundle import load_bundle
-    from cxrlab.export import ExportError, export, max_abs_diff, probe_batch
+    from cxrlab.inference.bundle import load_bundle
+    from cxrlab.inference.export import ExportError, export, max_abs_diff, probe_batch
 
     if exporter not in ("torchscript", "dynamo"):
         raise ExportError(f"unknown --exporter {exporter!r}; choose torchscript or dynamo")
@@ -263,7 +263,7 @@ def export_cmd(
 
 
 def _export_int8(b, out: Path | None, data: Path | None, calib_n: int, max_f1_drop: float, min_agreement: float):
-    from cxrlab.export import export_int8
+    from cxrlab.inference.quantize import export_int8
 
     with console.status("INT8: float32 export, calibration on the training split, check on the test split"):
         rep = export_int8(b, out, data=data, calib_n=calib_n, max_f1_drop=max_f1_drop, min_agreement=min_agreement)
@@ -280,7 +280,7 @@ def _export_int8(b, out: Path | None, data: Path | None, calib_n: int, max_f1_dr
 # ---------------------------------------------------------------------------------------------------- serve
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -365,7 +365,7 @@ def serve_cmd(
         },
         source="cxrlab serve options",
     )
-    if not _is_loopback(host) and token is None:
+    if not is_loopback(host) and token is None:
         err_console.print(
             f"[yellow]warning:[/] serving on {host} without --token: anyone who can reach this port can use the model"
         )

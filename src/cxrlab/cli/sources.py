@@ -30,7 +30,7 @@ def fit_shift_cmd(
 ) -> None:
     """Store the label-shift and out-of-distribution statistics in a bundle (validation confusion matrix, training
     prior, feature mean/covariance, thresholds). `train` does this itself; use this for older bundles."""
-    from cxrlab.shift import fit_bundle
+    from cxrlab.analysis.shift_fit import fit_bundle
 
     meta = fit_bundle(target, data, device)
     o = meta["ood"]
@@ -63,8 +63,8 @@ def validate_cmd(
 ) -> None:
     """Leave-source-out validation: one model per held-out source group, trained on the other sources; its
     in-distribution test metrics next to its metrics on the unseen sources, per fold and pooled (resumable)."""
+    from cxrlab.analysis.validate import TABLE_COLUMNS, ValidateConfig, table_cells, validate
     from cxrlab.config import ConfigError, build_config
-    from cxrlab.validate import TABLE_COLUMNS, ValidateConfig, table_cells, validate
 
     try:
         fr = tuple(float(x) for x in fractions.split(","))

@@ -1,6 +1,6 @@
 """CLI command ``cxrlab sweep``: run a W&B-format sweep file with Optuna (default) or W&B.
 
-Thin: parse options, build ``SweepConfig``, call ``cxrlab.sweep.sweep``, print the summary table, the best
+Thin: parse options, build ``SweepConfig``, call ``cxrlab.sweep.runner.sweep``, print the summary table, the best
 trial and where the files are. Several copies of the same command (same ``--storage``) share the work.
 """
 
@@ -53,7 +53,9 @@ def sweep_cmd(
 ) -> None:
     """Run a hyper-parameter sweep; re-running the same command resumes it, several copies share it."""
     from cxrlab.config import ConfigError, build_config
-    from cxrlab.sweep import SweepConfig, summary_table, sweep
+    from cxrlab.sweep.outputs import summary_table
+    from cxrlab.sweep.runner import sweep
+    from cxrlab.sweep.spec import SweepConfig
 
     overrides = [*overrides, *(extra or [])]
     bad = [s for s in overrides if "=" not in s]
@@ -92,6 +94,15 @@ def sweep_cmd(
     if res.failed:
         which = ", ".join(str(r["trial"]) for r in res.failed)
         out_console.print(f"[red]{len(res.failed)} failed trial(s)[/]: {which} (reasons in the table and logs/)")
+    pruned = [r for r in res.rows if r["status"] == "PRUNED"]
+    if pruned:
+        which = ", ".join(str(r["trial"]) for r in pruned)
+        out_console.print(f"[magenta]{len(pruned)} trial(s) pruned early[/] (hyperband): {which}")
+    if res.importances:
+        imp = ", ".join(f"{k} {v:.2f}" for k, v in res.importances.items())
+        out_console.print(f"parameter importance ({res.importance_note}): {imp}")
+    elif res.importance_note:
+        out_console.print(f"[dim]{res.importance_note}[/]")
     state = "complete" if res.complete else f"{res.pending} to run, {res.running_elsewhere} running elsewhere"
     out_console.print(f"ran {len(res.ran_here)} trial(s) here; sweep {state}; storage {res.storage}")
     freed = f" ({res.freed_bytes / 1e6:.1f} MB of checkpoints freed, --keep {cfg.keep})" if res.freed_bytes else ""

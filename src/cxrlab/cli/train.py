@@ -1,4 +1,5 @@
-"""CLI command ``cxrlab train``: load the config (+ ``--set`` overrides), call ``cxrlab.train.train``, print a summary.
+"""CLI command ``cxrlab train``: load the config (+ ``--set`` overrides), call ``cxrlab.training.train.train``, print a
+summary.
 
 The stage module is imported inside the command so ``--help`` stays fast.
 """
@@ -74,7 +75,8 @@ def train_cmd(
     # PASSIVE costs ~9%. A value set by the user wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from cxrlab.config import ConfigError, load_config
-    from cxrlab.train import resume_config, train
+    from cxrlab.training.rundir import resume_config
+    from cxrlab.training.train import train
 
     sets = [*(overrides or []), *(extra or [])]
     bad = [s for s in sets if "=" not in s]
@@ -93,7 +95,7 @@ def train_cmd(
         err_console.print(f"[yellow]warning:[/] {w}")
 
 
-def _print_summary(r) -> None:  # r: cxrlab.train.RunResult
+def _print_summary(r) -> None:  # r: cxrlab.training.train.RunResult
     t = Table(title=f"run {r.run_id}", show_header=False, title_justify="left")
     t.add_column("key", style="bold")
     t.add_column("value", overflow="fold")

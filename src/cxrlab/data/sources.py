@@ -45,12 +45,13 @@ def input_sources(inputs: list[str | Path], paths: list[str], column: str = SOUR
     """The source of each of ``paths`` found under the ``inputs`` given to ``predict`` or ``evaluate``: a
     ``SOURCES.csv`` in the input folder (or below it) when it names the file, else the name of the input folder
     holding it (a file given directly: its own folder's name). Folders, CSVs and paths are compared after
-    ``os.path.realpath`` (which, unlike ``Path.resolve``, stops at a symlink loop instead of raising)."""
-    from cxrlab.data.ingest import _load_sources, sources_lookup
+    ``os.path.realpath`` (which, unlike ``Path.resolve``, stops at a symlink loop instead of raising), and the
+    CSVs are found without following symlinked folders."""
+    from cxrlab.data.discover import load_sources_csv, sources_lookup
 
     folders = sorted({Path(os.path.realpath(i)) for i in inputs if Path(i).is_dir()}, key=lambda d: -len(d.parts))
     csvs = _sources_csvs(folders)
-    maps = _load_sources(csvs, column) if csvs else ({}, {})
+    maps = load_sources_csv(csvs, column) if csvs else ({}, {})
     out = []
     for raw in paths:
         p = Path(os.path.realpath(raw))
@@ -115,7 +116,7 @@ def source_audit(feats: pd.DataFrame, classes: list[str], folds: int = 5, seed: 
     Returns ``{"table": {source: {class: n}}, "n_sources", "source_predicts_class": {...}, "per_source_confound":
     {source: confound score of that source's images}, "isolated_classes": {class: [sources]}, "warnings": [...]}``.
     """
-    from cxrlab.data.audit import confound_score
+    from cxrlab.data.confound import confound_score
 
     df = feats[feats[SOURCE_COLUMN].astype(str) != ""]
     table = source_class_table(df, classes)

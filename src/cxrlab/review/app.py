@@ -15,10 +15,6 @@ it and keeps it in the tab's sessionStorage):
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import re
-from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -39,30 +35,10 @@ class ReviewSettings(StrictModel):
     reader: str = Field("", description="reader name the page starts with (each reader may change it)")
 
 
-def _page() -> tuple[str, str]:
-    html = resources.files("cxrlab.review").joinpath("static/review.html").read_text(encoding="utf-8")
-    import html as htmllib
+def _require_token(request: Request, token: str | None) -> None:
+    from cxrlab.serve.app import check_token  # the service's token check (lazy: serve imports the model stack)
 
-    import cxrlab
-
-    html = html.replace("{{NOTICE}}", htmllib.escape(cxrlab.RESEARCH_NOTICE))
-
-    def hashes(tag: str) -> str:
-        found = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
-        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'" for s in found)
-
-    csp = (
-        f"default-src 'none'; script-src {hashes('script') or chr(39) + 'none' + chr(39)}; "
-        f"style-src {hashes('style') or chr(39) + 'none' + chr(39)}; img-src 'self' data: blob:; connect-src 'self'; "
-        "form-action 'none'; base-uri 'none'; frame-ancestors 'none'"
-    )
-    return html, csp
-
-
-def _check_token(request: Request, token: str | None) -> None:
-    from cxrlab.serve.app import _check_token as check
-
-    check(request, token)
+    check_token(request, token)
 
 
 def create_review_app(queue: ReviewQueue, store: ReviewStore, settings: ReviewSettings | None = None) -> FastAPI:
@@ -70,7 +46,9 @@ def create_review_app(queue: ReviewQueue, store: ReviewStore, settings: ReviewSe
     import cxrlab
 
     s = settings or ReviewSettings()
-    page, csp = _page()
+    from cxrlab.serve.app import static_page  # the same offline page + CSP builder as the prediction service
+
+    page, csp = static_page("cxrlab.review", "static/review.html")
     app = FastAPI(title="cxrlab review", version=cxrlab.__version__, docs_url=None, redoc_url=None)
     app.state.queue, app.state.store, app.state.settings = queue, store, s
     n = len(queue.items)
@@ -122,7 +100,7 @@ def create_review_app(queue: ReviewQueue, store: ReviewStore, settings: ReviewSe
 
     @app.get("/api/items")
     def items(request: Request, reader: str = Query("", max_length=100)) -> dict[str, Any]:
-        _check_token(request, s.token)
+        _require_token(request, s.token)
         mine = {r["image"]: r for r in store.answers(queue.run_id, reader=reader.strip())} if reader.strip() else {}
         out = []
         for it in queue.items:
@@ -148,7 +126,7 @@ def create_review_app(queue: ReviewQueue, store: ReviewStore, settings: ReviewSe
 
     @app.get("/api/image/{i}/{kind}")
     def image(request: Request, i: int, kind: str) -> Response:
-        _check_token(request, s.token)
+        _require_token(request, s.token)
         it = item(i)
         if kind in ("image", "overlay"):
             p = it.thumb if kind == "image" else it.overlay
@@ -169,7 +147,7 @@ def create_review_app(queue: ReviewQueue, store: ReviewStore, settings: ReviewSe
 
     @app.put("/api/answers/{i}")
     def answer(request: Request, i: int, body: Answer) -> dict[str, Any]:
-        _check_token(request, s.token)
+        _require_token(request, s.token)
         it = item(i)
         if body.label_ok is False and body.corrected_label and body.corrected_label not in queue.classes:
             raise HTTPException(422, f"corrected_label {body.corrected_label!r} is not one of {queue.classes}")
@@ -178,7 +156,7 @@ def create_review_app(queue: ReviewQueue, store: ReviewStore, settings: ReviewSe
 
     @app.get("/api/progress")
     def get_progress(request: Request, reader: str = Query("", max_length=100)) -> dict[str, Any]:
-        _check_token(request, s.token)
+        _require_token(request, s.token)
         return progress(reader.strip())
 
     return app

@@ -79,7 +79,7 @@ class ReviewQueue:
 
 
 def _run_identity(run: Path) -> tuple[Path, str]:
-    from cxrlab.evaluate import find_run_dir, read_summary
+    from cxrlab.runs import find_run_dir, read_summary
 
     run = Path(run)
     if not run.exists():
@@ -90,7 +90,7 @@ def _run_identity(run: Path) -> tuple[Path, str]:
 
 
 def find_explain_dir(run_dir: Path, split: str, explain_dir: Path | None) -> Path:
-    from cxrlab.explain import ATTENTION_CSV
+    from cxrlab.runs import ATTENTION_CSV
 
     cands = [Path(explain_dir)] if explain_dir else [run_dir / f"explain-{split}", run_dir / f"explain-{split}-errors"]
     for c in cands:
@@ -120,7 +120,7 @@ def stratified_order(labels: list[str], k: int, seed: int) -> list[int]:
 
 def load_queue(cfg: ReviewConfig) -> ReviewQueue:
     """The run's explained images in review order (errors first, then a stratified sample of the rest)."""
-    from cxrlab.explain import ATTENTION_FILE
+    from cxrlab.runs import ATTENTION_FILE
 
     run_dir, run_id = _run_identity(cfg.run)
     ed = find_explain_dir(run_dir, cfg.split, cfg.explain_dir)
@@ -249,11 +249,11 @@ def cam_region_overlap(
 ) -> dict[tuple[str, str], float]:
     """Share of the Grad-CAM mass (as ``cxrlab explain`` computes it) inside each drawn region, recomputed with the
     run's bundle on the images that have regions: {(image, reader): share}."""
-    from cxrlab.augment import to_channels
-    from cxrlab.bundle import load_bundle, resolve_bundle_dir
+    from cxrlab.analysis.cam import CamEngine, attention_share
     from cxrlab.data.io import ImageReadError, read_xray
-    from cxrlab.explain import CamEngine, attention_share
+    from cxrlab.inference.bundle import load_bundle, resolve_bundle_dir
     from cxrlab.preprocess import apply_preprocess
+    from cxrlab.transforms import to_channels
 
     drawn = [r for r in rows if r.get("region") and r["run_id"] == queue.run_id]
     if not drawn:
@@ -309,16 +309,6 @@ class ExportResult:
     relabel_conflicts: list[str] = field(default_factory=list)
 
 
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
 def relabel_decisions(rows: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Per image, the readers' label verdict: {image: {old, new, readers}} where a majority of the readers who
     judged the label said it is wrong and named the same class; images where they disagree are returned as
@@ -346,7 +336,7 @@ def relabel_decisions(rows: list[dict[str, Any]]) -> tuple[dict[str, dict[str, A
 
 def export_review(cfg: ExportConfig) -> ExportResult:
     """Answers CSV + agreement.json (+ a relabelled manifest when readers corrected labels)."""
-    from cxrlab.atomic import write_text_atomic
+    from cxrlab.atomic import json_safe, write_json
 
     queue = load_queue(cfg)
     out = Path(cfg.out) if cfg.out else queue.run_dir / REVIEW_DIR
@@ -360,7 +350,7 @@ def export_review(cfg: ExportConfig) -> ExportResult:
     overlap = cam_region_overlap(queue, rows, cfg.device) if cfg.cam_overlap else {}
     agr = agreement(rows, overlap)
     doc = {"format": 1, "run_id": queue.run_id, "model": queue.model, "split": queue.split, "runs": agr}
-    write_text_atomic(out / AGREEMENT_JSON, json.dumps(_json_safe(doc), indent=2))
+    write_json(out / AGREEMENT_JSON, json_safe(doc))
     res = ExportResult(answers_csv=csv, agreement_json=out / AGREEMENT_JSON, agreement=agr, n_answers=len(rows))
     decisions, conflicts = relabel_decisions(rows)
     res.relabel_conflicts = conflicts
@@ -373,10 +363,11 @@ def write_relabel(queue: ReviewQueue, decisions: dict[str, dict[str, Any]], out:
     """The run's split table with the readers' labels, as a ``manifest.csv`` that ``cxrlab data split`` accepts,
     plus ``relabel.csv`` (path, old_label, new_label, readers)."""
     from cxrlab.atomic import atomic_open
+    from cxrlab.data.items import run_split_dir
     from cxrlab.data.manifest import MANIFEST_COLUMNS, MANIFEST_FILE, load_split
-    from cxrlab.evaluate import _run_split_dir, read_summary
+    from cxrlab.runs import read_summary
 
-    split_dir = _run_split_dir(queue.run_dir, read_summary(queue.run_dir), {})
+    split_dir = run_split_dir(queue.run_dir, read_summary(queue.run_dir), {})
     if split_dir is None:
         raise ReviewError(f"{queue.run_dir} does not record its split; cannot write a relabelled manifest")
     info = load_split(split_dir)

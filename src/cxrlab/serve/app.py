@@ -7,7 +7,7 @@ Endpoints:
   and the research notice.
 - ``POST /predict[?cam=true]``: multipart form with one ``file`` field (PNG, JPEG or DICOM) -> JSON
   ``{label, probabilities, model, dataset_version, notice, width, height, format, ood[, cam_png_base64]}``;
-  ``ood`` is ``{flag, score, reasons}`` (:mod:`cxrlab.shift`: the image is unlike the training images; the page
+  ``ood`` is ``{flag, score, reasons}`` (:mod:`cxrlab.analysis.shift`: the image is unlike the training images; the page
   shows a banner) or null for a bundle without shift statistics.
 - ``GET /health``: liveness plus model, classes, limits and whether a token is required.
 - ``GET /docs``: OpenAPI docs (FastAPI's default page, which loads Swagger UI from a CDN; only that page does).
@@ -61,7 +61,7 @@ from pydantic import Field
 import cxrlab
 from cxrlab.config import StrictModel
 from cxrlab.errors import CxrlabError
-from cxrlab.predict import Predictor, encode_png
+from cxrlab.inference.predict import Predictor, encode_png
 
 ImageFormat = Literal["PNG", "JPEG", "DICOM", "TIFF", "BMP"]
 _MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file in a multipart body
@@ -225,7 +225,7 @@ def _probe_dims(data: bytes, fmt: str, name: str) -> tuple[int, int]:
             raise _TooManyPixels(str(e)) from None
 
 
-def _check_token(request: Request, token: str | None) -> None:
+def check_token(request: Request, token: str | None) -> None:
     if token is None:
         return
     auth = request.headers.get("authorization", "")
@@ -245,11 +245,12 @@ def _mb(n: float) -> str:
 # --------------------------------------------------------------------------------------------------- page
 
 
-def _index_html() -> tuple[str, str]:
-    """The page and its Content-Security-Policy (inline script/style allowed by hash, nothing off-origin)."""
+def static_page(package: str, resource: str) -> tuple[str, str]:
+    """A packaged offline page (``{{NOTICE}}`` filled in) and its Content-Security-Policy: inline script/style
+    allowed by hash, nothing off-origin. Used by the prediction page and the review page."""
     import html as htmllib
 
-    html = resources.files("cxrlab.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    html = resources.files(package).joinpath(resource).read_text(encoding="utf-8")
     html = html.replace("{{NOTICE}}", htmllib.escape(cxrlab.RESEARCH_NOTICE))
 
     def hashes(tag: str) -> str:
@@ -308,7 +309,7 @@ def create_app(bundle_path: str | Path, settings: ServeSettings | None = None) -
     self_check(predictor)  # also the warm-up: the first forward pass is slow
     worker = InferenceWorker(predictor, max_batch=max_batch)
     decode_limiter = anyio.CapacityLimiter(s.decode_workers)
-    page, csp = _index_html()
+    page, csp = static_page("cxrlab.serve", "static/index.html")
     info = predictor.model_info
     limit = s.max_upload_bytes
 
@@ -378,7 +379,7 @@ def create_app(bundle_path: str | Path, settings: ServeSettings | None = None) -
     )
     async def predict(request: Request, cam: bool = Query(False, description="add a Grad-CAM overlay PNG")):
         """Classify one uploaded X-ray (multipart field ``file``)."""
-        _check_token(request, s.token)
+        check_token(request, s.token)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit + _MULTIPART_SLACK:
             raise HTTPException(413, f"upload of {_mb(int(declared))} exceeds the limit of {_mb(limit)}")
@@ -434,8 +435,8 @@ def create_app(bundle_path: str | Path, settings: ServeSettings | None = None) -
             )
 
         def decode() -> tuple[np.ndarray, torch.Tensor, float]:
+            from cxrlab.analysis.ood import colour_share
             from cxrlab.data.io import read_xray_bytes
-            from cxrlab.shift import colour_share
 
             gray = read_xray_bytes(data, name)
             colour = colour_share(data) if predictor.ood is not None and fmt != "DICOM" else 0.0

@@ -11,7 +11,7 @@ Run directory ``<output_dir>/<run-id>/``::
 
 ``train(cfg, resume="runs/<id>")`` continues an interrupted run in the same directory from ``last.ckpt``: model,
 optimizer, scheduler, loop and callback state come from the checkpoint, and the data order, augmentation and
-dropout streams are functions of ``(seed, epoch)`` (see ``cxrlab.datamodule`` and ``CXRClassifier``), so the
+dropout streams are functions of ``(seed, epoch)`` (see ``cxrlab.data.datamodule`` and ``CXRClassifier``), so the
 resumed run sees the batches the uninterrupted run would have seen.
 
 Checkpoints are read with ``torch.load(weights_only=True)`` (no pickle code execution): Lightning's checkpoints of
@@ -20,17 +20,13 @@ this module hold only tensors and plain containers.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
 import os
-import re
 import secrets
 import signal
-import stat
 import string
-import sys
 import threading
 import time
 import warnings
@@ -42,23 +38,41 @@ from typing import Any
 
 import torch
 
-from cxrlab.config import Config, ConfigError, build_config, dump_config, read_yaml
-from cxrlab.errors import CxrlabError
+from cxrlab.atomic import write_json
+from cxrlab.config import Config, ConfigError, dump_config
+from cxrlab.errors import RunError
+from cxrlab.runs import (
+    BUNDLE_DIR,
+    CKPT_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    WANDB_FILE,
+    checkpoint_path,
+)
+from cxrlab.training.rundir import (
+    check_resume_compatible,
+    disk_usage,
+    epoch_csv_logger,
+    locate_resume,
+    new_run_dir,
+    read_metrics,
+    resume_checkpoint,
+    safe_name,
+)
+from cxrlab.training.trainer import (
+    accelerator,
+    deterministic_mode,
+    progress_bar_callbacks,
+    resolve_precision,
+    use_dataset_artifact,
+    wandb_run_config,
+)
 
 log = logging.getLogger(__name__)
 
 MONITOR = "val/f1_macro"
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.csv"
-SUMMARY_FILE = "summary.json"
-WANDB_FILE = "wandb.json"  # W&B run id/mode, so a resumed run continues the same W&B run
-CKPT_DIR = "checkpoints"
 _DDP_RUN_DIR = "CXRLAB_DDP_RUN_DIR"
-BUNDLE_DIR = "bundle"
-
-
-class RunError(CxrlabError):
-    """A run directory cannot be created or resumed; the message says which and what to do."""
 
 
 @dataclass
@@ -92,270 +106,6 @@ class RunResult:
         return d
 
 
-# ------------------------------------------------------------------------------------------- metrics.csv
-
-
-def _epoch_csv_logger(path: Path) -> Any:
-    """A Lightning logger writing ``metrics.csv`` with one row per epoch (train and val merged on ``epoch``).
-
-    Lightning's CSVLogger writes one row per log call (train and val of one epoch on separate rows); this one keeps
-    the row of each epoch and rewrites the (small) file after every call, so a crashed run keeps its history. On
-    resume, rows of epochs that are not run again are kept; an epoch that is run again replaces its row.
-    """
-    from lightning.pytorch.loggers.logger import Logger
-    from lightning.pytorch.utilities import rank_zero_only
-
-    class EpochCSVLogger(Logger):
-        def __init__(self) -> None:
-            super().__init__()
-            self.path = path
-            self.rows: dict[int, dict[str, Any]] = {}
-            self._touched: set[int] = set()
-            if path.is_file():
-                with path.open(newline="") as f:
-                    for r in csv.DictReader(f):
-                        self.rows[int(r["epoch"])] = {k: v for k, v in r.items() if v != ""}
-
-        @property
-        def name(self) -> str:
-            return "metrics_csv"
-
-        @property
-        def version(self) -> str:
-            return "0"
-
-        @rank_zero_only
-        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-            pass
-
-        @rank_zero_only
-        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-            if "epoch" not in metrics:
-                return
-            values = {k: float(v) for k, v in metrics.items() if k.startswith(("train/", "val/"))}
-            if not values:
-                return
-            epoch = int(metrics["epoch"])
-            if epoch not in self._touched:  # first values of this epoch in this session: start the row afresh
-                self._touched.add(epoch)
-                self.rows[epoch] = {"epoch": epoch}
-            self.rows[epoch].update(values)
-            self.rows[epoch]["step"] = step
-
-        @rank_zero_only
-        def save(self) -> None:
-            if not self.rows:
-                return
-            keys = sorted({k for r in self.rows.values() for k in r} - {"epoch", "step"})
-            cols = ["epoch", "step"] + sorted(keys, key=lambda k: (not k.startswith("train/"), k))
-            tmp = self.path.with_suffix(".csv.tmp")
-            with tmp.open("w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=cols)
-                w.writeheader()
-                for e in sorted(self.rows):
-                    w.writerow(self.rows[e])
-            tmp.replace(self.path)
-
-        @rank_zero_only
-        def finalize(self, status: str) -> None:
-            self.save()
-
-    return EpochCSVLogger()
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
-    """``metrics.csv`` as a list of rows (floats; epoch and step as ints)."""
-    rows = []
-    with (Path(run_dir) / METRICS_FILE).open(newline="") as f:
-        for r in csv.DictReader(f):
-            row: dict[str, float] = {}
-            for k, v in r.items():
-                if v not in ("", None):
-                    row[k] = int(float(v)) if k in ("epoch", "step") else float(v)
-            rows.append(row)
-    return rows
-
-
-# ------------------------------------------------------------------------------------------- run dirs
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "run"
-
-
-def new_run_dir(cfg: Config) -> tuple[Path, str]:
-    """``<output_dir>/<run_name or model-YYYYmmdd-HHMMSS>``; a taken name gets a ``-2``, ``-3`` ... suffix."""
-    base = _safe(cfg.run_name or f"{cfg.model_name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    parent = Path(cfg.output_dir).expanduser()
-    run_id, n = base, 1
-    while (parent / run_id).exists() and any((parent / run_id).iterdir()):
-        n += 1
-        run_id = f"{base}-{n}"
-    run_dir = parent / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir.resolve(), run_id
-
-
-def locate_resume(resume: str | Path) -> tuple[Path, Path]:
-    """A run directory or a checkpoint inside one -> (run_dir, checkpoint path)."""
-    p = Path(resume).expanduser()
-    if p.is_file() and p.suffix == ".ckpt":
-        run_dir = p.parent.parent if p.parent.name == CKPT_DIR else p.parent
-        ckpt = p
-    elif p.is_dir():
-        run_dir, ckpt = p, p / CKPT_DIR / "last.ckpt"
-    else:
-        raise RunError(f"cannot resume: {p} is neither a run directory nor a .ckpt file")
-    if not ckpt.is_file():
-        raise RunError(f"cannot resume {run_dir}: {ckpt} not found (the run saved no checkpoint before it stopped)")
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise RunError(f"cannot resume: {run_dir} has no {CONFIG_FILE}; pass the run directory made by `cxrlab train`")
-    return run_dir.resolve(), ckpt.resolve()
-
-
-def _unreadable_checkpoint(path: Path) -> str | None:
-    """None when ``path`` loads (``weights_only``, as Lightning will load it), else why not, in one line."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated zip, a pickle error, an I/O error: all mean "cannot resume from it"
-        first = " ".join(str(e).split())[:160] or type(e).__name__
-        return f"{type(e).__name__}: {first}"
-    if not isinstance(obj, dict) or "state_dict" not in obj or "epoch" not in obj:
-        return "not a Lightning checkpoint (no state_dict/epoch)"
-    return None
-
-
-def resume_checkpoint(run_dir: Path, ckpt: Path, explicit: bool = False) -> tuple[Path, str | None]:
-    """The checkpoint to resume ``run_dir`` from and a warning (or None).
-
-    A damaged ``last.ckpt`` (a crash or a full disk while it was written) falls back to ``best.ckpt`` when that one
-    loads, with a warning: the epochs after best are trained again. Otherwise ``RunError`` says exactly what to do.
-    ``explicit``: the user named ``ckpt`` (no silent fallback then; the message names the alternative).
-    """
-    why = _unreadable_checkpoint(ckpt)
-    if why is None:
-        return ckpt, None
-    best = run_dir / CKPT_DIR / "best.ckpt"
-    best_ok = best.is_file() and best.resolve() != ckpt.resolve() and _unreadable_checkpoint(best) is None
-    restart = f"cxrlab train --config {run_dir / CONFIG_FILE} (a new run from the stored config)"
-    if best_ok and not explicit:
-        epoch = int(torch.load(best, map_location="cpu", weights_only=True)["epoch"])
-        msg = (
-            f"{ckpt} is damaged ({why}); resuming from {best} (epoch {epoch}) instead: the epochs after it are "
-            "trained again"
-        )
-        log.warning(msg)
-        return best, msg
-    if best_ok:
-        raise RunError(
-            f"cannot resume from {ckpt}: it is damaged ({why}). Resume from the best checkpoint instead: "
-            f"cxrlab train --resume {best}, or start again: {restart}"
-        )
-    if best.is_file() and best.resolve() != ckpt.resolve():
-        other = f"{best} is damaged too"
-    else:
-        other = "there is no best.ckpt to fall back to"
-    raise RunError(
-        f"cannot resume {run_dir}: {ckpt} is damaged ({why}) and {other}. Start again: {restart}; then remove {run_dir}"
-    )
-
-
-def resume_config(resume: str | Path, overrides: Sequence[str] | None = None) -> Config:
-    """The stored config of a run (``runs/<id>/config.yaml``) plus ``key=value`` overrides (e.g. more epochs)."""
-    from cxrlab.config import apply_overrides
-
-    run_dir, _ = locate_resume(resume)
-    data = apply_overrides(read_yaml(run_dir / CONFIG_FILE), list(overrides or []))
-    return build_config(Config, data, source=str(run_dir / CONFIG_FILE))
-
-
-def _check_resume_compatible(cfg: Config, run_dir: Path) -> None:
-    stored = read_yaml(run_dir / CONFIG_FILE)
-    for key in ("model_name", "in_chans", "img_size", "num_classes"):
-        mine = getattr(cfg, key)
-        if key == "img_size":
-            mine = list(mine)
-        if mine is not None and stored.get(key) is not None and stored.get(key) != mine:
-            raise ConfigError(
-                f"cannot resume {run_dir} with {key}={mine!r}: the run was trained with {key}={stored[key]!r} "
-                f"(resume with the stored config: `cxrlab train --resume {run_dir}`)"
-            )
-
-
-# ----------------------------------------------------------------------------------------------- trainer
-
-
-def _accelerator(cfg: Config) -> str:
-    return {"cuda": "gpu"}.get(cfg.device, cfg.device)
-
-
-def _uses_cuda(cfg: Config) -> bool:
-    return torch.cuda.is_available() and cfg.device in ("auto", "gpu", "cuda")
-
-
-def resolve_precision(cfg: Config) -> str:
-    """``auto`` -> 16-bit mixed precision on CUDA, full 32-bit elsewhere.
-
-    CPU bf16 autocast is left to an explicit ``precision: bf16-mixed``: it was ~1.3x faster on this AVX512-BF16 CPU
-    (lite0, 192 px) but is emulated, and much slower, on CPUs without bf16 instructions."""
-    if cfg.precision == "auto":
-        return "16-mixed" if _uses_cuda(cfg) else "32-true"
-    return "32-true" if cfg.precision == "32" else cfg.precision
-
-
-def _deterministic(cfg: Config) -> bool | str:
-    # Some CUDA backward kernels (adaptive pooling) have no deterministic version: warn there instead of failing.
-    if cfg.trainer.deterministic and _uses_cuda(cfg):
-        return "warn"
-    return cfg.trainer.deterministic
-
-
-def _progress_bar(cfg: Config) -> list[Any]:
-    if not cfg.trainer.enable_progress_bar:
-        return []
-    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
-
-    base = RichProgressBar if sys.stdout.isatty() else TQDMProgressBar
-
-    class Bar(base):  # type: ignore[misc, valid-type]
-        def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
-            metrics = super().get_metrics(trainer, pl_module)
-            metrics.pop("v_num", None)  # a logger's version id: noise next to loss and val/f1_macro
-            return metrics
-
-    return [Bar(leave=True)] if base is RichProgressBar else [Bar(refresh_rate=10)]
-
-
-def _wandb_config(cfg: Config, info: Any, run_id: str) -> dict[str, Any]:
-    d = cfg.model_dump(mode="json")
-    d.update(run_id=run_id, dataset_version=info.dataset_version, class_names=list(info.classes))
-    return d
-
-
-def _use_dataset_artifact(experiment: Any, cfg: Config, info: Any) -> str | None:
-    """Record the split's W&B dataset artifact (``data-<name>-split:<dataset_version>``) as this run's input.
-
-    Only online: an offline run cannot look artifacts up, and the dataset version is in its config instead.
-    """
-    import wandb
-
-    meta_path = info.root / "split.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    names = [meta["wandb_artifact"]] if meta.get("wandb_artifact") else ["data-xray-tiny-split", "data-xray-split"]
-    api = wandb.Api()
-    entity = cfg.tracking.entity or experiment.entity
-    for name in names:
-        ref = name if "/" in name else f"{entity}/{cfg.project}/{name}"
-        ref = ref if ":" in ref.rsplit("/", 1)[-1] else f"{ref}:{info.dataset_version}"
-        try:
-            api.artifact(ref, type="dataset")
-        except (wandb.errors.CommError, ValueError):  # not logged under this project/version
-            continue
-        experiment.use_artifact(ref)
-        return ref
-    return None
-
-
 # --------------------------------------------------------------------------------------------------- train
 
 
@@ -373,10 +123,10 @@ def train(
     """
     import lightning as L
 
-    from cxrlab.datamodule import CXRDataModule, check_split, resolve_split
-    from cxrlab.model import build_model, model_data_config
-    from cxrlab.module import CXRClassifier
+    from cxrlab.data.datamodule import CXRDataModule, check_split, resolve_split
     from cxrlab.tracking import resolve_wandb_mode, wandb_dirs
+    from cxrlab.training.model import build_model, model_data_config
+    from cxrlab.training.module import CXRClassifier
 
     t0 = time.perf_counter()
     info = resolve_split(cfg.data)
@@ -388,7 +138,7 @@ def train(
         )
     cfg = cfg.model_copy(update={"num_classes": len(info.classes), "data": str(info.root)})
 
-    from cxrlab.model import check_model_name
+    from cxrlab.training.model import check_model_name
 
     check_model_name(cfg.model_name)  # before the run directory exists: a typo leaves nothing behind
     notes: list[str] = []
@@ -399,7 +149,7 @@ def train(
         ckpt_path, note = resume_checkpoint(run_dir, ckpt_path, explicit=Path(resume).expanduser().is_file())
         notes += [note] if note else []
         run_id = run_dir.name
-        _check_resume_compatible(cfg, run_dir)
+        check_resume_compatible(cfg, run_dir)
         cfg = cfg.model_copy(update={"run_name": run_id, "output_dir": str(run_dir.parent)})
     elif _DDP_RUN_DIR in os.environ and int(os.environ.get("LOCAL_RANK", "0")) > 0:
         # a DDP worker re-launched by Lightning's subprocess launcher: join rank 0's run directory
@@ -453,19 +203,6 @@ def train(
     if rank_zero_only.rank == 0:
         _write_summary(result, cfg)
     return result
-
-
-def disk_usage(path: str | Path) -> int:
-    """Bytes of the regular files under ``path`` (symlinks not followed)."""
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            try:
-                st = os.lstat(os.path.join(dirpath, f))
-            except OSError:
-                continue
-            total += 0 if stat.S_ISLNK(st.st_mode) else st.st_size
-    return total
 
 
 def _remove_if_only_config(run_dir: Path) -> None:
@@ -541,24 +278,24 @@ def _fit_and_finish(
         auto_insert_metric_name=False,
         enable_version_counter=False,
     )
-    callbacks: list[Any] = [checkpoint, *_progress_bar(cfg), *extra_callbacks]
+    callbacks: list[Any] = [checkpoint, *progress_bar_callbacks(cfg), *extra_callbacks]
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.early_stopping_patience))
 
-    loggers: list[Any] = [_epoch_csv_logger(run_dir / METRICS_FILE)]
+    loggers: list[Any] = [epoch_csv_logger(run_dir / METRICS_FILE)]
     wandb_logger = None
     if mode != "disabled":
         wandb_logger = _make_wandb_logger(cfg, info, run_dir, run_id, mode, resumed=ckpt_path is not None)
         loggers.append(wandb_logger)
 
     trainer = L.Trainer(
-        accelerator=_accelerator(cfg),
+        accelerator=accelerator(cfg),
         devices=cfg.devices,
         precision=resolve_precision(cfg),
         max_epochs=cfg.epochs,
         accumulate_grad_batches=cfg.accumulate_grad_batches,
         gradient_clip_val=cfg.trainer.gradient_clip_val,
-        deterministic=_deterministic(cfg),
+        deterministic=deterministic_mode(cfg),
         limit_train_batches=cfg.trainer.limit_train_batches,
         limit_val_batches=cfg.trainer.limit_val_batches,
         limit_test_batches=cfg.trainer.limit_test_batches,
@@ -568,7 +305,7 @@ def _fit_and_finish(
         default_root_dir=str(run_dir),
         logger=loggers,
         callbacks=callbacks,
-        use_distributed_sampler=False,  # EpochSampler shards the training set itself (see cxrlab.datamodule)
+        use_distributed_sampler=False,  # EpochSampler shards the training set itself (see cxrlab.data.datamodule)
     )
     wandb_dir: Path | None = None
     ok = False
@@ -578,7 +315,7 @@ def _fit_and_finish(
             wandb_dir = Path(experiment.dir).parent
             if mode == "online":
                 try:
-                    _use_dataset_artifact(experiment, cfg, info)
+                    use_dataset_artifact(experiment, cfg, info)
                 except Exception as e:  # noqa: BLE001 — optional lookup on a remote service; never fail a run on it
                     log.warning("could not record the dataset artifact: %s", e)
         try:
@@ -610,7 +347,7 @@ def _make_wandb_logger(cfg: Config, info: Any, run_dir: Path, run_id: str, mode:
     if resumed and id_file.is_file():
         wandb_id = json.loads(id_file.read_text()).get("id")
     wandb_id = wandb_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    id_file.write_text(json.dumps({"id": wandb_id, "mode": mode}) + "\n")
+    write_json(id_file, {"id": wandb_id, "mode": mode}, indent=None)
     return WandbLogger(
         project=cfg.project,
         entity=cfg.tracking.entity,
@@ -622,7 +359,7 @@ def _make_wandb_logger(cfg: Config, info: Any, run_dir: Path, run_id: str, mode:
         save_dir=str(run_dir),
         mode=mode,
         job_type="train",
-        config=_wandb_config(cfg, info, run_id),
+        config=wandb_run_config(cfg, info, run_id),
         log_model=False,  # the best bundle is logged once at the end (best only: sweeps must not fill the disk)
     )
 
@@ -638,9 +375,9 @@ def _finish(
     run_id: str,
     wandb_logger: Any,
 ) -> RunResult:
-    from cxrlab.bundle import BundleMeta, save_bundle
+    from cxrlab.inference.bundle import BundleMeta, save_bundle
 
-    best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else run_dir / CKPT_DIR / "best.ckpt"
+    best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else checkpoint_path(run_dir, "best")
     if not best.is_file():
         raise RunError(
             f"no best checkpoint in {run_dir / CKPT_DIR}: validation never ran (check trainer.limit_val_batches)"
@@ -663,7 +400,7 @@ def _finish(
     notes = _absent_class_metrics(info, metrics)
     shift_meta, shift_arrays = {}, None
     if cfg.shift_stats and trainer.is_global_zero:
-        from cxrlab.shift import fit_from_datamodule
+        from cxrlab.analysis.shift_fit import fit_from_datamodule
 
         shift_meta, shift_arrays = fit_from_datamodule(
             module.model, dm, next(module.model.parameters()).device, seed=cfg.seed
@@ -687,7 +424,7 @@ def _finish(
     if trainer.is_global_zero:
         save_bundle(module.model, meta, bundle_dir)
         if shift_arrays is not None:
-            from cxrlab.shift import save_statistics
+            from cxrlab.analysis.shift_fit import save_statistics
 
             save_statistics(bundle_dir, shift_meta, shift_arrays)
         if wandb_logger is not None and cfg.tracking.log_model:
@@ -719,7 +456,7 @@ def _log_model_artifact(
     import wandb
 
     art = wandb.Artifact(
-        f"model-{_safe(run_id)}",
+        f"model-{safe_name(run_id)}",
         type="model",
         description=f"best model bundle of run {run_id} (epoch {best_epoch}, by {MONITOR})",
         metadata={"best_epoch": best_epoch, "dataset_version": info.dataset_version, **metrics},
@@ -733,4 +470,4 @@ def _write_summary(result: RunResult, cfg: Config) -> None:
     d["wandb_sync"] = result.wandb_sync
     d["model_name"] = cfg.model_name
     d["evaluate"] = cfg.evaluate
-    (result.run_dir / SUMMARY_FILE).write_text(json.dumps(d, indent=2) + "\n")
+    write_json(result.run_dir / SUMMARY_FILE, d)

@@ -7,7 +7,7 @@ never drift from training. Layout::
     bundle/
       model.safetensors
       bundle.json
-      shift.safetensors   label-shift / out-of-distribution feature statistics (cxrlab.shift), when fitted
+      shift.safetensors   label-shift / out-of-distribution feature statistics (cxrlab.analysis.shift), when fitted
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cxrlab.errors import CxrlabError
+from cxrlab.runs import BUNDLE_DIR, META_FILE, WEIGHTS_FILE, run_dir_of_checkpoint
 
 BUNDLE_FORMAT = 1
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "bundle.json"
 
 
 class BundleError(CxrlabError):
@@ -54,7 +53,7 @@ class BundleMeta:
     # sha256 of model.safetensors, written by save_bundle and checked by load_bundle ("" in bundles made before
     # the check existed: those load unchecked)
     weights_sha256: str = ""
-    # label-shift / OOD reference (cxrlab.shift): class names, validation confusion matrix, training prior,
+    # label-shift / OOD reference (cxrlab.analysis.shift): class names, validation confusion matrix, training prior,
     # feature-distance and polarity thresholds; the feature statistics are in shift.safetensors beside it
     shift: dict[str, Any] = field(default_factory=dict)
 
@@ -142,16 +141,12 @@ def save_bundle(model: torch.nn.Module, meta: BundleMeta, out_dir: str | Path) -
     meta.timm_version = meta.timm_version or timm.__version__
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     # each file appears whole or not at all (a crash mid-save leaves no truncated weights behind a valid json)
-    from cxrlab.atomic import _tmp_name, write_text_atomic
+    from cxrlab.atomic import atomic_path, write_json
 
-    tmp = _tmp_name(out / WEIGHTS_FILE)
-    try:
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp), metadata={"model_name": meta.model_name})
         meta.weights_sha256 = file_sha256(tmp)
-        tmp.replace(out / WEIGHTS_FILE)
-    finally:
-        tmp.unlink(missing_ok=True)
-    write_text_atomic(out / META_FILE, json.dumps(meta.to_json(), indent=2))
+    write_json(out / META_FILE, meta.to_json())
     return out
 
 
@@ -171,7 +166,7 @@ def resolve_bundle_dir(path: str | Path) -> Path:
     p = Path(path)
     if p.is_file() and p.name == META_FILE:
         p = p.parent
-    for cand in (p, p / "bundle"):
+    for cand in (p, p / BUNDLE_DIR):
         if (cand / META_FILE).is_file():
             return cand
     if not p.exists():
@@ -188,7 +183,7 @@ class Bundle:
 
     @functools.cached_property
     def _eval_transform(self):  # -> albumentations.Compose, built once per bundle
-        from cxrlab.augment import eval_transform
+        from cxrlab.transforms import eval_transform
 
         return eval_transform(self.meta.img_size, self.meta.mean, self.meta.std)
 
@@ -197,11 +192,16 @@ class Bundle:
 
     def preprocess(self, gray: np.ndarray) -> torch.Tensor:
         """One 2-D uint8 grayscale image -> CxHxW float tensor, exactly as in training's eval path."""
-        from cxrlab.augment import to_channels
         from cxrlab.preprocess import apply_preprocess
 
-        gray = apply_preprocess(gray, self.meta.preprocess)
-        return self.transform()(image=to_channels(gray, self.meta.in_chans))["image"]
+        return self.model_input(apply_preprocess(gray, self.meta.preprocess))
+
+    def model_input(self, preprocessed: np.ndarray) -> torch.Tensor:
+        """The second half of :meth:`preprocess`, for a caller that keeps the preprocessed gray (explain shows it):
+        channels, resize, normalisation."""
+        from cxrlab.transforms import to_channels
+
+        return self.transform()(image=to_channels(preprocessed, self.meta.in_chans))["image"]
 
     @torch.no_grad()
     def predict_proba(self, grays: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
@@ -221,40 +221,71 @@ class UntrustedCheckpointError(BundleError):
     """A .ckpt/.pt file holds pickled objects that ``torch.load(weights_only=True)`` refuses to run."""
 
 
-def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model weights of a Lightning ``.ckpt`` or a plain ``.pt``/``.pth`` state dict, read with
-    ``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary pickled code.
+def read_state_dict(
+    path: str | Path,
+    error: type[CxrlabError] = BundleError,
+    untrusted: type[CxrlabError] = UntrustedCheckpointError,
+    advice: str = "Use the run's bundle/ (safetensors + JSON) instead; only for a file you trust, re-save its "
+    "state_dict with torch.save(model.state_dict(), ...)",
+) -> dict[str, torch.Tensor]:
+    """The one weights reader: the tensors of a ``.safetensors`` file, a Lightning ``.ckpt`` or a ``.pt``/``.pth``
+    state dict (also under a ``state_dict``/``model``/EMA key), with the ``model.``/``module.`` prefix of Lightning
+    and DDP removed.
 
-    A file that needs more than that is refused with ``UntrustedCheckpointError``. Lightning's ``model.`` prefix
-    (``CXRClassifier.model``) is removed.
+    Torch files are read with ``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary
+    pickled code; a file that needs more is refused with ``untrusted`` (``advice`` says what to do instead). Any
+    other failure raises ``error`` (each caller passes its stage's error type).
     """
     import pickle
 
     p = Path(path)
     if not p.is_file():
-        raise BundleError(f"checkpoint not found: {p}")
+        raise error(f"weights file not found: {p}")
+    if p.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError
+
+        try:
+            return load_file(str(p), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            first = " ".join(str(e).split())[:200]
+            raise error(f"{p} is not a readable safetensors file ({first}): it is truncated or damaged") from None
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UntrustedCheckpointError(
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise untrusted(
             f"refusing to load {p}: it contains pickled Python objects other than tensors ({first}). Unpickling "
-            "them could run arbitrary code. Use the run's bundle/ (safetensors + JSON) instead; only for a file "
-            "you trust, re-save its state_dict with torch.save(model.state_dict(), ...)"
+            f"them could run arbitrary code, so they are never loaded. {advice}"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise BundleError(f"{p} is not a readable PyTorch checkpoint: {e}") from None
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BundleError(f"{p} holds no model state_dict (expected a Lightning .ckpt or a dict of tensors)")
-    if all(k.startswith("model.") for k in state):
-        state = {k[len("model.") :]: v for k, v in state.items()}
-    return state
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise error(f"{p} is not a readable PyTorch checkpoint: {e}") from None
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                obj = inner
+                break
+        tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            for prefix in ("module.", "model."):  # DDP / Lightning (CXRClassifier.model) prefix every model key
+                if all(k.startswith(prefix) for k in tensors):
+                    tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
+            return tensors
+    raise error(f"{p} holds no model state_dict (expected a Lightning .ckpt or a dict of tensors)")
+
+
+def load_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model weights of a run's ``.ckpt``/``.pt``/``.pth`` (see ``read_state_dict``); a file that holds more than
+    tensors is refused with ``UntrustedCheckpointError``."""
+    p = Path(path)
+    if not p.is_file():
+        raise BundleError(f"checkpoint not found: {p}")
+    return read_state_dict(p)
 
 
 def _bundle_dir_for_checkpoint(ckpt: Path) -> Path:
     """The bundle whose metadata describes a run's checkpoint (``runs/<id>/checkpoints/x.ckpt`` -> ``runs/<id>``)."""
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    run_dir = run_dir_of_checkpoint(ckpt)
     try:
         return resolve_bundle_dir(run_dir)
     except BundleError:
@@ -318,16 +349,10 @@ def _create_for_bundle(meta: BundleMeta, meta_path: Path) -> torch.nn.Module:
 
 
 def _read_safetensors(wpath: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-
     try:
-        return load_file(str(wpath))
-    except (SafetensorError, OSError, ValueError) as e:
-        first = " ".join(str(e).split())[:200]
-        raise BundleError(
-            f"{wpath} is not a readable safetensors file ({first}): it is truncated or damaged; copy the bundle "
-            "again from the run that made it"
-        ) from None
+        return read_state_dict(wpath)
+    except BundleError as e:
+        raise BundleError(f"{e}; copy the bundle again from the run that made it") from None
 
 
 def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], meta: BundleMeta, wpath: Path) -> None:

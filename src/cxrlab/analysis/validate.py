@@ -36,9 +36,11 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from cxrlab.atomic import json_safe, write_json
 from cxrlab.config import ConfigError, StrictModel
 from cxrlab.data.manifest import EXTERNAL_SPLIT, MANIFEST_FILE, DataError, has_sources, read_manifest
 from cxrlab.errors import CxrlabError
+from cxrlab.runs import BUNDLE_DIR, META_FILE, SUMMARY_FILE, checkpoint_path
 
 FOLD_FILE = "fold.json"
 STARTED_FILE = "started.json"
@@ -106,7 +108,7 @@ def _row_metrics(doc: dict[str, Any], classes: list[str], side: str) -> dict[str
 
 
 def _pooled(preds: list[pd.DataFrame], classes: list[str], side: str, cfg: ValidateConfig) -> dict[str, Any]:
-    from cxrlab.evaluate import compute_metrics
+    from cxrlab.analysis.metrics import compute_metrics
 
     df = pd.concat(preds, ignore_index=True)
     cidx = {c: i for i, c in enumerate(classes)}
@@ -119,7 +121,7 @@ def _pooled(preds: list[pd.DataFrame], classes: list[str], side: str, cfg: Valid
 
 def validate(cfg: ValidateConfig, log: Callable[[str], Any] = print) -> ValidateResult:
     """Train and evaluate one model per held-out source group (see the module doc); resumable."""
-    from cxrlab.evaluate import EvalConfig, evaluate
+    from cxrlab.analysis.evaluate import EvalConfig, evaluate
     from cxrlab.pipeline import RunConfig, load_train_config
 
     t0 = time.perf_counter()
@@ -157,7 +159,7 @@ def validate(cfg: ValidateConfig, log: Callable[[str], Any] = print) -> Validate
         if fdir.exists() and started.get("fingerprint") != fp:
             shutil.rmtree(fdir)  # inputs changed (or an unknown leftover): this fold starts afresh
         fdir.mkdir(parents=True, exist_ok=True)
-        (fdir / STARTED_FILE).write_text(json.dumps({"fingerprint": fp, "held_out": group}))
+        write_json(fdir / STARTED_FILE, {"fingerprint": fp, "held_out": group})
         log(f"[bold]fold {name}[/]: holding out {', '.join(group)}")
         doc: dict[str, Any] = {"fold": name, "held_out": group, "fingerprint": fp}
         try:
@@ -165,7 +167,7 @@ def validate(cfg: ValidateConfig, log: Callable[[str], Any] = print) -> Validate
         except DataError as e:
             doc.update(status="skipped", reason=str(e))
             log(f"[yellow]fold {name} skipped:[/] {e}")
-            (fdir / FOLD_FILE).write_text(json.dumps(doc, indent=2))
+            write_json(fdir / FOLD_FILE, doc)
             folds.append(doc)
             continue
         run_dir = _train(train_cfg, fdir, log)
@@ -194,7 +196,7 @@ def validate(cfg: ValidateConfig, log: Callable[[str], Any] = print) -> Validate
             warnings={side: e.warnings for side, e in evals.items()},
             finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
         )
-        (fdir / FOLD_FILE).write_text(json.dumps(_json_safe(doc), indent=2))
+        write_json(fdir / FOLD_FILE, json_safe(doc))
         folds.append(doc)
         log(f"fold {name}: done")
 
@@ -211,24 +213,22 @@ def validate(cfg: ValidateConfig, log: Callable[[str], Any] = print) -> Validate
     res.paths["csv"] = out / "validate.csv"
     table.to_csv(res.paths["csv"], index=False, float_format="%.6g")
     res.paths["json"] = out / "validate.json"
-    res.paths["json"].write_text(
-        json.dumps(
-            _json_safe(
-                {
-                    "manifest": str(mpath),
-                    "config": str(cfg_path) if cfg_path else None,
-                    "overrides": cfg.overrides,
-                    "classes": classes,
-                    "sources": sources,
-                    "groups": groups,
-                    "folds": folds,
-                    "rows": table.to_dict(orient="records"),
-                    "ci_method": f"percentile bootstrap, {cfg.n_boot} resamples, seed {cfg.split_seed}",
-                    "wall_s": round(res.wall_s, 1),
-                }
-            ),
-            indent=2,
-        )
+    write_json(
+        res.paths["json"],
+        json_safe(
+            {
+                "manifest": str(mpath),
+                "config": str(cfg_path) if cfg_path else None,
+                "overrides": cfg.overrides,
+                "classes": classes,
+                "sources": sources,
+                "groups": groups,
+                "folds": folds,
+                "rows": table.to_dict(orient="records"),
+                "ci_method": f"percentile bootstrap, {cfg.n_boot} resamples, seed {cfg.split_seed}",
+                "wall_s": round(res.wall_s, 1),
+            }
+        ),
     )
     res.paths["html"] = _write_html(res, out / "validate.html")
     return res
@@ -260,12 +260,13 @@ def _split(cfg: ValidateConfig, manifest: Path, fdir: Path, group: list[str]) ->
 
 def _train(train_cfg: Any, fdir: Path, log: Callable[[str], Any]) -> Path:
     """The fold's trained run directory: reused when finished, resumed when interrupted, else trained."""
-    from cxrlab.train import SUMMARY_FILE, resume_config, train
+    from cxrlab.training.rundir import resume_config
+    from cxrlab.training.train import train
 
     run_dir = fdir / RUN_NAME
-    if (run_dir / SUMMARY_FILE).is_file() and (run_dir / "bundle" / "bundle.json").is_file():
+    if (run_dir / SUMMARY_FILE).is_file() and (run_dir / BUNDLE_DIR / META_FILE).is_file():
         return run_dir
-    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+    if checkpoint_path(run_dir).is_file():
         log(f"resuming the interrupted training in {run_dir}")
         return train(resume_config(run_dir), resume=run_dir).run_dir
     if run_dir.exists():
@@ -323,7 +324,7 @@ TABLE_COLUMNS = [
 
 
 def _write_html(res: ValidateResult, path: Path) -> Path:
-    from cxrlab import report_html as rh
+    from cxrlab.report import html as rh
 
     rows = [table_cells(r, res.classes) for r in res.rows.to_dict(orient="records")]
     parts = [
@@ -345,9 +346,3 @@ def _write_html(res: ValidateResult, path: Path) -> Path:
             for w in ws:
                 parts.append(rh.callout(f"fold {f['fold']}, {side}: {w}", "error", "Shift:"))
     return rh.write_page(path, rh.page("Leave-source-out validation", parts, subtitle=str(res.out)))
-
-
-def _json_safe(x: Any) -> Any:
-    from cxrlab.evaluate import _json_safe as js
-
-    return js(x)

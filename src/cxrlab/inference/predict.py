@@ -32,8 +32,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from cxrlab.bundle import Bundle, load_bundle
 from cxrlab.errors import CxrlabError
+from cxrlab.inference.bundle import Bundle, load_bundle
+from cxrlab.inference.infer import read_gray_colour, resolve_device
 
 Backend = Literal["torch", "onnx", "onnx-int8"]
 BACKENDS = ("torch", "onnx", "onnx-int8")
@@ -58,7 +59,7 @@ class Prediction:
     probabilities: dict[str, float]
     error: str | None = None
     cam_path: str | None = None
-    # out-of-distribution flag (cxrlab.shift): None when the bundle has no shift statistics
+    # out-of-distribution flag (cxrlab.analysis.shift): None when the bundle has no shift statistics
     ood: bool | None = None
     ood_score: float | None = None  # feature distance / threshold (> 1 flags); None without feature statistics
     ood_reasons: list[str] = field(default_factory=list)
@@ -70,16 +71,6 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise PredictError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from e
 
 
 @dataclass
@@ -133,28 +124,6 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[tuple[Path, str | None]]:
     return collect_inputs(paths).items
 
 
-def _read_gray(path: Path) -> np.ndarray:
-    from cxrlab.data.io import read_xray
-
-    return read_xray(path, dtype="uint8")
-
-
-_GREY_MODES = ("1", "L", "LA", "I", "F")
-
-
-def read_gray_colour(path: Path, need_colour: bool) -> tuple[np.ndarray, float]:
-    """(2-D uint8 image, share of coloured pixels): the file is read a second time only when its original
-    mode is a colour mode and ``need_colour`` (the OOD input check) asks for it."""
-    from cxrlab.data.io import read_xray_with_info
-
-    gray, info = read_xray_with_info(path, dtype="uint8")
-    if not need_colour or info.format == "DICOM" or info.mode in _GREY_MODES or info.mode.startswith("I;"):
-        return gray, 0.0
-    from cxrlab.shift import colour_share
-
-    return gray, colour_share(Path(path).read_bytes())
-
-
 def _reason(e: Exception) -> str:
     from cxrlab.data.walk import display_path
 
@@ -185,7 +154,7 @@ class Predictor:
         if batch_size < 1:
             raise PredictError(f"batch_size must be >= 1, got {batch_size}")
         self.backend: Backend = backend
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, PredictError)
         self.batch_size = batch_size
         self.progress = progress
         self.num_workers = max(1, num_workers)
@@ -201,12 +170,13 @@ class Predictor:
         self._session = None
         self._cam_lock = threading.Lock()
         self.ignored: list[tuple[str, str]] = []  # (path, reason) of the last predict(): files that are not inputs
-        from cxrlab.shift import load_scorer
+        from cxrlab.analysis.ood import load_scorer
 
         # label-shift / OOD statistics stored at training (None for bundles trained before they existed)
         self.ood = load_scorer(self.bundle.path, self.meta)
         if backend in ("onnx", "onnx-int8"):
-            from cxrlab.export import ensure_int8, ensure_onnx, onnx_session
+            from cxrlab.inference.export import ensure_onnx, onnx_session
+            from cxrlab.inference.quantize import ensure_int8
 
             self.onnx_path = ensure_onnx(self.bundle) if backend == "onnx" else ensure_int8(self.bundle)
             self._session = onnx_session(self.onnx_path, device=str(self.device))
@@ -239,7 +209,7 @@ class Predictor:
     def forward(self, x: torch.Tensor) -> np.ndarray:
         """Softmax probabilities (N x classes, float64 rows summing to 1) for a preprocessed batch."""
         if self._session is not None:
-            from cxrlab.export import INPUT_NAME, OUTPUT_NAME
+            from cxrlab.inference.export import INPUT_NAME, OUTPUT_NAME
 
             logits = self._session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x.numpy(), np.float32)})[0]
             logits = torch.from_numpy(logits)
@@ -254,7 +224,7 @@ class Predictor:
         the torch backend runs (one forward pass either way); ONNX gives probabilities only."""
         if self._session is not None or self.ood is None or not self.ood.has_features:
             return self.forward(x), None
-        from cxrlab.shift import features_and_probs
+        from cxrlab.analysis.ood import features_and_probs
 
         x = x.to(self.device).contiguous(memory_format=torch.channels_last)
         feats, probs = features_and_probs(self.bundle.model, x)
@@ -274,11 +244,11 @@ class Predictor:
             if p.ok:  # a non-finite output is already an error, not a prediction to flag
                 p.ood, p.ood_score, p.ood_reasons = r.flag, r.score, r.reasons
 
-    def label_shift(self, preds: Sequence[Prediction]):  # -> cxrlab.shift.LabelShift | None
+    def label_shift(self, preds: Sequence[Prediction]):  # -> cxrlab.analysis.shift.LabelShift | None
         """The label-shift check over a set of predictions (None without shift statistics)."""
         if self.ood is None or "val_confusion" not in self.ood.meta:
             return None
-        from cxrlab.shift import label_shift
+        from cxrlab.analysis.shift import label_shift
 
         counts = [sum(p.label == c for p in preds if p.ok) for c in self.classes]
         return label_shift(counts, self.ood.meta)
@@ -392,14 +362,15 @@ class Predictor:
     def cam_overlays(self, grays: Sequence[np.ndarray], max_side: int = 512) -> list[np.ndarray]:
         """Grad-CAM overlays (H x W x 3 uint8 RGB, longer side at most ``max_side``) of the predicted class.
 
-        The CAM comes from ``cxrlab.explain.CamEngine`` (pytorch-grad-cam, target layer chosen automatically) on
-        the bundle's preprocessed input and is drawn over the *original* image with ``cxrlab.explain.overlay``
+        The CAM comes from ``cxrlab.analysis.cam.CamEngine`` (pytorch-grad-cam, target layer chosen automatically)
+        on the bundle's preprocessed input and is drawn over the *original* image with
+        ``cxrlab.analysis.cam.overlay``
         (the model input is a plain resize of it, so stretching the CAM back to the original shape is exact).
         Serialised and hooks removed afterwards: Grad-CAM hooks the shared model, which other threads may use.
         """
         import cv2
 
-        from cxrlab.explain import CamEngine, overlay
+        from cxrlab.analysis.cam import CamEngine, overlay
 
         if not grays:
             return []

@@ -1,7 +1,7 @@
 """Self-contained HTML reports: one per evaluation, one per comparison, one per run.
 
 Every page opens offline: figures are PNGs embedded as base64 data URIs, styles are inline, no script or font
-comes from a CDN (the page template and blocks are the shared ``cxrlab.report_html`` helpers). Pages are rebuilt
+comes from a CDN (the page template and blocks are the shared ``cxrlab.report.html`` helpers). Pages are rebuilt
 from the files a stage wrote (``metrics.json``, ``predictions.csv``, ``metrics.csv`` ...), so
 ``cxrlab report RUN`` regenerates a run's report at any time.
 """
@@ -14,200 +14,40 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 
-from cxrlab import report_html as rh
+from cxrlab.data.classes import costly_class
 from cxrlab.errors import CxrlabError
+from cxrlab.report import html as rh
+from cxrlab.report.figures import DPI, training_curves_figure
+from cxrlab.runs import (
+    ATTENTION_FILE,
+    CONFUSION_PNG,
+    EVAL_METRICS_FILE,
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    RELIABILITY_PNG,
+    REPORT_FILE,
+    ROC_PNG,
+    SUMMARY_FILE,
+    read_run_config,
+    read_summary,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from cxrlab.evaluate import CompareResult, EvalResult
 
-RUN_REPORT = "report.html"
-EVAL_REPORT = "report.html"
+RUN_REPORT = REPORT_FILE
+EVAL_REPORT = REPORT_FILE
 
 
 class ReportError(CxrlabError):
     """A report cannot be built from the given directory."""
 
 
-# --------------------------------------------------------------------------------------------- figures
-
-
-DPI = 110
-
-
-def _figure(w: float, h: float, ncols: int = 1, nrows: int = 1, **kw: Any) -> tuple[Figure, Any]:
-    """A matplotlib Figure without pyplot (no global state, no GUI backend)."""
-    return rh.new_figure(w, h, nrows=nrows, ncols=ncols, **kw)
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI)
-    return path
-
-
-def plot_confusion(ax: Any, cm: np.ndarray, classes: list[str], title: str = "") -> None:
-    """Counts with row-normalised colour (share of each true class), annotated 'count\\n(xx%)'."""
-    cm = np.asarray(cm)
-    rows = cm.sum(axis=1, keepdims=True)
-    share = np.divide(cm, rows, out=np.zeros_like(cm, dtype=float), where=rows > 0)
-    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    k = len(classes)
-    for i in range(k):
-        for j in range(k):
-            txt = f"{cm[i, j]}\n({share[i, j] * 100:.0f}%)" if rows[i, 0] else "–"
-            ax.text(j, i, txt, ha="center", va="center", fontsize=9, color="white" if share[i, j] > 0.6 else "black")
-    ax.set_xticks(range(k), classes, rotation=30, ha="right")
-    ax.set_yticks(range(k), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if title:
-        ax.set_title(title, fontsize=10)
-
-
-def confusion_figure(cm: np.ndarray, classes: list[str], title: str = "") -> Figure:
-    k = len(classes)
-    fig, ax = _figure(1.6 + 1.1 * k, 1.3 + 1.0 * k)
-    plot_confusion(ax, cm, classes, title)
-    return fig
-
-
-def reliability_figure(rel: pd.DataFrame, ece: float) -> Figure:
-    """Reliability diagram: accuracy per confidence bin against the diagonal, counts below."""
-    fig, (ax, axh) = _figure(4.6, 4.6, nrows=2, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    width = float(rel["hi"].iloc[0] - rel["lo"].iloc[0]) if len(rel) else 1 / 15
-    mid = (rel["lo"] + rel["hi"]) / 2
-    has = rel["count"] > 0
-    ax.plot([0, 1], [0, 1], "--", color="0.5", lw=1, label="perfect calibration")
-    ax.bar(mid[has], rel["accuracy"][has], width=width * 0.95, color="#4c78a8", edgecolor="white", label="accuracy")
-    gap_lo = np.minimum(rel["accuracy"], rel["confidence"])[has]
-    gap_h = (rel["accuracy"] - rel["confidence"]).abs()[has]
-    ax.bar(mid[has], gap_h, bottom=gap_lo, width=width * 0.95, color="#e45756", alpha=0.35, label="gap")
-    ax.set_ylim(0, 1)
-    ax.set_xlim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"reliability (ECE = {ece:.3f}, {len(rel)} bins)", fontsize=10)
-    ax.legend(loc="upper left", fontsize=8)
-    axh.bar(mid, rel["count"], width=width * 0.95, color="0.6")
-    axh.set_xlabel("confidence (top-class probability)")
-    axh.set_ylabel("images")
-    return fig
-
-
-def roc_figure(pred: pd.DataFrame, classes: list[str]) -> Figure | None:
-    """One-vs-rest ROC curves of the classes with positives and negatives in ``pred``."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    fig, ax = _figure(4.4, 4.0)
-    drawn = 0
-    for c in classes:
-        col = f"p_{c}"
-        if col not in pred.columns:
-            continue
-        pos = (pred["label"] == c).to_numpy()
-        if pos.all() or not pos.any():
-            continue
-        fpr, tpr, _ = roc_curve(pos, pred[col].to_numpy())
-        ax.plot(fpr, tpr, lw=1.5, label=f"{c} (AUC {roc_auc_score(pos, pred[col]):.3f})")
-        drawn += 1
-    if not drawn:
-        return None
-    ax.plot([0, 1], [0, 1], ":", color="0.5", lw=1)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate (recall)")
-    ax.set_title("one-vs-rest ROC", fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
-    return fig
-
-
-def training_curves_figure(metrics_csv: Path, best_epoch: int | None = None) -> Figure | None:
-    """Loss and validation scores per epoch from a run's ``metrics.csv``."""
-    df = read_epoch_metrics(metrics_csv)
-    if df is None or df.empty:
-        return None
-    loss_cols = [c for c in df.columns if c.endswith("/loss")]
-    score_cols = [
-        c
-        for c in ("val/f1_macro", "val/accuracy", "train/f1_macro", "train/accuracy", "val/recall_COVID19")
-        if c in df.columns
-    ]
-    if not loss_cols and not score_cols:
-        return None
-    fig, (a1, a2) = _figure(8.4, 3.4, ncols=2)
-    x = df["epoch"].to_numpy()
-    for c in loss_cols:
-        s = df[c]
-        a1.plot(x[s.notna()], s.dropna(), marker="o", ms=3, label=c)
-    a1.set_title("loss", fontsize=10)
-    a1.set_xlabel("epoch")
-    for c in score_cols:
-        s = df[c]
-        a2.plot(x[s.notna()], s.dropna(), marker="o", ms=3, label=c, ls="--" if c.startswith("train/") else "-")
-    a2.set_title("scores", fontsize=10)
-    a2.set_xlabel("epoch")
-    a2.set_ylim(max(0.0, min(0.5, a2.get_ylim()[0])), 1.01)
-    from matplotlib.ticker import MaxNLocator
-
-    for a in (a1, a2):
-        a.xaxis.set_major_locator(MaxNLocator(integer=True))
-        a.set_xlim(x.min() - 0.5, x.max() + 0.5)
-        if best_epoch is not None:
-            a.axvline(best_epoch, color="0.6", ls=":", lw=1, label=f"best epoch {best_epoch}")
-        if a.lines:
-            a.legend(fontsize=7)
-    return fig
-
-
-def read_epoch_metrics(metrics_csv: Path) -> pd.DataFrame | None:
-    """One row per epoch (Lightning's CSV logger may write several partial rows per epoch: merge them)."""
-    p = Path(metrics_csv)
-    if not p.is_file():
-        return None
-    try:
-        df = pd.read_csv(p)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError):
-        return None
-    if "epoch" not in df.columns or df.empty:
-        return None
-    num = df.select_dtypes("number")
-    return num.groupby("epoch", as_index=False).agg(lambda s: s.dropna().iloc[-1] if s.notna().any() else np.nan)
-
-
-def write_eval_figures(result: EvalResult, out: Path) -> dict[str, Path]:
-    """confusion_matrix.png, reliability.png and roc.png of an evaluation."""
-    out = Path(out)
-    paths = {
-        "confusion_png": _save(confusion_figure(result.confusion, result.classes), out / "confusion_matrix.png"),
-        "reliability_png": _save(reliability_figure(result.reliability, result.ece), out / "reliability.png"),
-    }
-    fig = roc_figure(result.predictions, result.classes)
-    if fig is not None:
-        paths["roc_png"] = _save(fig, out / "roc.png")
-    return paths
-
-
-def write_compare_confusion(result: CompareResult, path: Path) -> Path:
-    classes = result.baseline.classes
-    k = len(classes)
-    fig, (a, b) = _figure(2 * (1.6 + 1.1 * k), 1.3 + 1.0 * k, ncols=2)
-    plot_confusion(a, result.baseline.confusion, classes, "baseline")
-    plot_confusion(b, result.challenger.confusion, classes, "challenger")
-    return _save(fig, Path(path))
-
-
 # --------------------------------------------------------------------------------------------- HTML pieces
 
-# Additions to report_html's stylesheet: headline cards and figures side by side.
-_STYLE = """<style>
-.cards{display:flex;flex-wrap:wrap;gap:12px;margin:10px 0}
-.card{border:1px solid var(--line);border-radius:6px;padding:8px 14px;min-width:10em}
-.card .v{font-size:22px;font-weight:600}.card .ci{color:var(--muted);font-size:12px}
-.figs{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}.figs .figure{max-width:48%}
-</style>"""
 
 esc = rh.esc
 
@@ -226,7 +66,9 @@ def fig_img(fig: Figure | None, alt: str, caption: str = "") -> str:
 
 
 def page(title: str, parts: list[str], subtitle: str | None = None) -> str:
-    return rh.page(title, [_STYLE, *[p for p in parts if p]], subtitle=subtitle)
+    # additions to the shared stylesheet: headline cards and figures side by side
+    style = "<style>\n" + rh.asset("cards.css") + "</style>"
+    return rh.page(title, [style, *[p for p in parts if p]], subtitle=subtitle)
 
 
 def fmt(x: Any, digits: int = 3) -> str:
@@ -255,22 +97,16 @@ def _card(label: str, value: Any, ci: Any = None) -> str:
     )
 
 
-def _links(items: list[tuple[str, str]]) -> str:
+def links(items: list[tuple[str, str]]) -> str:
     """A line of relative links (href, text)."""
     return "<p>" + " · ".join(f"<a href='{esc(h)}'>{esc(t)}</a>" for h, t in items) + "</p>"
-
-
-def _costly_class(classes: list[str]) -> str | None:
-    from cxrlab.evaluate import COSTLY_CLASS, _norm_name
-
-    return next((c for c in classes if _norm_name(c) == _norm_name(COSTLY_CLASS)), None)
 
 
 # --------------------------------------------------------------------------------------------- eval report
 
 
 def load_eval_doc(eval_dir: Path) -> dict[str, Any]:
-    p = Path(eval_dir) / "metrics.json"
+    p = Path(eval_dir) / EVAL_METRICS_FILE
     if not p.is_file():
         raise ReportError(f"{eval_dir} holds no metrics.json; run `cxrlab evaluate` first")
     return json.loads(p.read_text())
@@ -325,7 +161,7 @@ def eval_section_html(eval_dir: Path, level: int = 2, gallery: bool = True) -> s
         parts.append(
             rh.callout(f"{doc['n_skipped']} file(s) could not be read and were skipped (listed below).", "warn")
         )
-    costly = _costly_class(classes) or (doc.get("present_classes") or classes or [None])[0]
+    costly = costly_class(classes) or (doc.get("present_classes") or classes or [None])[0]
     cards = [
         _card("accuracy", m.get(f"{p}/accuracy"), ci.get(f"{p}/accuracy")),
         _card("macro F1" + (" (present classes)" if absent else ""), m.get(f"{p}/f1_macro"), ci.get(f"{p}/f1_macro")),
@@ -371,13 +207,13 @@ def eval_section_html(eval_dir: Path, level: int = 2, gallery: bool = True) -> s
     if shift:
         parts.append(rh.section("Shift checks", _shift_kv(shift), level=level))
     figs = [
-        file_img(d / "confusion_matrix.png", "confusion matrix", "confusion matrix (colour = share of the true class)"),
-        file_img(d / "reliability.png", "reliability diagram", "calibration: accuracy vs confidence"),
-        file_img(d / "roc.png", "ROC curves", "one-vs-rest ROC curves"),
+        file_img(d / CONFUSION_PNG, "confusion matrix", "confusion matrix (colour = share of the true class)"),
+        file_img(d / RELIABILITY_PNG, "reliability diagram", "calibration: accuracy vs confidence"),
+        file_img(d / ROC_PNG, "ROC curves", "one-vs-rest ROC curves"),
     ]
     parts.append(rh.section("Figures", f"<div class='figs'>{''.join(f for f in figs if f)}</div>", level=level))
     if gallery:
-        g = _error_gallery(d / "predictions.csv")
+        g = _error_gallery(d / PREDICTIONS_FILE)
         if g:
             parts.append(rh.section("Most confident mistakes", g, level=level))
     if doc.get("skipped"):
@@ -427,83 +263,11 @@ def write_eval_report(eval_dir: Path, out: Path | None = None) -> Path:
     return rh.write_page(Path(out) if out else d / EVAL_REPORT, page(title, [eval_section_html(d)], subtitle=sub))
 
 
-# --------------------------------------------------------------------------------------------- compare report
-
-
-def _pt_ci(ci: tuple[float, float]) -> str:
-    if not all(math.isfinite(v) for v in ci):
-        return ""
-    return f"[{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]"
-
-
-def write_compare_report(r: CompareResult, path: Path) -> Path:
-    p = r.baseline.prefix
-    b, c = r.baseline, r.challenger
-    parts = [
-        rh.kv(
-            [
-                ("baseline", b.run_dir or b.bundle_dir),
-                ("challenger", c.run_dir or c.bundle_dir),
-                ("paired images", f"{r.n} from {b.data_source}"),
-            ]
-        ),
-        rh.callout(r.verdict, "ok" if r.significant else "info", title="Verdict:"),
-    ]
-    names = ["accuracy", "precision_macro", "recall_macro", "f1_macro", "auc_macro", "ece", "nll"]
-    costly = _costly_class(b.classes)
-    names += [f"recall_{x}" for x in ([costly] if costly else []) + [x for x in b.classes if x != costly]]
-    rows = []
-    for n_ in names:
-        key = f"{p}/{n_}"
-        if key not in b.metrics and key not in c.metrics:
-            continue
-        vb, vc = b.metrics.get(key, math.nan), c.metrics.get(key, math.nan)
-        delta = f"{vc - vb:+.3f}" if math.isfinite(vb) and math.isfinite(vc) else "–"
-        rows.append([n_, f"{fmt(vb)} {fmt_ci(b.ci.get(key))}", f"{fmt(vc)} {fmt_ci(c.ci.get(key))}", delta])
-    parts.append(rh.section("Metrics [95% CI]", rh.table(rows, columns=["metric", "baseline", "challenger", "Δ"])))
-    mc = r.mcnemar
-    tests = [
-        ["both right", r.both_right],
-        ["both wrong", r.both_wrong],
-        ["only baseline right (b)", mc.b],
-        ["only challenger right (c)", mc.c],
-        ["McNemar exact p (two-sided)", f"{mc.p_exact:.4g}"],
-        ["McNemar mid-p", f"{mc.p_midp:.4g}"],
-        ["McNemar χ² (continuity-corrected) p", f"{mc.p_chi2:.4g}"],
-        [
-            "accuracy difference (challenger − baseline)",
-            f"{r.accuracy_diff * 100:+.1f} pt {_pt_ci(r.accuracy_diff_ci)}",
-        ],
-        ["macro-F1 difference", f"{r.f1_diff * 100:+.1f} pt {_pt_ci(r.f1_diff_ci)}"],
-    ]
-    parts.append(rh.section("Paired tests", rh.table(tests, columns=["", "value"])))
-    parts.append(
-        rh.section(
-            "Errors per class",
-            rh.paragraph(f"False negatives of {costly or b.classes[0]} first: a missed case is the costly error."),
-            rh.table(r.errors.rename(columns=lambda x: x.replace("_", " "))),
-        )
-    )
-    parts.append(rh.section("Confusion matrices", file_img(r.out_dir / "confusion_matrices.png", "confusion matrices")))
-    if r.attention is not None:
-        parts.append(
-            rh.section(
-                "Where the models look (explanations)",
-                rh.paragraph("Mean share of the Grad-CAM mass per region (cxrlab explain)."),
-                rh.table(r.attention, float_fmt="{:.3f}"),
-            )
-        )
-    parts.append(
-        _links([("baseline/report.html", "baseline evaluation"), ("challenger/report.html", "challenger evaluation")])
-    )
-    return rh.write_page(path, page("Baseline vs challenger", parts))
-
-
 # --------------------------------------------------------------------------------------------- run report
 
 
 def _latest_eval_dirs(run_dir: Path) -> list[Path]:
-    ds = [d for d in run_dir.glob("eval-*") if (d / "metrics.json").is_file()]
+    ds = [d for d in run_dir.glob("eval-*") if (d / EVAL_METRICS_FILE).is_file()]
     order = {"eval-test": 0, "eval-val": 1}
     return sorted(ds, key=lambda d: (order.get(d.name, 2), d.name))
 
@@ -550,7 +314,7 @@ def _audit_section(audit_dir: Path | None, base: Path) -> str:
         parts.append(rh.kv([(f"text/markers in {k}", f"{float(v):.0%}") for k, v in doc["text_share"].items()]))
     html_path = a / "audit.html" if a.is_dir() else a.with_name("audit.html")
     if html_path.is_file():
-        parts.append(_links([(_rel(html_path, base), "full audit report")]))
+        parts.append(links([(_rel(html_path, base), "full audit report")]))
     return rh.section("Data audit", *parts)
 
 
@@ -572,9 +336,9 @@ def _explain_section(rd: Path, base: Path) -> str:
     rows = []
     for e in explains:
         doc: dict[str, Any] = {}
-        if (e.parent / "attention.json").is_file():
+        if (e.parent / ATTENTION_FILE).is_file():
             try:
-                doc = json.loads((e.parent / "attention.json").read_text())
+                doc = json.loads((e.parent / ATTENTION_FILE).read_text())
             except json.JSONDecodeError:
                 doc = {}
         s = doc.get("summary", {}) if isinstance(doc.get("summary"), dict) else {}
@@ -596,7 +360,7 @@ def _explain_section(rd: Path, base: Path) -> str:
             "lungs has learned a shortcut."
         ),
         rh.table(rows, columns=cols, float_fmt="{:.3f}"),
-        _links([(_rel(e, base), f"{e.parent.name}: per-image table") for e in explains]),
+        links([(_rel(e, base), f"{e.parent.name}: per-image table") for e in explains]),
         _review_part(rd),
     )
 
@@ -622,23 +386,16 @@ def write_run_report(run_dir: Path, out: Path | None = None, audit_dir: Path | N
     if not rd.is_dir():
         raise ReportError(f"run directory not found: {rd}")
     summary: dict[str, Any] = {}
-    if (rd / "summary.json").is_file():
-        summary = json.loads((rd / "summary.json").read_text())
-    elif not (rd / "metrics.csv").is_file() and not _latest_eval_dirs(rd):
+    if (rd / SUMMARY_FILE).is_file():
+        summary = read_summary(rd)
+    elif not (rd / METRICS_FILE).is_file() and not _latest_eval_dirs(rd):
         raise ReportError(f"{rd} is not a run directory (no summary.json, metrics.csv or eval-*/)")
     path = Path(out) if out else rd / RUN_REPORT
     base = path.parent
     if audit_dir is None:
         audit_dir = _find_pipeline_audit(rd)
     run_id = summary.get("run_id") or rd.name
-    cfg: dict[str, Any] = {}
-    if (rd / "config.yaml").is_file():
-        import yaml
-
-        try:
-            cfg = yaml.safe_load((rd / "config.yaml").read_text()) or {}
-        except yaml.YAMLError:
-            cfg = {}
+    cfg = read_run_config(rd)
     meta = [(k, cfg[k]) for k in ("model_name", "img_size", "batch_size", "optimizer", "learning_rate") if k in cfg]
     meta += [(k, cfg[k]) for k in ("lr_scheduler", "epochs") if k in cfg]
     meta += [
@@ -648,7 +405,7 @@ def write_run_report(run_dir: Path, out: Path | None = None, audit_dir: Path | N
         meta.append(("training time", f"{float(summary['wall_s']):.0f} s"))
     parts = [rh.kv(meta), _audit_section(audit_dir, base)]
     best = summary.get("best_epoch")
-    curves = training_curves_figure(rd / "metrics.csv", int(best) if best is not None else None)
+    curves = training_curves_figure(rd / METRICS_FILE, int(best) if best is not None else None)
     if curves is not None:
         parts.append(rh.section("Training", fig_img(curves, "training curves", "per-epoch loss and scores")))
     evals = _latest_eval_dirs(rd)
@@ -659,7 +416,7 @@ def write_run_report(run_dir: Path, out: Path | None = None, audit_dir: Path | N
             rh.section(
                 f"Evaluation on the {on}",
                 eval_section_html(d, level=3, gallery=d == evals[0]),
-                _links([(_rel(d / EVAL_REPORT, base), "this evaluation on its own page")]),
+                links([(_rel(d / EVAL_REPORT, base), "this evaluation on its own page")]),
             )
         )
     parts.append(_explain_section(rd, base))

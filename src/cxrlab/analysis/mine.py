@@ -26,32 +26,29 @@ neighbours and distances, thumbnails inlined), ``neighbours.csv`` (one row per e
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import html
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from pydantic import Field
 
+from cxrlab.analysis.neighbours import make_index
+from cxrlab.atomic import write_json
 from cxrlab.config import StrictModel
-from cxrlab.errors import CxrlabError
+from cxrlab.errors import MineError
+from cxrlab.report.mine_page import write_mine_page
 
 CACHE_DIR = "mine-cache"
 NEIGHBOURS_CSV = "neighbours.csv"
 TO_LABEL_CSV = "to_label.csv"
 GALLERY_HTML = "gallery.html"
 SUMMARY_JSON = "mine.json"
-
-
-class MineError(CxrlabError):
-    """Mining cannot proceed; the message names the path or value and what to do."""
 
 
 class MineConfig(StrictModel):
@@ -97,119 +94,6 @@ class MineResult:
     skipped: list[dict[str, str]] = field(default_factory=list)
 
 
-# ------------------------------------------------------------------------------------------- search indexes
-
-
-class NeighbourIndex(Protocol):
-    """Cosine nearest neighbours of L2-normalised float32 vectors."""
-
-    name: str
-
-    def add(self, vectors: np.ndarray) -> None: ...
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(similarities, indices), each queries x k, best first; index -1 where the pool has fewer than k."""
-        ...
-
-
-class ExactIndex:
-    """Exact search: blocked matrix product and a partial sort (the recall reference)."""
-
-    name = "exact"
-
-    def __init__(self, dim: int, block: int = 65536) -> None:
-        self.dim, self.block = dim, block
-        self._parts: list[np.ndarray] = []
-
-    def add(self, vectors: np.ndarray) -> None:
-        self._parts.append(np.ascontiguousarray(vectors, dtype=np.float32))
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        base = np.concatenate(self._parts) if self._parts else np.zeros((0, self.dim), np.float32)
-        n = len(base)
-        best_s = np.full((len(q), k), -np.inf, np.float32)
-        best_i = np.full((len(q), k), -1, np.int64)
-        for a in range(0, n, self.block):
-            s = q @ base[a : a + self.block].T
-            s_all = np.concatenate([best_s, s], 1)
-            i_all = np.concatenate([best_i, np.arange(a, a + s.shape[1])[None].repeat(len(q), 0)], 1)
-            kk = min(k, s_all.shape[1])
-            top = np.argpartition(-s_all, kk - 1, axis=1)[:, :kk]
-            best_s = np.take_along_axis(s_all, top, 1)
-            best_i = np.take_along_axis(i_all, top, 1)
-        order = np.argsort(-best_s, axis=1, kind="stable")
-        best_s, best_i = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
-        best_i[~np.isfinite(best_s)] = -1
-        return best_s, best_i
-
-
-class FaissIndex:
-    """faiss approximate search over inner products: ``hnsw`` (graph; no training, ``ef_search`` trades speed for
-    recall) or ``ivf`` (k-means cells; ``nprobe`` of ``nlist`` cells searched)."""
-
-    def __init__(self, dim: int, kind: Literal["hnsw", "ivf"] = "hnsw", m: int = 32, ef_search: int = 128,
-                 ef_construction: int = 80, nlist: int | None = None, nprobe: int = 32) -> None:  # fmt: skip
-        try:
-            import faiss
-        except ImportError as e:  # pragma: no cover - locked dependency
-            raise MineError("faiss is not installed (pip install faiss-cpu); use --index exact") from e
-        self.faiss, self.dim, self.name = faiss, dim, kind
-        self.m, self.ef_search, self.ef_construction = m, ef_search, ef_construction
-        self.nlist, self.nprobe = nlist, nprobe
-        self.index: Any = None
-        self._pending: list[np.ndarray] = []
-
-    def add(self, vectors: np.ndarray) -> None:
-        self._pending.append(np.ascontiguousarray(vectors, dtype=np.float32))
-
-    def _build(self) -> None:
-        faiss = self.faiss
-        x = np.concatenate(self._pending) if self._pending else np.zeros((0, self.dim), np.float32)
-        self._pending = []
-        if self.name == "hnsw":
-            idx = faiss.IndexHNSWFlat(self.dim, self.m, faiss.METRIC_INNER_PRODUCT)
-            idx.hnsw.efConstruction = self.ef_construction
-            idx.hnsw.efSearch = self.ef_search
-        else:
-            # sqrt(n) cells (faiss's rule of thumb; k-means stays cheap), at least 39 training points per cell
-            nlist = self.nlist or max(1, min(int(np.sqrt(max(len(x), 1))), len(x) // 39))
-            quant = faiss.IndexFlatIP(self.dim)
-            idx = faiss.IndexIVFFlat(quant, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            if len(x):
-                idx.train(x)
-            idx.nprobe = min(self.nprobe, nlist)
-            self._quant = quant  # keep the quantiser alive as long as the index
-        if len(x):
-            idx.add(x)
-        self.index = idx
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.index is None or self._pending:
-            self._build()
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        if self.name == "hnsw":
-            self.index.hnsw.efSearch = max(self.ef_search, k)
-        s, i = self.index.search(q, k)
-        return s.astype(np.float32), i.astype(np.int64)
-
-
-def make_index(kind: str, dim: int, n: int, exact_max: int = 50_000) -> NeighbourIndex:
-    if kind == "auto":
-        kind = "exact" if n <= exact_max else "hnsw"
-    if kind == "exact":
-        return ExactIndex(dim)
-    if kind in ("hnsw", "ivf"):
-        return FaissIndex(dim, kind)  # type: ignore[arg-type]
-    raise MineError(f"unknown index {kind!r}: auto | exact | hnsw | ivf")
-
-
-def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
-    """Mean share of the exact k nearest neighbours that the approximate search also returned."""
-    hits = [len(set(a[a >= 0]) & set(e[e >= 0])) / max(1, (e >= 0).sum()) for a, e in zip(approx, exact, strict=True)]
-    return float(np.mean(hits)) if hits else float("nan")
-
-
 # ------------------------------------------------------------------------------------------- embeddings
 
 
@@ -232,7 +116,7 @@ def penultimate(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, 
 
 def model_fingerprint(bundle: Any) -> str:
     """What the embeddings depend on: the weights and the preprocessing."""
-    from cxrlab.bundle import file_sha256
+    from cxrlab.inference.bundle import file_sha256
 
     meta = bundle.meta
     w = bundle.weights_path or (Path(bundle.path) / "model.safetensors")
@@ -313,8 +197,8 @@ def embed_files(
     """Embed image files in batches (cached by content hash when ``cache`` is given)."""
     from tqdm.auto import tqdm
 
+    from cxrlab.data.grouping import image_phash
     from cxrlab.data.io import ImageReadError, decode_xray
-    from cxrlab.data.split import image_phash
 
     device = next(bundle.model.parameters()).device
     out_p, out_s, out_h, vecs, probs, skipped = [], [], [], [], [], []
@@ -413,10 +297,10 @@ def list_images(images: Path) -> list[str]:
 
 
 def _split_hashes(split_table: pd.DataFrame) -> tuple[set[str], np.ndarray]:
-    from cxrlab.data.split import _PHASH_RE, phash_to_int
+    from cxrlab.data.grouping import PHASH_RE, phash_to_int
 
     sha = {str(s) for s in split_table.get("sha256", pd.Series(dtype=str)).astype(str) if s}
-    ph = [p for p in split_table.get("phash", pd.Series(dtype=str)).astype(str) if _PHASH_RE.fullmatch(p)]
+    ph = [p for p in split_table.get("phash", pd.Series(dtype=str)).astype(str) if PHASH_RE.fullmatch(p)]
     return sha, phash_to_int(ph) if ph else np.zeros(0, np.uint64)
 
 
@@ -424,12 +308,12 @@ def duplicate_mask(
     sha: list[str], phash: list[str], known_sha: set[str], known_ph: np.ndarray, threshold: int, block: int = 4096
 ) -> np.ndarray:
     """True where a pool image's sha256 is known or its pHash is within ``threshold`` bits of a known one."""
-    from cxrlab.data.split import _PHASH_RE
+    from cxrlab.data.grouping import PHASH_RE
 
     dup = np.array([s in known_sha for s in sha], bool)
     if threshold < 0 or not len(known_ph) or not phash:
         return dup
-    valid = np.array([bool(_PHASH_RE.fullmatch(p)) for p in phash])
+    valid = np.array([bool(PHASH_RE.fullmatch(p)) for p in phash])
     h = np.array([int(p, 16) if v else 0 for p, v in zip(phash, valid, strict=True)], dtype=np.uint64)
     for a in range(0, len(h), block):
         d = np.bitwise_count(h[a : a + block, None] ^ known_ph[None, :])
@@ -442,10 +326,11 @@ def duplicate_mask(
 
 def mine(cfg: MineConfig) -> MineResult:
     """Nearest pool neighbours of the run's errors (or the chosen images); gallery, CSVs, summary."""
-    from cxrlab.bundle import load_bundle, resolve_bundle_dir
+    from cxrlab.data.items import resolve_items, run_split_dir
     from cxrlab.data.manifest import load_split
-    from cxrlab.evaluate import _run_split_dir, find_run_dir, read_summary, resolve_items
-    from cxrlab.explain import resolve_device
+    from cxrlab.inference.bundle import load_bundle, resolve_bundle_dir
+    from cxrlab.inference.infer import resolve_device
+    from cxrlab.runs import find_run_dir, read_summary
 
     t0 = time.perf_counter()
     if not Path(cfg.target).exists():
@@ -459,7 +344,7 @@ def mine(cfg: MineConfig) -> MineResult:
     classes = list(meta.class_names)
     pool_files = list_pool(cfg.pool)
 
-    split_dir = _run_split_dir(run_dir, read_summary(run_dir), meta.config or {})
+    split_dir = run_split_dir(run_dir, read_summary(run_dir), meta.config or {})
     if split_dir is None:
         raise MineError(
             f"{base} does not record the split it was trained on, so pool images cannot be checked against its "
@@ -541,7 +426,9 @@ def mine(cfg: MineConfig) -> MineResult:
     table = pd.DataFrame(nb, columns=cols)
     table.to_csv(out / NEIGHBOURS_CSV, index=False, float_format="%.6g")
     _write_to_label(table, out / TO_LABEL_CSV)
-    _write_gallery(out / GALLERY_HTML, rows_q, table, cfg, base)
+    write_mine_page(
+        out / GALLERY_HTML, rows_q, table, base=base, pool=cfg.pool, k=cfg.k, images=cfg.images, thumb=cfg.thumb_size
+    )
     res = MineResult(
         out_dir=out,
         gallery=out / GALLERY_HTML,
@@ -576,7 +463,7 @@ def mine(cfg: MineConfig) -> MineResult:
         "seconds": secs,
         "skipped": res.skipped,
     }
-    (out / SUMMARY_JSON).write_text(json.dumps(doc, indent=2))
+    write_json(out / SUMMARY_JSON, doc)
     return res
 
 
@@ -597,57 +484,3 @@ def _write_to_label(table: pd.DataFrame, path: Path) -> None:
         }
     )
     df.to_csv(path, index=False, float_format="%.6g")
-
-
-def _thumb_uri(path: str, size: int) -> str:
-    import cv2
-
-    from cxrlab.data.io import read_xray
-
-    try:
-        g = read_xray(path)
-    except Exception:
-        return ""
-    h, w = g.shape
-    s = size / max(h, w)
-    g = cv2.resize(g, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
-    ok, buf = cv2.imencode(".jpg", g, [cv2.IMWRITE_JPEG_QUALITY, 80])
-    return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode() if ok else ""
-
-
-_CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:16px;color:#1d232b}
-.q{display:flex;gap:10px;align-items:flex-start;border-top:1px solid #d9dee5;padding:10px 0;flex-wrap:wrap}
-figure{margin:0;width:132px;font-size:12px}figure img{display:block;max-width:128px;max-height:128px}
-figure.err{outline:3px solid #c62828;outline-offset:2px}.muted{color:#5b6675}figcaption{word-break:break-all}
-"""
-
-
-def _write_gallery(path: Path, rows_q: list[dict[str, Any]], table: pd.DataFrame, cfg: MineConfig, base: Path) -> None:
-    from cxrlab import RESEARCH_NOTICE
-
-    e = html.escape
-    by_q = {k: g.sort_values("rank") for k, g in table.groupby("query")} if len(table) else {}
-    parts = [
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>cxrlab mine</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>Similar pool images for {len(rows_q)} {'errors' if cfg.images is None else 'images'}</h1>",
-        f"<p class='muted'>run {e(str(base))} · pool {e(str(cfg.pool))} · k={cfg.k} · cosine distance of "
-        f"penultimate-layer embeddings (0 = identical direction) · {e(RESEARCH_NOTICE)}</p>",
-    ]
-    for r in rows_q:
-        cap = f"{e(Path(r['query']).name)}<br>label {e(r['label'] or '?')} → pred {e(r['prediction'])} "
-        cap += f"({r['confidence']:.2f})"
-        parts.append(
-            f"<div class='q'><figure class='err'><img src='{_thumb_uri(r['query'], cfg.thumb_size)}' alt='query'>"
-        )
-        parts.append(f"<figcaption>{cap}</figcaption></figure>")
-        for _, n in by_q.get(r["query"], pd.DataFrame()).iterrows():
-            parts.append(
-                f"<figure><img src='{_thumb_uri(n['path'], cfg.thumb_size)}' alt='neighbour {int(n['rank'])}'>"
-                f"<figcaption>#{int(n['rank'])} d={n['distance']:.3f}<br>{e(Path(n['path']).name)}"
-                "</figcaption></figure>"
-            )
-        parts.append("</div>")
-    parts.append("</body></html>")
-    path.write_text("".join(parts), encoding="utf-8")

@@ -6,7 +6,7 @@ mailed or attached to a W&B run, and never changes after it is written.
 
 Typical use::
 
-    from cxrlab import report_html as rh
+    from cxrlab.report import html as rh
 
     fig, ax = rh.new_figure(6, 3)
     ax.bar(["a", "b"], [3, 5])
@@ -27,6 +27,7 @@ worker threads and under pytest.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import math
@@ -37,38 +38,6 @@ from typing import Any, Literal
 import numpy as np
 
 Level = Literal["info", "warn", "error", "ok"]
-
-CSS = """
-:root { --fg:#1d2127; --muted:#5f6b7a; --line:#d9dee5; --bg:#ffffff; --soft:#f5f7fa;
-        --warn:#fff4e0; --warnline:#e69a1c; --error:#fde8e8; --errorline:#d64545;
-        --ok:#e8f6ec; --okline:#2f9e57; --info:#e8f1fd; --infoline:#3b7bd6; }
-* { box-sizing: border-box; }
-body { font: 14px/1.45 -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; color: var(--fg);
-       background: var(--bg); margin: 0 auto; max-width: 1180px; padding: 24px 28px 60px; }
-h1 { font-size: 24px; margin: 0 0 4px; }
-h2 { font-size: 18px; margin: 32px 0 10px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
-h3 { font-size: 15px; margin: 18px 0 8px; }
-.subtitle { color: var(--muted); margin-bottom: 18px; }
-.callout { border-left: 5px solid var(--infoline); background: var(--info); padding: 10px 14px;
-           margin: 10px 0; border-radius: 4px; }
-.callout.warn { border-color: var(--warnline); background: var(--warn); }
-.callout.error { border-color: var(--errorline); background: var(--error); }
-.callout.ok { border-color: var(--okline); background: var(--ok); }
-table.data { border-collapse: collapse; margin: 8px 0 16px; font-size: 13px; }
-table.data th, table.data td { border: 1px solid var(--line); padding: 4px 9px; text-align: left; }
-table.data th { background: var(--soft); font-weight: 600; }
-table.data td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.figure { margin: 8px 0 18px; }
-.figure img { max-width: 100%; height: auto; }
-.caption { color: var(--muted); font-size: 12px; }
-.gallery { display: flex; flex-wrap: wrap; gap: 10px; margin: 8px 0 18px; }
-.gallery figure { margin: 0; width: 132px; }
-.gallery img { width: 128px; height: 128px; object-fit: contain; background: #000; border: 1px solid var(--line); }
-.gallery figcaption { font-size: 11px; color: var(--muted); word-break: break-all; }
-.kv { display: grid; grid-template-columns: max-content 1fr; gap: 2px 14px; margin: 8px 0 16px; }
-.kv div:nth-child(odd) { color: var(--muted); }
-code { background: var(--soft); padding: 1px 4px; border-radius: 3px; }
-"""
 
 
 def esc(value: Any) -> str:
@@ -217,15 +186,30 @@ def section(title: str, *parts: str, anchor: str | None = None, level: int = 2) 
     return f"<section{a}><h{level}>{esc(title)}</h{level}>{''.join(parts)}</section>"
 
 
+@functools.cache
+def _templates() -> Any:
+    import jinja2
+
+    # autoescape off: every value is escaped with esc() or is a fragment built by the helpers above
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("cxrlab.report", "templates"), autoescape=False, keep_trailing_newline=True
+    )
+
+
+def asset(name: str) -> str:
+    """A file of ``cxrlab/report/templates`` (CSS, JavaScript) as text, to inline into a self-contained page."""
+    env = _templates()
+    return env.loader.get_source(env, name)[0]
+
+
 def page(title: str, body: Sequence[str] | str, subtitle: str | None = None) -> str:
-    """A complete HTML document (UTF-8, inline CSS, no scripts or external resources)."""
+    """A complete HTML document (UTF-8, inline CSS, no external resources) from ``templates/page.html``."""
     content = body if isinstance(body, str) else "\n".join(body)
     sub = f'<div class="subtitle">{esc(subtitle)}</div>' if subtitle else ""
     return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{esc(title)}</title><style>{CSS}</style></head>"
-        f"<body><h1>{esc(title)}</h1>{sub}\n{content}\n</body></html>\n"
+        _templates()
+        .get_template("page.html")
+        .render(title=esc(title), css=asset("report.css"), subtitle=sub, content=content)
     )
 
 

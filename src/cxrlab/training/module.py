@@ -45,7 +45,7 @@ class CXRClassifier(L.LightningModule):
     """``cfg`` builds the model/optimizer/scheduler; ``class_names`` come from the data.
 
     ``model`` may be passed in (already built, e.g. to read its data config first); otherwise
-    ``cxrlab.model.build_model(cfg, len(class_names))`` builds it.
+    ``cxrlab.training.model.build_model(cfg, len(class_names))`` builds it.
     """
 
     def __init__(
@@ -57,7 +57,7 @@ class CXRClassifier(L.LightningModule):
         n_groups: int = 0,
     ) -> None:
         super().__init__()
-        from cxrlab.model import build_model
+        from cxrlab.training.model import build_model
 
         self.cfg = cfg
         self.class_names = list(class_names)
@@ -172,7 +172,7 @@ class CXRClassifier(L.LightningModule):
 
     # ---- optimisation
     def configure_optimizers(self) -> Any:
-        from cxrlab.model import build_optimizer, build_scheduler
+        from cxrlab.training.optim import build_optimizer, build_scheduler
 
         total = int(self.trainer.estimated_stepping_batches)
         steps_per_epoch = max(1, -(-total // max(1, self.trainer.max_epochs or 1)))

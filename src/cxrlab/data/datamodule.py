@@ -27,26 +27,20 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cxrlab.augment import norm_constants, resize_gray, to_channels
 from cxrlab.config import Config, ConfigError
+from cxrlab.data.io import read_xray
 from cxrlab.data.manifest import ALL_SPLITS, DataError, SplitInfo, load_split
 from cxrlab.preprocess import apply_preprocess
+from cxrlab.transforms import norm_constants, resize_gray, to_channels
 
 log = logging.getLogger(__name__)
 
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
-def read_gray(path: str | Path) -> np.ndarray:
-    """Decode one image as 2-D uint8 grayscale (``cxrlab.data.io.read_xray``: PNG/JPEG/TIFF/16-bit/DICOM)."""
-    from cxrlab.data.io import read_xray
-
-    return read_xray(path, dtype="uint8")
-
-
 def load_image(path: str | Path, img_size: tuple[int, int] | None, preprocess: dict[str, Any] | None) -> np.ndarray:
     """Decode -> preprocess -> (optionally) resize: the deterministic part shared with inference, in its order."""
-    gray = apply_preprocess(read_gray(path), preprocess)
+    gray = apply_preprocess(read_xray(path), preprocess)
     return resize_gray(gray, img_size) if img_size is not None else gray
 
 
@@ -258,7 +252,7 @@ class CXRDataModule(L.LightningDataModule):
     """Train/val/test loaders over a split (see the module docstring for caching and seeding).
 
     ``mean``/``std`` default to ImageNet's for ``cfg.in_chans``; ``train`` passes the model's own
-    (``cxrlab.model.model_data_config``) so the bundle's normalisation is the one trained with.
+    (``cxrlab.training.model.model_data_config``) so the bundle's normalisation is the one trained with.
     """
 
     def __init__(
@@ -315,7 +309,7 @@ class CXRDataModule(L.LightningDataModule):
 
     # ---- building
     def _transform(self, train: bool) -> Callable[..., dict[str, Any]]:
-        from cxrlab.augment import eval_transform, train_transform
+        from cxrlab.transforms import eval_transform, train_transform
 
         if train:
             return train_transform(self.cfg.img_size, self.mean, self.std, self.cfg.augment, seed=self.cfg.seed)

@@ -1,0 +1,1 @@
+"""Inference: the bundle (the one weights reader), batched prediction and export."""

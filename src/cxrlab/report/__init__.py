@@ -1,0 +1,1 @@
+"""The page layer: HTML pages built from the artefacts a stage wrote."""

@@ -1,0 +1,1 @@
+"""Training: the timm model, optimizer/scheduler registries, the LightningModule and train()."""

@@ -1,0 +1,231 @@
+"""A training run's directory over its life: a new run id and folder, the per-epoch ``metrics.csv`` logger and
+reader, finding what to resume from (``last.ckpt``, falling back to ``best.ckpt``) and with which config, and
+the bytes a run holds. File names come from ``cxrlab.runs``."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import re
+import stat
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cxrlab.config import Config, ConfigError, build_config, read_yaml
+from cxrlab.errors import RunError
+from cxrlab.runs import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    checkpoint_path,
+    run_dir_of_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------- metrics.csv
+
+
+def epoch_csv_logger(path: Path) -> Any:
+    """A Lightning logger writing ``metrics.csv`` with one row per epoch (train and val merged on ``epoch``).
+
+    Lightning's CSVLogger writes one row per log call (train and val of one epoch on separate rows); this one keeps
+    the row of each epoch and rewrites the (small) file after every call, so a crashed run keeps its history. On
+    resume, rows of epochs that are not run again are kept; an epoch that is run again replaces its row.
+    """
+    from lightning.pytorch.loggers.logger import Logger
+    from lightning.pytorch.utilities import rank_zero_only
+
+    class EpochCSVLogger(Logger):
+        def __init__(self) -> None:
+            super().__init__()
+            self.path = path
+            self.rows: dict[int, dict[str, Any]] = {}
+            self._touched: set[int] = set()
+            if path.is_file():
+                with path.open(newline="") as f:
+                    for r in csv.DictReader(f):
+                        self.rows[int(r["epoch"])] = {k: v for k, v in r.items() if v != ""}
+
+        @property
+        def name(self) -> str:
+            return "metrics_csv"
+
+        @property
+        def version(self) -> str:
+            return "0"
+
+        @rank_zero_only
+        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        @rank_zero_only
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            if "epoch" not in metrics:
+                return
+            values = {k: float(v) for k, v in metrics.items() if k.startswith(("train/", "val/"))}
+            if not values:
+                return
+            epoch = int(metrics["epoch"])
+            if epoch not in self._touched:  # first values of this epoch in this session: start the row afresh
+                self._touched.add(epoch)
+                self.rows[epoch] = {"epoch": epoch}
+            self.rows[epoch].update(values)
+            self.rows[epoch]["step"] = step
+
+        @rank_zero_only
+        def save(self) -> None:
+            if not self.rows:
+                return
+            keys = sorted({k for r in self.rows.values() for k in r} - {"epoch", "step"})
+            cols = ["epoch", "step"] + sorted(keys, key=lambda k: (not k.startswith("train/"), k))
+            tmp = self.path.with_suffix(".csv.tmp")
+            with tmp.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=cols)
+                w.writeheader()
+                for e in sorted(self.rows):
+                    w.writerow(self.rows[e])
+            tmp.replace(self.path)
+
+        @rank_zero_only
+        def finalize(self, status: str) -> None:
+            self.save()
+
+    return EpochCSVLogger()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
+    """``metrics.csv`` as a list of rows (floats; epoch and step as ints)."""
+    rows = []
+    with (Path(run_dir) / METRICS_FILE).open(newline="") as f:
+        for r in csv.DictReader(f):
+            row: dict[str, float] = {}
+            for k, v in r.items():
+                if v not in ("", None):
+                    row[k] = int(float(v)) if k in ("epoch", "step") else float(v)
+            rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- run dirs
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "run"
+
+
+def new_run_dir(cfg: Config) -> tuple[Path, str]:
+    """``<output_dir>/<run_name or model-YYYYmmdd-HHMMSS>``; a taken name gets a ``-2``, ``-3`` ... suffix."""
+    base = safe_name(cfg.run_name or f"{cfg.model_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    parent = Path(cfg.output_dir).expanduser()
+    run_id, n = base, 1
+    while (parent / run_id).exists() and any((parent / run_id).iterdir()):
+        n += 1
+        run_id = f"{base}-{n}"
+    run_dir = parent / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir.resolve(), run_id
+
+
+def locate_resume(resume: str | Path) -> tuple[Path, Path]:
+    """A run directory or a checkpoint inside one -> (run_dir, checkpoint path)."""
+    p = Path(resume).expanduser()
+    if p.is_file() and p.suffix == ".ckpt":
+        run_dir = run_dir_of_checkpoint(p)
+        ckpt = p
+    elif p.is_dir():
+        run_dir, ckpt = p, checkpoint_path(p, "last")
+    else:
+        raise RunError(f"cannot resume: {p} is neither a run directory nor a .ckpt file")
+    if not ckpt.is_file():
+        raise RunError(f"cannot resume {run_dir}: {ckpt} not found (the run saved no checkpoint before it stopped)")
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise RunError(f"cannot resume: {run_dir} has no {CONFIG_FILE}; pass the run directory made by `cxrlab train`")
+    return run_dir.resolve(), ckpt.resolve()
+
+
+def _unreadable_checkpoint(path: Path) -> str | None:
+    """None when ``path`` loads (``weights_only``, as Lightning will load it), else why not, in one line."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a pickle error, an I/O error: all mean "cannot resume from it"
+        first = " ".join(str(e).split())[:160] or type(e).__name__
+        return f"{type(e).__name__}: {first}"
+    if not isinstance(obj, dict) or "state_dict" not in obj or "epoch" not in obj:
+        return "not a Lightning checkpoint (no state_dict/epoch)"
+    return None
+
+
+def resume_checkpoint(run_dir: Path, ckpt: Path, explicit: bool = False) -> tuple[Path, str | None]:
+    """The checkpoint to resume ``run_dir`` from and a warning (or None).
+
+    A damaged ``last.ckpt`` (a crash or a full disk while it was written) falls back to ``best.ckpt`` when that one
+    loads, with a warning: the epochs after best are trained again. Otherwise ``RunError`` says exactly what to do.
+    ``explicit``: the user named ``ckpt`` (no silent fallback then; the message names the alternative).
+    """
+    why = _unreadable_checkpoint(ckpt)
+    if why is None:
+        return ckpt, None
+    best = checkpoint_path(run_dir, "best")
+    best_ok = best.is_file() and best.resolve() != ckpt.resolve() and _unreadable_checkpoint(best) is None
+    restart = f"cxrlab train --config {run_dir / CONFIG_FILE} (a new run from the stored config)"
+    if best_ok and not explicit:
+        epoch = int(torch.load(best, map_location="cpu", weights_only=True)["epoch"])
+        msg = (
+            f"{ckpt} is damaged ({why}); resuming from {best} (epoch {epoch}) instead: the epochs after it are "
+            "trained again"
+        )
+        log.warning(msg)
+        return best, msg
+    if best_ok:
+        raise RunError(
+            f"cannot resume from {ckpt}: it is damaged ({why}). Resume from the best checkpoint instead: "
+            f"cxrlab train --resume {best}, or start again: {restart}"
+        )
+    if best.is_file() and best.resolve() != ckpt.resolve():
+        other = f"{best} is damaged too"
+    else:
+        other = "there is no best.ckpt to fall back to"
+    raise RunError(
+        f"cannot resume {run_dir}: {ckpt} is damaged ({why}) and {other}. Start again: {restart}; then remove {run_dir}"
+    )
+
+
+def resume_config(resume: str | Path, overrides: Sequence[str] | None = None) -> Config:
+    """The stored config of a run (``runs/<id>/config.yaml``) plus ``key=value`` overrides (e.g. more epochs)."""
+    from cxrlab.config import apply_overrides
+
+    run_dir, _ = locate_resume(resume)
+    data = apply_overrides(read_yaml(run_dir / CONFIG_FILE), list(overrides or []))
+    return build_config(Config, data, source=str(run_dir / CONFIG_FILE))
+
+
+def check_resume_compatible(cfg: Config, run_dir: Path) -> None:
+    stored = read_yaml(run_dir / CONFIG_FILE)
+    for key in ("model_name", "in_chans", "img_size", "num_classes"):
+        mine = getattr(cfg, key)
+        if key == "img_size":
+            mine = list(mine)
+        if mine is not None and stored.get(key) is not None and stored.get(key) != mine:
+            raise ConfigError(
+                f"cannot resume {run_dir} with {key}={mine!r}: the run was trained with {key}={stored[key]!r} "
+                f"(resume with the stored config: `cxrlab train --resume {run_dir}`)"
+            )
+
+
+def disk_usage(path: str | Path) -> int:
+    """Bytes of the regular files under ``path`` (symlinks not followed)."""
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, f))
+            except OSError:
+                continue
+            total += 0 if stat.S_ISLNK(st.st_mode) else st.st_size
+    return total
