@@ -230,7 +230,7 @@ def validate(cfg: ValidateConfig, log: Callable[[str], Any] = print) -> Validate
             }
         ),
     )
-    res.paths["html"] = _write_html(res, out / "validate.html")
+    res.paths["html"] = write_validate_page(res, out / "validate.html")
     return res
 
 
@@ -323,26 +323,19 @@ TABLE_COLUMNS = [
 ]
 
 
-def _write_html(res: ValidateResult, path: Path) -> Path:
+def write_validate_page(res: ValidateResult, path: Path) -> Path:
+    """``validate.html``: the fold table with what it means, skipped folds and shift warnings."""
     from cxrlab.report import html as rh
 
     rows = [table_cells(r, res.classes) for r in res.rows.to_dict(orient="records")]
-    parts = [
-        rh.paragraph(
-            "One model per held-out source group, trained on the other sources. 'test' is the model's own "
-            "in-distribution test split (sources it was trained on); 'held-out' is every image of the sources it "
-            "never saw. A large drop from test to held-out means the model learned something about its sources "
-            "that does not carry over: what a reviewer or another hospital would find. Macro-F1 on held-out data "
-            "averages only the classes those sources hold (one class: read its recall). 95% percentile bootstrap "
-            "intervals in brackets."
-        ),
-        rh.table(rows, columns=TABLE_COLUMNS),
-    ]
-    skipped = [f for f in res.folds if f["status"] == "skipped"]
-    for f in skipped:
-        parts.append(rh.callout(f"fold {f['fold']} skipped: {f['reason']}", "warn"))
-    for f in res.folds:
-        for side, ws in (f.get("warnings") or {}).items():
-            for w in ws:
-                parts.append(rh.callout(f"fold {f['fold']}, {side}: {w}", "error", "Shift:"))
-    return rh.write_page(path, rh.page("Leave-source-out validation", parts, subtitle=str(res.out)))
+    shifts = [f"fold {f['fold']}, {side}: {w}" for f in res.folds for side, ws in (f.get("warnings") or {}).items()
+              for w in ws]  # fmt: skip
+    html = rh.render(
+        "validate.html",
+        title="Leave-source-out validation",
+        subtitle=str(res.out),
+        table=rh.table(rows, columns=TABLE_COLUMNS),
+        skipped=[f"fold {f['fold']} skipped: {f['reason']}" for f in res.folds if f["status"] == "skipped"],
+        shift_warnings=shifts,
+    )
+    return rh.write_page(path, html)

@@ -128,57 +128,25 @@ def render_audit_page(
     from cxrlab.report import html as rh
 
     src_audit = src_audit or {}
-    parts: list[str] = []
-    for w in src_audit.get("warnings", []):
-        parts.append(rh.callout(w, "error", "Source:"))
-    for w in conf.get("warnings", []):
-        parts.append(rh.callout(w, "error", "Confound:"))
-    for w in warnings:
-        if w not in conf.get("warnings", []) and w not in src_audit.get("warnings", []):
-            parts.append(rh.callout(w, "warn"))
-    if not warnings and not conf.get("warnings"):
-        parts.append(rh.callout("no confound, duplicate or quality warnings", "ok"))
-    parts.append(
-        rh.kv(
-            {
-                "data": str(src),
-                "kind": kind,
-                "images": f"{len(feats):,} ({int((feats['error'] != '').sum())} unreadable)",
-                "classes": ", ".join(classes),
-                "audit time": f"{elapsed:.1f} s",
-            }
-        )
-    )
     ctab = counts.copy()
     ctab.insert(0, "class", ctab.index)
-    parts.append(rh.section("Counts", rh.table(ctab.reset_index(drop=True)), rh.figure_tag(_counts_figure(counts))))
-    if src_audit.get("table"):
-        parts.append(_sources_html(src_audit, classes))
-
-    # confound
+    confound = None
     if "all" in conf:
         rows = [{"features": "all trivial statistics", **_conf_row(conf["all"], classes)}]
         rows += [{"features": n, **_conf_row(g, classes)} for n, g in conf["groups"].items()]
         single = [
             {"feature": f, "balanced accuracy": v} for f, v in sorted(conf["features"].items(), key=lambda kv: -kv[1])
         ]
-        parts.append(
-            rh.section(
-                "Confound score",
-                rh.paragraph(
-                    f"Cross-validated ({conf['folds']}-fold, stratified, seed {conf['seed']}) prediction of the label "
-                    f"from trivial image statistics only. Chance: accuracy {conf['chance_accuracy']:.2f} (majority "
-                    f"class), balanced accuracy {conf['chance_balanced_accuracy']:.2f} (1/k). A group at or above "
-                    f"chance + {confound_margin} balanced accuracy is flagged."
-                ),
-                rh.table(rows, float_fmt="{:.3f}"),
-                rh.section("Single features (depth-4 tree)", rh.table(single, float_fmt="{:.3f}"), level=3),
-            )
-        )
-    else:
-        parts.append(rh.section("Confound score", rh.paragraph(f"skipped: {conf.get('skipped', '')}")))
-
-    parts.append(rh.section("Distributions per class", rh.figure_tag(_hist_figure(feats, classes), dpi=90)))
+        confound = {
+            "text": (
+                f"Cross-validated ({conf['folds']}-fold, stratified, seed {conf['seed']}) prediction of the label "
+                f"from trivial image statistics only. Chance: accuracy {conf['chance_accuracy']:.2f} (majority "
+                f"class), balanced accuracy {conf['chance_balanced_accuracy']:.2f} (1/k). A group at or above "
+                f"chance + {confound_margin} balanced accuracy is flagged."
+            ),
+            "groups": rh.table(rows, float_fmt="{:.3f}"),
+            "single": rh.table(single, float_fmt="{:.3f}"),
+        }
     pc_rows = []
     for c in classes:
         d = per_class[c]
@@ -198,43 +166,23 @@ def render_audit_page(
                 "glyphs / image": d["text_glyphs_mean"],
             }
         )
-    parts.append(rh.section("Per-class summary", rh.table(pc_rows, float_fmt="{:.3g}")))
-
-    # flags
     frows = []
     for c in classes:
         g = feats[feats["label"] == c]
         frows.append({"class": c, **{f: round(float(g[f"flag_{f}"].mean()), 4) if len(g) else 0.0 for f in flags}})
-    flag_parts = [rh.paragraph("Share of each class flagged."), rh.table(frows, float_fmt="{:.3f}")]
-    gal = [
-        ("text", "text_glyphs", True),
-        ("blur", "sharpness", False),
-        ("underexposed", "mean", False),
-        ("overexposed", "mean", False),
-        ("low_contrast", "std", False),
-    ]
-    for flag, col, boxes in gal:
+    galleries = []
+    for flag, col, boxes in _GALLERIES:
         m = feats[f"flag_{flag}"]
         if m.any():
             items = _gallery_items(feats, m, cfg.gallery_per_flag, col, cfg.seed, boxes)
-            flag_parts.append(rh.section(f"{flag} ({int(m.sum())} images)", rh.gallery(items), level=3))
-    parts.append(rh.section("Quality and text flags", *flag_parts))
-
-    # duplicates
+            galleries.append({"title": f"{flag} ({int(m.sum())} images)", "items": items})
     dsum = {
         "exact pairs": int((dup["kind"] == "exact").sum()),
         f"near pairs (pHash <= {cfg.near_dup_threshold} bits)": int((dup["kind"] == "near").sum()),
         "pairs across splits": int(dup["cross_split"].sum()),
         "pairs with different labels": int(dup["cross_label"].sum()),
     }
-    dparts = [rh.kv(dsum)]
-    if len(dup):
-        show = dup.sort_values(["cross_split", "cross_label", "kind"], ascending=[False, False, True])
-        dparts.append(rh.table(show, max_rows=50))
-    parts.append(rh.section("Duplicates", *dparts))
     bad = feats[feats["error"] != ""]
-    if len(bad):
-        parts.append(rh.section("Unreadable files", rh.table(bad[["path", "label", "error"]], max_rows=100)))
     thr = {
         "blur": f"sharpness < {cfg.blur_threshold} (Laplacian variance at {sharp_size}x{sharp_size})",
         "underexposed": f"mean intensity < {cfg.dark_mean}",
@@ -243,39 +191,85 @@ def render_audit_page(
         "text": "at least one glyph scored >= 0.5 by cxrlab.data.textdetect",
         "near duplicate": f"pHash Hamming distance <= {cfg.near_dup_threshold}",
     }
-    parts.append(rh.section("Thresholds", rh.kv(thr)))
-    return rh.page("Data audit", parts, subtitle=f"{src} · {len(feats):,} images")
+    shown = set(conf.get("warnings", [])) | set(src_audit.get("warnings", []))
+    return rh.render(
+        "audit.html",
+        title="Data audit",
+        subtitle=f"{src} · {len(feats):,} images",
+        source_warnings=src_audit.get("warnings", []),
+        confound_warnings=conf.get("warnings", []),
+        other_warnings=[w for w in warnings if w not in shown],
+        all_clear=not warnings and not conf.get("warnings"),
+        facts=rh.pairs(
+            {
+                "data": str(src),
+                "kind": kind,
+                "images": f"{len(feats):,} ({int((feats['error'] != '').sum())} unreadable)",
+                "classes": ", ".join(classes),
+                "audit time": f"{elapsed:.1f} s",
+            }
+        ),
+        counts=rh.table(ctab.reset_index(drop=True)),
+        counts_figure=rh.figure(_counts_figure(counts)),
+        sources=_sources_context(src_audit, classes) if src_audit.get("table") else None,
+        confound=confound,
+        confound_skipped=conf.get("skipped", ""),
+        histograms=rh.figure(_hist_figure(feats, classes), dpi=90),
+        per_class=rh.table(pc_rows, float_fmt="{:.3g}"),
+        flag_shares=rh.table(frows, float_fmt="{:.3f}"),
+        galleries=galleries,
+        duplicates=rh.pairs(dsum),
+        duplicate_pairs=_duplicate_pairs(dup),
+        unreadable=rh.table(bad[["path", "label", "error"]], max_rows=100) if len(bad) else None,
+        thresholds=rh.pairs(thr),
+    )
 
 
-def _sources_html(sa: dict[str, Any], classes: list[str]) -> str:
+def _duplicate_pairs(dup: pd.DataFrame) -> Any:
+    """The pairs, those across splits and labels first (None when there is none)."""
+    from cxrlab.report import html as rh
+
+    if not len(dup):
+        return None
+    order = dup.sort_values(["cross_split", "cross_label", "kind"], ascending=[False, False, True])
+    return rh.table(order, max_rows=50)
+
+
+# the flag galleries: (flag, the feature in the caption, draw the detected text boxes)
+_GALLERIES = [
+    ("text", "text_glyphs", True),
+    ("blur", "sharpness", False),
+    ("underexposed", "mean", False),
+    ("overexposed", "mean", False),
+    ("low_contrast", "std", False),
+]
+
+
+def _sources_context(sa: dict[str, Any], classes: list[str]) -> dict[str, Any]:
     from cxrlab.report import html as rh
 
     rows = [{"source": s, **row, "total": sum(row.values())} for s, row in sa["table"].items()]
-    parts = [rh.paragraph("Images per source (rows) and class (columns)."), rh.table(rows)]
     spc = sa.get("source_predicts_class")
+    text = ""
     if spc:
         rec = ", ".join(f"{c} {v:.2f}" for c, v in spc["recall"].items())
-        parts.append(
-            rh.paragraph(
-                f"The source alone ({spc['rule']}) predicts the class with accuracy {spc['accuracy']:.2f}, balanced "
-                f"accuracy {spc['balanced_accuracy']:.2f} (chance {spc['chance_balanced_accuracy']:.2f}), recall "
-                f"{rec}; Cramer's V {spc['cramers_v']:.2f}."
-            )
+        text = (
+            f"The source alone ({spc['rule']}) predicts the class with accuracy {spc['accuracy']:.2f}, balanced "
+            f"accuracy {spc['balanced_accuracy']:.2f} (chance {spc['chance_balanced_accuracy']:.2f}), recall "
+            f"{rec}; Cramer's V {spc['cramers_v']:.2f}."
         )
     within = [
         {"source": s, "classes": ", ".join(c["all"]["recall"]), **_conf_row(c["all"], list(c["all"]["recall"]))}
         for s, c in sa.get("per_source_confound", {}).items()
         if "all" in c
     ]
-    if within:
-        parts.append(
-            rh.section(
-                "Confound score within each source that holds several classes",
-                rh.table([{k: v for k, v in r.items() if not k.startswith("recall")} for r in within]),
-                level=3,
-            )
-        )
-    return rh.section("Sources", *parts)
+    return {
+        "table": rh.table(rows),
+        "predicts": text,
+        "within": rh.table([{k: v for k, v in r.items() if not k.startswith("recall")} for r in within])
+        if within
+        else None,
+    }
 
 
 def _conf_row(g: dict, classes: list[str]) -> dict[str, Any]:

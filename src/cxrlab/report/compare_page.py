@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 
 from cxrlab.data.classes import costly_class
 from cxrlab.report import html as rh
-from cxrlab.report.pages import file_img, fmt, fmt_ci, links, page
 
 if TYPE_CHECKING:
     from cxrlab.analysis.compare import CompareResult
@@ -24,16 +23,6 @@ def _pt_ci(ci: tuple[float, float]) -> str:
 def write_compare_report(r: CompareResult, path: Path) -> Path:
     p = r.baseline.prefix
     b, c = r.baseline, r.challenger
-    parts = [
-        rh.kv(
-            [
-                ("baseline", b.run_dir or b.bundle_dir),
-                ("challenger", c.run_dir or c.bundle_dir),
-                ("paired images", f"{r.n} from {b.data_source}"),
-            ]
-        ),
-        rh.callout(r.verdict, "ok" if r.significant else "info", title="Verdict:"),
-    ]
     names = ["accuracy", "precision_macro", "recall_macro", "f1_macro", "auc_macro", "ece", "nll"]
     costly = costly_class(b.classes)
     names += [f"recall_{x}" for x in ([costly] if costly else []) + [x for x in b.classes if x != costly]]
@@ -44,8 +33,7 @@ def write_compare_report(r: CompareResult, path: Path) -> Path:
             continue
         vb, vc = b.metrics.get(key, math.nan), c.metrics.get(key, math.nan)
         delta = f"{vc - vb:+.3f}" if math.isfinite(vb) and math.isfinite(vc) else "–"
-        rows.append([n_, f"{fmt(vb)} {fmt_ci(b.ci.get(key))}", f"{fmt(vc)} {fmt_ci(c.ci.get(key))}", delta])
-    parts.append(rh.section("Metrics [95% CI]", rh.table(rows, columns=["metric", "baseline", "challenger", "Δ"])))
+        rows.append([n_, rh.ci_cell(vb, b.ci.get(key)), rh.ci_cell(vc, c.ci.get(key)), delta])
     mc = r.mcnemar
     tests = [
         ["both right", r.both_right],
@@ -61,24 +49,23 @@ def write_compare_report(r: CompareResult, path: Path) -> Path:
         ],
         ["macro-F1 difference", f"{r.f1_diff * 100:+.1f} pt {_pt_ci(r.f1_diff_ci)}"],
     ]
-    parts.append(rh.section("Paired tests", rh.table(tests, columns=["", "value"])))
-    parts.append(
-        rh.section(
-            "Errors per class",
-            rh.paragraph(f"False negatives of {costly or b.classes[0]} first: a missed case is the costly error."),
-            rh.table(r.errors.rename(columns=lambda x: x.replace("_", " "))),
-        )
+    html = rh.render(
+        "compare.html",
+        title="Baseline vs challenger",
+        subtitle=None,
+        facts=[
+            ("baseline", b.run_dir or b.bundle_dir),
+            ("challenger", c.run_dir or c.bundle_dir),
+            ("paired images", f"{r.n} from {b.data_source}"),
+        ],
+        verdict=r.verdict,
+        significant=r.significant,
+        metrics=rh.table(rows, columns=["metric", "baseline", "challenger", "Δ"]),
+        tests=rh.table(tests, columns=["", "value"]),
+        costly=costly or b.classes[0],
+        errors=rh.table(r.errors.rename(columns=lambda x: x.replace("_", " "))),
+        confusion=rh.png_file(r.out_dir / "confusion_matrices.png", "confusion matrices"),
+        attention=None if r.attention is None else rh.table(r.attention, float_fmt="{:.3f}"),
+        links=[("baseline/report.html", "baseline evaluation"), ("challenger/report.html", "challenger evaluation")],
     )
-    parts.append(rh.section("Confusion matrices", file_img(r.out_dir / "confusion_matrices.png", "confusion matrices")))
-    if r.attention is not None:
-        parts.append(
-            rh.section(
-                "Where the models look (explanations)",
-                rh.paragraph("Mean share of the Grad-CAM mass per region (cxrlab explain)."),
-                rh.table(r.attention, float_fmt="{:.3f}"),
-            )
-        )
-    parts.append(
-        links([("baseline/report.html", "baseline evaluation"), ("challenger/report.html", "challenger evaluation")])
-    )
-    return rh.write_page(path, page("Baseline vs challenger", parts))
+    return rh.write_page(path, html)

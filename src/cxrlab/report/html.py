@@ -1,8 +1,10 @@
-"""Small helpers for self-contained HTML reports (audit, evaluate, explain all use them).
+"""The page layer's shared pieces: Jinja2 rendering of the page templates and the values they show.
 
-Everything a report needs travels inside the one file: CSS is inline, figures and thumbnails are embedded
-as base64 PNG ``<img>`` tags, and there are no scripts or CDN links, so a report opens offline, can be
-mailed or attached to a W&B run, and never changes after it is written.
+Every page of cxrlab is a Jinja2 template in ``cxrlab/report/templates`` (autoescape on: every string from the
+data, such as a file, class or source name, is escaped by the template); the Python side only computes a
+context dict. Pages are self-contained: CSS is inline, figures and thumbnails are embedded as base64 PNG
+``<img>`` tags, and there are no CDN links, so a page opens offline, can be mailed or attached to a W&B run, and
+never changes after it is written.
 
 Typical use::
 
@@ -10,15 +12,10 @@ Typical use::
 
     fig, ax = rh.new_figure(6, 3)
     ax.bar(["a", "b"], [3, 5])
-    html = rh.page(
-        "My report",
-        [
-            rh.callout("something to look at", level="warn"),
-            rh.section("Counts", rh.figure_tag(fig), rh.table(df)),
-            rh.section("Gallery", rh.gallery([(rh.array_to_png_b64(img, 96), "caption")])),
-        ],
-    )
-    rh.write_page(path, html)
+    rh.write_page(path, rh.render("my_page.html", title="My report", counts=rh.figure(fig), rows=rh.table(df)))
+
+with ``templates/my_page.html`` extending ``page.html`` and drawing its blocks with the macros of
+``macros.html`` (``m.table(rows)``, ``m.figure(counts)``, ``m.callout(...)``, ``m.section(...)``).
 
 Figures are built with ``matplotlib.figure.Figure`` (no pyplot): no global state, no GUI backend, safe in
 worker threads and under pytest.
@@ -28,22 +25,13 @@ from __future__ import annotations
 
 import base64
 import functools
-import html
 import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, NamedTuple
 
 import numpy as np
-
-Level = Literal["info", "warn", "error", "ok"]
-
-
-def esc(value: Any) -> str:
-    """HTML-escape any value's ``str()`` (quotes included)."""
-    return html.escape(str(value), quote=True)
-
 
 # ------------------------------------------------------------------------------------------- images
 
@@ -91,40 +79,82 @@ def array_to_png_b64(img: np.ndarray, max_side: int | None = None) -> str:
     return base64.b64encode(data.tobytes()).decode("ascii")
 
 
-def img_tag(b64_png: str, alt: str = "", width: int | None = None, title: str | None = None) -> str:
-    """``<img>`` with an embedded PNG."""
-    w = f' width="{int(width)}"' if width else ""
-    t = f' title="{esc(title)}"' if title else ""
-    return f'<img src="data:image/png;base64,{b64_png}" alt="{esc(alt)}"{w}{t}>'
+# ------------------------------------------------------------------------------------------- context
 
 
-def figure_tag(fig: Any, caption: str | None = None, dpi: int = 100, alt: str = "figure") -> str:
-    """A matplotlib figure as an embedded image block with an optional caption."""
-    cap = f'<div class="caption">{esc(caption)}</div>' if caption else ""
-    return f'<div class="figure">{img_tag(fig_to_png_b64(fig, dpi), alt=alt)}{cap}</div>'
+class Png(NamedTuple):
+    """An embedded PNG for the ``figure`` macro."""
+
+    b64: str
+    alt: str
+    caption: str = ""
 
 
-def gallery(items: Iterable[tuple[str, str]]) -> str:
-    """Thumbnails in a wrapping grid: ``items`` are (base64 PNG, caption) pairs."""
-    cells = [
-        f"<figure>{img_tag(b64, alt=cap, title=cap)}<figcaption>{esc(cap)}</figcaption></figure>" for b64, cap in items
-    ]
-    return f'<div class="gallery">{"".join(cells)}</div>' if cells else '<p class="caption">(none)</p>'
+class Cell(NamedTuple):
+    """A table cell: its text, right-aligned when numeric, with an optional confidence interval after it."""
+
+    text: str
+    num: bool = False
+    ci: str = ""
 
 
-# ------------------------------------------------------------------------------------------- blocks
+class Table(NamedTuple):
+    """What the ``table`` macro draws: header, rows of cells, and how many rows were cut."""
+
+    columns: list[str]
+    rows: list[list[Cell]]
+    more: int = 0
 
 
-def _fmt(v: Any, float_fmt: str) -> tuple[str, bool]:
+def figure(fig: Any, caption: str | None = None, dpi: int = 100, alt: str = "figure") -> Png:
+    """A matplotlib figure as PNG for the ``figure`` macro."""
+    return Png(fig_to_png_b64(fig, dpi), alt, caption or "")
+
+
+def png_file(path: str | Path, alt: str, caption: str = "") -> Png | None:
+    """A PNG file for the ``figure`` macro; None (nothing drawn) when the file is missing."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    return Png(base64.b64encode(p.read_bytes()).decode("ascii"), alt, caption)
+
+
+def cell(v: Any, float_fmt: str = "{:.3g}") -> Cell:
+    """A value as a table cell: numbers formatted and right-aligned, booleans as yes/no, NaN as empty."""
+    if isinstance(v, Cell):
+        return v
     if isinstance(v, bool | np.bool_):
-        return ("yes" if v else "no"), False
+        return Cell("yes" if v else "no")
     if isinstance(v, int | np.integer):
-        return f"{int(v):,}", True
+        return Cell(f"{int(v):,}", True)
     if isinstance(v, float | np.floating):
-        if math.isnan(float(v)):
-            return "", True
-        return float_fmt.format(float(v)), True
-    return esc(v), False
+        return Cell("" if math.isnan(float(v)) else float_fmt.format(float(v)), True)
+    return Cell(str(v))
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """A number with ``digits`` decimals; an en dash for None, NaN or infinity."""
+    if x is None:
+        return "–"
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if not math.isfinite(f):
+        return "–"
+    return f"{f:.{digits}f}"
+
+
+def fmt_ci(ci: Any, digits: int = 3) -> str:
+    """``[lo, hi]``; empty when either end is missing or not finite."""
+    if not ci or any(v is None or not math.isfinite(float(v)) for v in ci):
+        return ""
+    return f"[{float(ci[0]):.{digits}f}, {float(ci[1]):.{digits}f}]"
+
+
+def ci_cell(value: Any, ci: Any = None, digits: int = 3) -> Cell:
+    """A value with its confidence interval, for the ``table`` macro (drawn as ``value [lo, hi]``)."""
+    return Cell(fmt(value, digits), False, fmt_ci(ci, digits))
 
 
 def table(
@@ -133,11 +163,11 @@ def table(
     float_fmt: str = "{:.3g}",
     index: bool = False,
     max_rows: int | None = None,
-) -> str:
-    """An HTML table from a DataFrame, a list of dicts or a list of sequences (with ``columns``).
+) -> Table:
+    """A table from a DataFrame, a list of dicts or a list of sequences (with ``columns``), for the ``table`` macro.
 
-    Cells are escaped; numbers are right-aligned and formatted (floats with ``float_fmt``). ``max_rows`` cuts
-    long tables and says how many rows were left out.
+    Numbers are right-aligned and formatted (floats with ``float_fmt``); :class:`Cell` values pass as they are.
+    ``max_rows`` cuts long tables and the macro says how many rows were left out.
     """
     import pandas as pd
 
@@ -152,69 +182,57 @@ def table(
     total = len(df)
     if max_rows is not None and total > max_rows:
         df = df.head(max_rows)
-    head = "".join(f"<th>{esc(c)}</th>" for c in df.columns)
-    body = []
-    for rec in df.itertuples(index=False):
-        cells = []
-        for v in rec:
-            text, num = _fmt(v, float_fmt)
-            cells.append(f'<td class="num">{text}</td>' if num else f"<td>{text}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    more = f'<p class="caption">{total - len(df):,} more rows not shown</p>' if total > len(df) else ""
-    return f'<table class="data"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>{more}'
+    body = [[cell(v, float_fmt) for v in rec] for rec in df.itertuples(index=False)]
+    return Table([str(c) for c in df.columns], body, total - len(df))
 
 
-def kv(pairs: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> str:
-    """A two-column key/value list."""
-    items = pairs.items() if isinstance(pairs, Mapping) else pairs
-    return '<div class="kv">' + "".join(f"<div>{esc(k)}</div><div>{esc(v)}</div>" for k, v in items) + "</div>"
+def pairs(items: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """Key/value pairs for the ``kv`` macro."""
+    return list(items.items() if isinstance(items, Mapping) else items)
 
 
-def callout(text: str, level: Level = "info", title: str | None = None) -> str:
-    """A highlighted box (``info``, ``warn``, ``error`` or ``ok``); ``text`` is escaped."""
-    t = f"<strong>{esc(title)}</strong> " if title else ""
-    return f'<div class="callout {level}">{t}{esc(text)}</div>'
-
-
-def paragraph(text: str) -> str:
-    return f"<p>{esc(text)}</p>"
-
-
-def section(title: str, *parts: str, anchor: str | None = None, level: int = 2) -> str:
-    """A headed section; ``parts`` are HTML fragments built with the helpers above."""
-    a = f' id="{esc(anchor)}"' if anchor else ""
-    return f"<section{a}><h{level}>{esc(title)}</h{level}>{''.join(parts)}</section>"
+# ------------------------------------------------------------------------------------------- render
 
 
 @functools.cache
 def _templates() -> Any:
     import jinja2
 
-    # autoescape off: every value is escaped with esc() or is a fragment built by the helpers above
-    return jinja2.Environment(
-        loader=jinja2.PackageLoader("cxrlab.report", "templates"), autoescape=False, keep_trailing_newline=True
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("cxrlab.report", "templates"),
+        autoescape=True,  # every value is escaped unless it is Markup (the CSS/JS assets, plotly's own HTML)
+        undefined=jinja2.StrictUndefined,  # a misspelt context key fails the page instead of drawing nothing
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
     )
+    env.globals["asset"] = asset
+    env.filters["count"] = lambda n: f"{int(n):,}"
+    return env
 
 
-def asset(name: str) -> str:
-    """A file of ``cxrlab/report/templates`` (CSS, JavaScript) as text, to inline into a self-contained page."""
+def asset(name: str) -> Any:
+    """A file of ``cxrlab/report/templates`` (CSS, JavaScript) as trusted text, to inline into a page."""
+    from markupsafe import Markup
+
     env = _templates()
-    return env.loader.get_source(env, name)[0]
+    return Markup(env.loader.get_source(env, name)[0])
 
 
-def page(title: str, body: Sequence[str] | str, subtitle: str | None = None) -> str:
-    """A complete HTML document (UTF-8, inline CSS, no external resources) from ``templates/page.html``."""
-    content = body if isinstance(body, str) else "\n".join(body)
-    sub = f'<div class="subtitle">{esc(subtitle)}</div>' if subtitle else ""
-    return (
-        _templates()
-        .get_template("page.html")
-        .render(title=esc(title), css=asset("report.css"), subtitle=sub, content=content)
-    )
+def render(template: str, **context: Any) -> str:
+    """A page from ``templates/<template>`` and its context (values escaped by the template)."""
+    return _templates().get_template(template).render(**context)
+
+
+def trusted(html_text: str) -> Any:
+    """HTML made by a library (plotly's chart divs), inserted unescaped: never pass a string from the data."""
+    from markupsafe import Markup
+
+    return Markup(html_text)
 
 
 def write_page(path: str | Path, html_text: str) -> Path:
-    """Write ``html_text`` (from :func:`page`) to ``path`` as UTF-8; returns the path."""
+    """Write ``html_text`` (from :func:`render`) to ``path`` as UTF-8; returns the path."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(html_text, encoding="utf-8")

@@ -8,9 +8,7 @@ from the files a stage wrote (``metrics.json``, ``predictions.csv``, ``metrics.c
 
 from __future__ import annotations
 
-import base64
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,60 +44,19 @@ class ReportError(CxrlabError):
     """A report cannot be built from the given directory."""
 
 
-# --------------------------------------------------------------------------------------------- HTML pieces
+# --------------------------------------------------------------------------------------------- context pieces
 
 
-esc = rh.esc
+fmt, fmt_ci, file_img = rh.fmt, rh.fmt_ci, rh.png_file
 
 
-def file_img(path: Path, alt: str, caption: str = "") -> str:
-    """A PNG file embedded as an image block (empty when the file is missing)."""
-    p = Path(path)
-    if not p.is_file():
-        return ""
-    cap = f'<div class="caption">{esc(caption)}</div>' if caption else ""
-    return f'<div class="figure">{rh.img_tag(base64.b64encode(p.read_bytes()).decode("ascii"), alt=alt)}{cap}</div>'
+def fig_img(fig: Figure | None, alt: str, caption: str = "") -> rh.Png | None:
+    return None if fig is None else rh.figure(fig, caption or None, dpi=DPI, alt=alt)
 
 
-def fig_img(fig: Figure | None, alt: str, caption: str = "") -> str:
-    return "" if fig is None else rh.figure_tag(fig, caption or None, dpi=DPI, alt=alt)
-
-
-def page(title: str, parts: list[str], subtitle: str | None = None) -> str:
-    # additions to the shared stylesheet: headline cards and figures side by side
-    style = "<style>\n" + rh.asset("cards.css") + "</style>"
-    return rh.page(title, [style, *[p for p in parts if p]], subtitle=subtitle)
-
-
-def fmt(x: Any, digits: int = 3) -> str:
-    if x is None:
-        return "–"
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return str(x)
-    if not math.isfinite(f):
-        return "–"
-    return f"{f:.{digits}f}"
-
-
-def fmt_ci(ci: Any, digits: int = 3) -> str:
-    if not ci or any(v is None or not math.isfinite(float(v)) for v in ci):
-        return ""
-    return f"[{float(ci[0]):.{digits}f}, {float(ci[1]):.{digits}f}]"
-
-
-def _card(label: str, value: Any, ci: Any = None) -> str:
-    c = fmt_ci(ci)
-    return (
-        f"<div class='card'><div>{esc(label)}</div><div class='v'>{fmt(value)}</div>"
-        f"<div class='ci'>{esc('95% CI ' + c) if c else '&nbsp;'}</div></div>"
-    )
-
-
-def links(items: list[tuple[str, str]]) -> str:
-    """A line of relative links (href, text)."""
-    return "<p>" + " · ".join(f"<a href='{esc(h)}'>{esc(t)}</a>" for h, t in items) + "</p>"
+def _card(label: str, value: Any, ci: Any = None) -> dict[str, str]:
+    """A headline number for the ``card`` macro."""
+    return {"label": label, "value": fmt(value), "ci": fmt_ci(ci)}
 
 
 # --------------------------------------------------------------------------------------------- eval report
@@ -112,16 +69,17 @@ def load_eval_doc(eval_dir: Path) -> dict[str, Any]:
     return json.loads(p.read_text())
 
 
-def _error_gallery(pred_csv: Path, limit: int = 12) -> str:
-    """The most confident mistakes as thumbnails: where people would rather look than read."""
+def _error_gallery(pred_csv: Path, limit: int = 12) -> list[tuple[str, str]] | None:
+    """The most confident mistakes as thumbnails: where people would rather look than read (None: nothing to
+    show; an empty list: no mistakes)."""
     if not pred_csv.is_file():
-        return ""
+        return None
     pred = pd.read_csv(pred_csv)
     if "correct" not in pred.columns:
-        return ""
+        return None
     wrong = pred[~pred["correct"].astype(bool)].sort_values("confidence", ascending=False).head(limit)
     if wrong.empty:
-        return rh.paragraph("No misclassified images.")
+        return []
     from cxrlab.data.io import ImageReadError, read_xray
 
     items = []
@@ -132,35 +90,21 @@ def _error_gallery(pred_csv: Path, limit: int = 12) -> str:
             continue
         cap = f"true {r.label} → {r.prediction} ({float(r.confidence):.2f}) {Path(r.path).name}"
         items.append((rh.array_to_png_b64(g, max_side=128), cap))
-    return rh.gallery(items) if items else ""
+    return items or None
 
 
-def _with_ci(row: dict[str, Any], name: str) -> str:
-    ci = fmt_ci((row.get(name + "_lo"), row.get(name + "_hi")), 2)
-    return f"{fmt(row[name])} {ci}".strip()
+def _with_ci(row: dict[str, Any], name: str) -> rh.Cell:
+    return rh.ci_cell(row[name], (row.get(name + "_lo"), row.get(name + "_hi")), 2)
 
 
-def eval_section_html(eval_dir: Path, level: int = 2, gallery: bool = True) -> str:
-    """The body of an evaluation report, rebuilt from ``eval_dir`` (metrics.json + PNGs + predictions.csv)."""
+def eval_context(eval_dir: Path, gallery: bool = True) -> dict[str, Any]:
+    """What the ``eval_section`` macro draws for ``eval_dir`` (metrics.json + PNGs + predictions.csv)."""
     d = Path(eval_dir)
     doc = load_eval_doc(d)
     p = doc.get("prefix", "test")
     m, ci = doc.get("metrics", {}), doc.get("ci", {})
     classes = doc.get("classes", [])
-    parts = [rh.callout(w, "error", "Shift:") for w in doc.get("warnings") or []]
     absent = doc.get("absent_classes") or []
-    if absent:
-        parts.append(
-            rh.callout(
-                f"Classes absent from this data: {', '.join(absent)}. Their per-class metrics are undefined; macro "
-                f"averages are over the present classes only ({', '.join(doc.get('present_classes', []))}).",
-                "warn",
-            )
-        )
-    if doc.get("n_skipped"):
-        parts.append(
-            rh.callout(f"{doc['n_skipped']} file(s) could not be read and were skipped (listed below).", "warn")
-        )
     costly = costly_class(classes) or (doc.get("present_classes") or classes or [None])[0]
     cards = [
         _card("accuracy", m.get(f"{p}/accuracy"), ci.get(f"{p}/accuracy")),
@@ -169,19 +113,14 @@ def eval_section_html(eval_dir: Path, level: int = 2, gallery: bool = True) -> s
     if costly and f"{p}/recall_{costly}" in m:
         cards.append(_card(f"{costly} recall", m.get(f"{p}/recall_{costly}"), ci.get(f"{p}/recall_{costly}")))
     cards += [_card("macro ROC AUC", m.get(f"{p}/auc_macro")), _card("ECE (15 bins)", m.get(f"{p}/ece"))]
-    parts.append(f"<div class='cards'>{''.join(cards)}</div>")
-    parts.append(
-        rh.kv(
-            [
-                ("images", f"{doc.get('n')} from {doc.get('data')}"),
-                ("dataset version", doc.get("dataset_version")),
-                ("macro precision", f"{fmt(m.get(f'{p}/precision_macro'))} {fmt_ci(ci.get(f'{p}/precision_macro'))}"),
-                ("macro recall", f"{fmt(m.get(f'{p}/recall_macro'))} {fmt_ci(ci.get(f'{p}/recall_macro'))}"),
-                ("NLL / Brier", f"{fmt(m.get(f'{p}/nll'))} / {fmt(m.get(f'{p}/brier'))}"),
-                ("intervals", doc.get("ci_method", "")),
-            ]
-        )
-    )
+    facts = [
+        ("images", f"{doc.get('n')} from {doc.get('data')}"),
+        ("dataset version", doc.get("dataset_version")),
+        ("macro precision", f"{fmt(m.get(f'{p}/precision_macro'))} {fmt_ci(ci.get(f'{p}/precision_macro'))}"),
+        ("macro recall", f"{fmt(m.get(f'{p}/recall_macro'))} {fmt_ci(ci.get(f'{p}/recall_macro'))}"),
+        ("NLL / Brier", f"{fmt(m.get(f'{p}/nll'))} / {fmt(m.get(f'{p}/brier'))}"),
+        ("intervals", doc.get("ci_method", "")),
+    ]
     rows = []
     for r in doc.get("per_class", []):
         if not r.get("present", True):
@@ -200,42 +139,43 @@ def eval_section_html(eval_dir: Path, level: int = 2, gallery: bool = True) -> s
         )
     cols = ["class", "images", "predicted", "precision [95% CI]", "recall (per-class accuracy) [95% CI]", "F1 [95% CI]"]
     cols += ["ROC AUC", "false neg.", "false pos."]
-    parts.append(rh.section("Per class", rh.table(rows, columns=cols), level=level))
-    if doc.get("per_source"):
-        parts.append(rh.section("Per source", _per_source_table(doc["per_source"], classes), level=level))
-    shift = doc.get("shift") or {}
-    if shift:
-        parts.append(rh.section("Shift checks", _shift_kv(shift), level=level))
     figs = [
         file_img(d / CONFUSION_PNG, "confusion matrix", "confusion matrix (colour = share of the true class)"),
         file_img(d / RELIABILITY_PNG, "reliability diagram", "calibration: accuracy vs confidence"),
         file_img(d / ROC_PNG, "ROC curves", "one-vs-rest ROC curves"),
     ]
-    parts.append(rh.section("Figures", f"<div class='figs'>{''.join(f for f in figs if f)}</div>", level=level))
-    if gallery:
-        g = _error_gallery(d / PREDICTIONS_FILE)
-        if g:
-            parts.append(rh.section("Most confident mistakes", g, level=level))
-    if doc.get("skipped"):
-        parts.append(rh.section("Skipped files", rh.table(doc["skipped"], columns=["path", "reason"]), level=level))
-    files = sorted(set(doc.get("files", {}).values()))
-    parts.append(f"<p class='caption'>Files: {esc(', '.join(files))}</p>")
-    return "\n".join(parts)
+    return {
+        "warnings": doc.get("warnings") or [],
+        "absent": absent,
+        "present": doc.get("present_classes", []),
+        "n_skipped": doc.get("n_skipped") or 0,
+        "cards": cards,
+        "facts": facts,
+        "per_class": rh.table(rows, columns=cols),
+        "per_source": _per_source_table(doc["per_source"], classes) if doc.get("per_source") else None,
+        "shift": _shift_kv(doc.get("shift") or {}),
+        "figures": [f for f in figs if f],
+        "gallery": _error_gallery(d / PREDICTIONS_FILE) if gallery else None,
+        "skipped": rh.table(doc["skipped"], columns=["path", "reason"]) if doc.get("skipped") else None,
+        "files": ", ".join(sorted(set(doc.get("files", {}).values()))),
+    }
 
 
-def _per_source_table(per_source: list[dict[str, Any]], classes: list[str]) -> str:
+def _per_source_table(per_source: list[dict[str, Any]], classes: list[str]) -> rh.Table:
     shown = [c for c in classes if any(r.get(f"n_{c}") for r in per_source)]
     rows = []
     for r in per_source:
-        row = [r["source"], r["n"], _with_ci(r, "accuracy")]
-        row += [f"{_with_ci(r, f'recall_{c}')} ({r[f'n_{c}']})" if r.get(f"n_{c}") else "–" for c in shown]
+        row: list[Any] = [r["source"], r["n"], _with_ci(r, "accuracy")]
+        for c in shown:
+            rc = _with_ci(r, f"recall_{c}")
+            row.append(rc._replace(ci=f"{rc.ci} ({r[f'n_{c}']})".strip()) if r.get(f"n_{c}") else "–")
         row.append(", ".join(f"{c} {r[f'predicted_{c}']}" for c in classes if r.get(f"predicted_{c}")))
         rows.append(row)
     cols = ["source", "images", "accuracy [95% CI]", *[f"recall {c} [95% CI] (n)" for c in shown], "predicted as"]
     return rh.table(rows, columns=cols)
 
 
-def _shift_kv(shift: dict[str, Any]) -> str:
+def _shift_kv(shift: dict[str, Any]) -> list[tuple[str, Any]]:
     items = []
     if "label_shift" in shift:
         ls = shift["label_shift"]
@@ -250,7 +190,7 @@ def _shift_kv(shift: dict[str, Any]) -> str:
         )
     if shift.get("note"):
         items.append(("note", shift["note"]))
-    return rh.kv(items)
+    return items
 
 
 def write_eval_report(eval_dir: Path, out: Path | None = None) -> Path:
@@ -260,7 +200,8 @@ def write_eval_report(eval_dir: Path, out: Path | None = None) -> Path:
     on = {"test": "test split", "val": "validation split"}.get(doc.get("prefix", ""), "external data")
     title = f"Evaluation of {Path(doc.get('run_dir') or doc.get('bundle') or d).name} on the {on}"
     sub = f"model {doc.get('bundle')}" + (f" · run {doc['run_id']}" if doc.get("run_id") else "")
-    return rh.write_page(Path(out) if out else d / EVAL_REPORT, page(title, [eval_section_html(d)], subtitle=sub))
+    html = rh.render("eval.html", title=title, subtitle=sub, ev=eval_context(d))
+    return rh.write_page(Path(out) if out else d / EVAL_REPORT, html)
 
 
 # --------------------------------------------------------------------------------------------- run report
@@ -272,24 +213,22 @@ def _latest_eval_dirs(run_dir: Path) -> list[Path]:
     return sorted(ds, key=lambda d: (order.get(d.name, 2), d.name))
 
 
-def _audit_section(audit_dir: Path | None, base: Path) -> str:
+def _audit_context(audit_dir: Path | None, base: Path) -> dict[str, Any] | None:
     """Summary of the data audit (cxrlab.data.audit's audit.json): confound score and warnings."""
     if audit_dir is None:
-        return ""
+        return None
     a = Path(audit_dir)
     j = a / "audit.json" if a.is_dir() else a
     if not j.is_file():
-        return ""
+        return None
     try:
         doc = json.loads(j.read_text())
     except json.JSONDecodeError:
-        return ""
-    parts = []
+        return None
     conf = doc.get("confound") if isinstance(doc.get("confound"), dict) else {}
-    warnings = list(doc.get("warnings") or [])
-    warnings += [w for w in conf.get("warnings") or [] if w not in warnings]
-    for w in warnings:
-        parts.append(rh.callout(str(w), "warn"))
+    warnings = [str(w) for w in doc.get("warnings") or []]
+    warnings += [str(w) for w in conf.get("warnings") or [] if w not in warnings]
+    confound = None
     if conf.get("groups"):
         chance = conf.get("chance_balanced_accuracy")
         rows = [
@@ -299,23 +238,15 @@ def _audit_section(audit_dir: Path | None, base: Path) -> str:
         ]
         if isinstance(conf.get("all"), dict):
             rows.append(["all trivial statistics", conf["all"].get("balanced_accuracy"), chance, ""])
-        parts.append(
-            rh.paragraph(
-                "Confound score: how well trivial image statistics alone predict the label (cross-validated "
-                "balanced accuracy). Far above chance means the model can learn the source instead of the disease."
-            )
-        )
-        parts.append(
-            rh.table(rows, columns=["statistics", "balanced accuracy", "chance", "features"], float_fmt="{:.3f}")
-        )
-    elif not warnings:
-        parts.append(rh.callout("No confound or data-quality warnings.", "ok"))
-    if doc.get("text_share"):
-        parts.append(rh.kv([(f"text/markers in {k}", f"{float(v):.0%}") for k, v in doc["text_share"].items()]))
+        cols = ["statistics", "balanced accuracy", "chance", "features"]
+        confound = rh.table(rows, columns=cols, float_fmt="{:.3f}")
     html_path = a / "audit.html" if a.is_dir() else a.with_name("audit.html")
-    if html_path.is_file():
-        parts.append(links([(_rel(html_path, base), "full audit report")]))
-    return rh.section("Data audit", *parts)
+    return {
+        "warnings": warnings,
+        "confound": confound,
+        "text_share": [(f"text/markers in {k}", f"{float(v):.0%}") for k, v in (doc.get("text_share") or {}).items()],
+        "link": (_rel(html_path, base), "full audit report") if html_path.is_file() else None,
+    }
 
 
 def _rel(target: Path, base: Path) -> str:
@@ -328,11 +259,11 @@ def _rel(target: Path, base: Path) -> str:
         return Path(target).resolve().as_uri()
 
 
-def _explain_section(rd: Path, base: Path) -> str:
+def _explain_context(rd: Path, base: Path) -> dict[str, Any] | None:
     """Links to the run's explanation pages and their mean attention shares (from attention.json)."""
     explains = sorted(rd.glob("explain*/explain.html"), key=lambda p: p.stat().st_mtime)
     if not explains:
-        return ""
+        return None
     rows = []
     for e in explains:
         doc: dict[str, Any] = {}
@@ -353,31 +284,24 @@ def _explain_section(rd: Path, base: Path) -> str:
             ]
         )
     cols = ["explanation", "subset", "images", "attention in lungs", "attention on text", "attention on border"]
-    return rh.section(
-        "Explanations",
-        rh.paragraph(
-            "Mean share of the Grad-CAM mass per region: a model that looks at text or the border instead of the "
-            "lungs has learned a shortcut."
-        ),
-        rh.table(rows, columns=cols, float_fmt="{:.3f}"),
-        links([(_rel(e, base), f"{e.parent.name}: per-image table") for e in explains]),
-        _review_part(rd),
-    )
+    return {
+        "table": rh.table(rows, columns=cols, float_fmt="{:.3f}"),
+        "links": [(_rel(e, base), f"{e.parent.name}: per-image table") for e in explains],
+        "review": _review_table(rd),
+    }
 
 
-def _review_part(rd: Path) -> str:
+def _review_table(rd: Path) -> rh.Table | None:
     """The reviewed localisation agreement (``cxrlab review RUN --export``), when the run has been reviewed."""
     from cxrlab.review.core import read_agreement
 
     a = read_agreement(rd)
     if not a or "review_yes" not in a:
-        return ""
+        return None
     rows = [[a["review_yes"], a.get("review_yes_ci_low"), a.get("review_yes_ci_high"), int(a.get("review_n", 0)),
              a.get("review_cam_in_region")]]  # fmt: skip
     cols = ["region holds the finding (yes)", "95% CI low", "95% CI high", "answers", "CAM mass in drawn regions"]
-    return rh.paragraph("Radiologist review of the Grad-CAM regions:") + rh.table(
-        rows, columns=cols, float_fmt="{:.3f}"
-    )
+    return rh.table(rows, columns=cols, float_fmt="{:.3f}")
 
 
 def write_run_report(run_dir: Path, out: Path | None = None, audit_dir: Path | None = None) -> Path:
@@ -403,24 +327,31 @@ def write_run_report(run_dir: Path, out: Path | None = None, audit_dir: Path | N
     ]
     if summary.get("wall_s"):
         meta.append(("training time", f"{float(summary['wall_s']):.0f} s"))
-    parts = [rh.kv(meta), _audit_section(audit_dir, base)]
     best = summary.get("best_epoch")
     curves = training_curves_figure(rd / METRICS_FILE, int(best) if best is not None else None)
-    if curves is not None:
-        parts.append(rh.section("Training", fig_img(curves, "training curves", "per-epoch loss and scores")))
-    evals = _latest_eval_dirs(rd)
-    for d in evals:
+    evals = []
+    latest = _latest_eval_dirs(rd)
+    for d in latest:
         doc = load_eval_doc(d)
         on = {"test": "test split", "val": "validation split"}.get(doc.get("prefix", ""), f"external data ({d.name})")
-        parts.append(
-            rh.section(
-                f"Evaluation on the {on}",
-                eval_section_html(d, level=3, gallery=d == evals[0]),
-                links([(_rel(d / EVAL_REPORT, base), "this evaluation on its own page")]),
-            )
+        evals.append(
+            {
+                "on": on,
+                "body": eval_context(d, gallery=d == latest[0]),
+                "link": (_rel(d / EVAL_REPORT, base), "this evaluation on its own page"),
+            }
         )
-    parts.append(_explain_section(rd, base))
-    return rh.write_page(path, page(f"Run {run_id}", parts, subtitle=str(rd)))
+    html = rh.render(
+        "run.html",
+        title=f"Run {run_id}",
+        subtitle=str(rd),
+        meta=meta,
+        audit=_audit_context(audit_dir, base),
+        curves=fig_img(curves, "training curves", "per-epoch loss and scores"),
+        evals=evals,
+        explain=_explain_context(rd, base),
+    )
+    return rh.write_page(path, html)
 
 
 def _find_pipeline_audit(run_dir: Path) -> Path | None:

@@ -46,7 +46,6 @@ import threading
 import warnings
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -246,12 +245,19 @@ def _mb(n: float) -> str:
 
 
 def static_page(package: str, resource: str) -> tuple[str, str]:
-    """A packaged offline page (``{{NOTICE}}`` filled in) and its Content-Security-Policy: inline script/style
-    allowed by hash, nothing off-origin. Used by the prediction page and the review page."""
-    import html as htmllib
+    """A packaged offline page, rendered as a Jinja2 template (autoescape on; its one variable is ``NOTICE``),
+    and its Content-Security-Policy: inline script/style allowed by hash, nothing off-origin. Used by the
+    prediction page and the review page."""
+    import jinja2
 
-    html = resources.files(package).joinpath(resource).read_text(encoding="utf-8")
-    html = html.replace("{{NOTICE}}", htmllib.escape(cxrlab.RESEARCH_NOTICE))
+    folder, _, name = resource.rpartition("/")
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader(package, folder or "."),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    html = env.get_template(name).render(NOTICE=cxrlab.RESEARCH_NOTICE)
 
     def hashes(tag: str) -> str:
         found = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)

@@ -43,7 +43,9 @@ def param_importances(study: optuna.Study, seed: int = 0) -> tuple[dict[str, flo
 def importance_html(importances: dict[str, float] | None, note: str) -> str:
     """A plotly bar chart (plotly.js loaded by the page already) or the note saying why there is none."""
     if not importances:
-        return f'<div class="importance-note" style="font-family:sans-serif;padding:2em">{note}</div>'
+        from cxrlab.report import html as rh
+
+        return rh.render("sweep_note.html", note=note)
     import plotly.graph_objects as go
 
     names = list(importances)[::-1]  # largest on top
@@ -59,14 +61,12 @@ def importance_html(importances: dict[str, float] | None, note: str) -> str:
 
 def page(parcoords: Any, importances: dict[str, float] | None, note: str, title: str) -> str:
     """One self-contained page: the parallel coordinates (plotly.js inlined) beside the importance chart."""
-    import html
+    from cxrlab.report import html as rh
 
-    left = parcoords.to_html(full_html=False, include_plotlyjs=True)
-    right = importance_html(importances, note)
-    return (
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>"
-        "<div style='display:flex;flex-wrap:wrap;align-items:flex-start'>"
-        f"<div style='flex:3 1 800px;min-width:0'>{left}</div>"
-        f"<div id='importance' style='flex:1 1 350px;min-width:0'>{right}</div>"
-        "</div></body></html>"
+    return rh.render(
+        "sweep.html",
+        title=title,
+        # plotly's own HTML (chart divs and plotly.js): library output, inserted as it is
+        parcoords=rh.trusted(parcoords.to_html(full_html=False, include_plotlyjs=True)),
+        importance=rh.trusted(importance_html(importances, note)),
     )
