@@ -175,7 +175,7 @@ def render_audit_page(
         m = feats[f"flag_{flag}"]
         if m.any():
             items = _gallery_items(feats, m, cfg.gallery_per_flag, col, cfg.seed, boxes)
-            galleries.append({"title": f"{flag} ({int(m.sum())} images)", "items": items})
+            galleries.append({"title": f"{flag} ({int(m.sum())} images)", "thumbs": items})
     dsum = {
         "exact pairs": int((dup["kind"] == "exact").sum()),
         f"near pairs (pHash <= {cfg.near_dup_threshold} bits)": int((dup["kind"] == "near").sum()),

@@ -152,9 +152,9 @@ def fmt_ci(ci: Any, digits: int = 3) -> str:
     return f"[{float(ci[0]):.{digits}f}, {float(ci[1]):.{digits}f}]"
 
 
-def ci_cell(value: Any, ci: Any = None, digits: int = 3) -> Cell:
+def ci_cell(value: Any, ci: Any = None, digits: int = 3, ci_digits: int | None = None) -> Cell:
     """A value with its confidence interval, for the ``table`` macro (drawn as ``value [lo, hi]``)."""
-    return Cell(fmt(value, digits), False, fmt_ci(ci, digits))
+    return Cell(fmt(value, digits), False, fmt_ci(ci, digits if ci_digits is None else ci_digits))
 
 
 def table(

@@ -1,9 +1,9 @@
 """Self-contained HTML reports: one per evaluation, one per comparison, one per run.
 
 Every page opens offline: figures are PNGs embedded as base64 data URIs, styles are inline, no script or font
-comes from a CDN (the page template and blocks are the shared ``cxrlab.report.html`` helpers). Pages are rebuilt
-from the files a stage wrote (``metrics.json``, ``predictions.csv``, ``metrics.csv`` ...), so
-``cxrlab report RUN`` regenerates a run's report at any time.
+comes from a CDN. The HTML is in ``templates/eval.html``, ``eval_section.html`` and ``run.html``; this module
+only computes their context from the files a stage wrote (``metrics.json``, ``predictions.csv``,
+``metrics.csv`` ...), so ``cxrlab report RUN`` regenerates a run's report at any time.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def _error_gallery(pred_csv: Path, limit: int = 12) -> list[tuple[str, str]] | N
 
 
 def _with_ci(row: dict[str, Any], name: str) -> rh.Cell:
-    return rh.ci_cell(row[name], (row.get(name + "_lo"), row.get(name + "_hi")), 2)
+    return rh.ci_cell(row[name], (row.get(name + "_lo"), row.get(name + "_hi")), ci_digits=2)
 
 
 def eval_context(eval_dir: Path, gallery: bool = True) -> dict[str, Any]:
