@@ -57,8 +57,9 @@ def _eval_dir(base: Path) -> Path:
         "metrics": {"test/accuracy": 0.5, f"test/recall_{CLASS}": 0.4, "test/f1_macro": 0.45},
         "ci": {"test/accuracy": [0.3, 0.7]},
         "per_class": [{"class": CLASS, "support": 3, "predicted": 2, "fn": 1, "fp": 0, **row}],
-        "per_source": [{"source": NAME, "n": 3, "accuracy": 0.5, f"n_{CLASS}": 3, f"recall_{CLASS}": 0.4,
-                        f"predicted_{CLASS}": 2}],  # fmt: skip
+        "per_source": [
+            {"source": NAME, "n": 3, "accuracy": 0.5, f"n_{CLASS}": 3, f"recall_{CLASS}": 0.4, f"predicted_{CLASS}": 2}
+        ],  # fmt: skip
         "shift": {"note": CLASS, "ood": {"n_flagged": 1, "n": 3, "reasons": {NAME: 1}}},
         "warnings": [f"label shift towards {CLASS}"],
         "skipped": [{"path": str(base / f"{NAME}.dcm"), "reason": "unreadable"}],
@@ -228,14 +229,23 @@ def test_hostile_names_show_as_text_in_chromium(name: str, browser, tmp_path: Pa
     assert NAME in text and (name == "audit" or CLASS in text)
 
 
+def test_eval_page_keeps_its_number_formats(tmp_path: Path) -> None:
+    """Values with 3 decimals, per-class intervals with 2, headline intervals with 3, counts with separators."""
+    html = eval_page(tmp_path)
+    assert "<td>0.500 [0.20, 0.80]</td>" in html and "95% CI [0.300, 0.700]" in html
+    assert '<td class="num">3</td>' in html and "<div class='v'>–</div>" in html  # no ROC AUC: a dash
+
+
 # ------------------------------------------------------------------------------------------------ the layer
 
 
 def test_every_page_is_a_template_and_python_builds_no_markup() -> None:
     """The page modules hold no HTML tags: markup lives in templates/ only."""
     src = Path(rh.__file__).resolve().parents[1]
-    builders = [*sorted((src / "report").glob("*.py")), src / "analysis" / "validate.py", src / "sweep" / "importance.py"]
-    tag = re.compile(r"""["'][^"'\n]*<(?:div|p|table|tr|td|th|section|h[1-6]|span|img|figure|a|html|style|script)[\s>]""")
+    builders = [*sorted((src / "report").glob("*.py")), src / "analysis" / "validate.py"]
+    builders.append(src / "sweep" / "importance.py")
+    tags = "div|p|table|tr|td|th|section|h[1-6]|span|img|figure|a|html|style|script"
+    tag = re.compile(rf"""["'][^"'\n]*<(?:{tags})[\s>]""")
     offenders = [f"{p.name}: {m.group(0)}" for p in builders for m in tag.finditer(p.read_text())]
     assert offenders == []
 
