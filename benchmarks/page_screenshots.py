@@ -244,21 +244,26 @@ def render(work: Path, out: Path) -> None:
     pages = build_pages(work, d)
     print(f"pages built in {time.perf_counter() - t0:.1f} s")
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            for name, path in pages.items():
-                _shoot(browser, path.as_uri(), out, name)
-                shutil.copyfile(path, out / f"{name}.html")  # the file as written (the browser's DOM differs)
-            with _serving(create_app(d["r1"] / "bundle", ServeSettings(device="cpu"))) as url:
-                _shoot(browser, url, out, "serve", "#model:has-text('test_efficientnet')")
-            db = work / "review.db"
-            db.unlink(missing_ok=True)
-            q = load_queue(ReviewConfig(run=d["r1"], db=f"sqlite:///{db}", sample=10))
-            app = create_review_app(q, ReviewStore(q.db_url), ReviewSettings(reader="demo"))
-            with _serving(app) as url:
-                _shoot(browser, url, out, "review", "body[data-state=ready]")
-        finally:
-            browser.close()
+
+        def shoot(url: str, name: str, ready: str | None = None) -> None:
+            # a fresh browser per page: what one page loaded (fonts, caches) cannot change another's layout
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            try:
+                _shoot(browser, url, out, name, ready)
+            finally:
+                browser.close()
+
+        for name, path in pages.items():
+            shoot(path.as_uri(), name)
+            shutil.copyfile(path, out / f"{name}.html")  # the file as written (the browser's DOM differs)
+        with _serving(create_app(d["r1"] / "bundle", ServeSettings(device="cpu"))) as url:
+            shoot(url, "serve", "#model:has-text('test_efficientnet')")
+        db = work / "review.db"
+        db.unlink(missing_ok=True)
+        q = load_queue(ReviewConfig(run=d["r1"], db=f"sqlite:///{db}", sample=10))
+        app = create_review_app(q, ReviewStore(q.db_url), ReviewSettings(reader="demo"))
+        with _serving(app) as url:
+            shoot(url, "review", "body[data-state=ready]")
     print(f"{len(pages) + 2} pages in {out}")
 
 
@@ -296,7 +301,7 @@ def compare_dirs(before: Path, after: Path, show: Callable[[str], None] = print)
         ta, tb = (before / f"{n}.txt").read_text(), (after / f"{n}.txt").read_text()
         share, sizes = pixel_diff(pa, pb)
         same = ta == tb
-        show(f"{n:<10} {'yes' if same else 'NO':<15} {share:>15.2%}  {sizes}")
+        show(f"{n:<10} {'yes' if same else 'NO':<15} {share:>15.3%}  {sizes}")
         if not same:
             for line in list(difflib.unified_diff(ta.splitlines(), tb.splitlines(), lineterm="", n=0))[2:8]:
                 show(f"{'':<10} {line[:150]}")
