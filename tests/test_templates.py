@@ -229,6 +229,18 @@ def test_hostile_names_show_as_text_in_chromium(name: str, browser, tmp_path: Pa
     assert NAME in text and (name == "audit" or CLASS in text)
 
 
+def test_served_pages_escape_what_they_are_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prediction and review pages are templates too: their one variable (the notice) is escaped."""
+    import cxrlab
+    from cxrlab.serve.app import static_page
+
+    monkeypatch.setattr(cxrlab, "RESEARCH_NOTICE", CLASS)
+    for package, resource in (("cxrlab.serve", "static/index.html"), ("cxrlab.review", "static/review.html")):
+        html, csp = static_page(package, resource)
+        assert_escaped(html, CLASS)
+        assert "script-src 'sha256-" in csp and "http" not in csp
+
+
 def test_eval_page_keeps_its_number_formats(tmp_path: Path) -> None:
     """Values with 3 decimals, per-class intervals with 2, headline intervals with 3, counts with separators."""
     html = eval_page(tmp_path)
