@@ -154,6 +154,12 @@ class Config(StrictModel):
     )
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    keep: Literal["last", "bundle", "all"] = Field(
+        "last",
+        description="what a finished run keeps besides its bundle: last = checkpoints/last.ckpt (enough for "
+        "--resume to train on; best.ckpt is deleted: its weights are the bundle's), bundle = nothing else (cannot "
+        "be resumed), all = both checkpoints",
+    )
     output_dir: str = Field("runs", description="parent of the run directories")
     run_name: str | None = Field(None, description="run directory name; default <model>-<timestamp>")
 

@@ -332,6 +332,12 @@ def serve_cmd(
     max_batch: int = typer.Option(
         8, "--max-batch", min=1, help="Most queued requests merged into one forward pass (1 = one at a time)."
     ),
+    stall_timeout_s: float = typer.Option(
+        30.0,
+        "--stall-timeout",
+        help="Seconds a client may stall: an upload with no bytes for this long gets 408, and a connection that "
+        "has not sent its request headers by then is closed.",
+    ),
 ) -> None:
     """Serve the model over HTTP: web page at /, POST /predict, GET /health, OpenAPI docs at /docs."""
     import os
@@ -340,6 +346,7 @@ def serve_cmd(
 
     from cxrlab.config import ConfigError, build_config
     from cxrlab.serve.app import ServeSettings, create_app
+    from cxrlab.serve.http import http_protocol
 
     if token_file is not None:
         if token is not None:
@@ -362,6 +369,7 @@ def serve_cmd(
             "backend": backend.value,
             "device": device,
             "max_batch": max_batch,
+            "stall_timeout_s": stall_timeout_s,
         },
         source="cxrlab serve options",
     )
@@ -373,4 +381,4 @@ def serve_cmd(
     info = app.state.predictor.model_info
     console.print(f"[bold]serve[/]: {info['name']} ({', '.join(info['classes'])}) on http://{host}:{port}/")
     console.print(f"[yellow]{cxrlab.RESEARCH_NOTICE}[/]")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info", http=http_protocol(settings.stall_timeout_s))

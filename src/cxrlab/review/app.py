@@ -36,7 +36,7 @@ class ReviewSettings(StrictModel):
 
 
 def _require_token(request: Request, token: str | None) -> None:
-    from cxrlab.serve.app import check_token  # the service's token check (lazy: serve imports the model stack)
+    from cxrlab.serve.http import check_token  # the service's token check (lazy: serve imports the model stack)
 
     check_token(request, token)
 
@@ -46,7 +46,7 @@ def create_review_app(queue: ReviewQueue, store: ReviewStore, settings: ReviewSe
     import cxrlab
 
     s = settings or ReviewSettings()
-    from cxrlab.serve.app import static_page  # the same offline page + CSP builder as the prediction service
+    from cxrlab.serve.http import static_page  # the same offline page + CSP builder as the prediction service
 
     page, csp = static_page("cxrlab.review", "static/review.html")
     app = FastAPI(title="cxrlab review", version=cxrlab.__version__, docs_url=None, redoc_url=None)

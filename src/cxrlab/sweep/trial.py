@@ -147,7 +147,17 @@ def _metric_from_csv(run_dir: Path, metric: str, goal: str) -> float | None:
 
 
 # Keys that say where or how a trial runs, not what it computes: they may differ between the workers of a study.
-_MACHINE_KEYS = ("tracking", "output_dir", "run_name", "num_workers", "threads", "device", "devices", "cache_images")
+_MACHINE_KEYS = (
+    "tracking",
+    "output_dir",
+    "run_name",
+    "num_workers",
+    "threads",
+    "device",
+    "devices",
+    "cache_images",
+    "keep",
+)
 
 
 def _data_identity(data: str) -> str | None:
@@ -180,8 +190,9 @@ class TrialRunner:
     def __init__(self, cfg: SweepConfig, spec: SweepSpec, name: str, sweep_dir: Path, train_fn: TrainFn):
         self.cfg, self.spec, self.name, self.sweep_dir, self.train_fn = cfg, spec, name, sweep_dir, train_fn
         base = read_yaml(cfg.base_config) if cfg.base_config else {}
-        # Trials evaluate on test so the table has test metrics; `--set evaluate=val` turns that off.
-        defaults = ["evaluate=test", f"tracking.group={name}"]
+        # Trials evaluate on test so the table has test metrics; `--set evaluate=val` turns that off. Trials keep
+        # both checkpoints: the sweep's own retention (--keep) decides when the sweep ends.
+        defaults = ["evaluate=test", f"tracking.group={name}", "keep=all"]
         base = apply_overrides(base, defaults)
         tags = list((base.get("tracking") or {}).get("tags") or [])
         base["tracking"]["tags"] = [*tags, f"sweep:{name}"]
