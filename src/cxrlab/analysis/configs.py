@@ -26,8 +26,8 @@ class EvalConfig(StrictModel):
 
     target: Path = Field(description="run directory (runs/<id>) or model bundle directory")
     split: Literal["test", "val", "external"] = Field(
-        "test", description="split of the run's own data (or of --data's split): test, val or external (held-out "
-        "sources)"
+        "test",
+        description="split of the run's own data (or of --data's split): test, val or external (held-out sources)",
     )
     data: Path | None = Field(
         None,
@@ -111,8 +111,7 @@ class MineConfig(StrictModel):
     )
     images: Path | None = Field(
         None,
-        description="query these images instead of the errors: a folder, or a CSV (column 'path') / text list of "
-        "paths",
+        description="query these images instead of the errors: a folder, or a CSV (column 'path') / text list of paths",
     )
     k: int = Field(10, ge=1, le=1000, description="neighbours per query")
     index: Literal["auto", "exact", "hnsw", "ivf"] = Field(
