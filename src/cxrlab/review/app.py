@@ -19,20 +19,10 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from pydantic import Field
 
-from cxrlab.config import StrictModel
+from cxrlab.review.config import ReviewSettings
 from cxrlab.review.core import ReviewQueue
 from cxrlab.review.store import Answer, ReviewStore
-
-
-class ReviewSettings(StrictModel):
-    """Settings of ``cxrlab review`` (also accepted by ``create_review_app``)."""
-
-    host: str = Field("127.0.0.1", description="interface to bind; keep loopback unless behind a proxy with TLS")
-    port: int = Field(8010, ge=0, le=65535)
-    token: str | None = Field(None, description="require 'Authorization: Bearer <token>' on /api")
-    reader: str = Field("", description="reader name the page starts with (each reader may change it)")
 
 
 def _require_token(request: Request, token: str | None) -> None:

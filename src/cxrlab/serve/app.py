@@ -44,7 +44,7 @@ import threading
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 import numpy as np
@@ -52,10 +52,8 @@ import torch
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import UnidentifiedImageError
-from pydantic import Field
 
 import cxrlab
-from cxrlab.config import StrictModel
 from cxrlab.errors import CxrlabError
 from cxrlab.inference.predict import Predictor, encode_png
 from cxrlab.serve.http import (
@@ -69,34 +67,7 @@ from cxrlab.serve.http import (
     probe_dims,
     static_page,
 )
-
-ImageFormat = Literal["PNG", "JPEG", "DICOM", "TIFF", "BMP"]
-
-
-class ServeSettings(StrictModel):
-    """Settings of ``cxrlab serve`` (also accepted by ``create_app``)."""
-
-    host: str = Field("127.0.0.1", description="interface to bind; keep loopback unless behind a proxy with TLS")
-    port: int = Field(8000, ge=0, le=65535)
-    token: str | None = Field(None, description="require 'Authorization: Bearer <token>' on /predict")
-    max_upload_mb: float = Field(20.0, gt=0, description="largest accepted upload in MiB (413 above)")
-    max_pixels: int = Field(40_000_000, gt=0, description="largest accepted width*height (413 above)")
-    formats: tuple[ImageFormat, ...] = Field(("PNG", "JPEG", "DICOM"), description="accepted sniffed formats")
-    backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
-    device: str = "auto"
-    max_batch: int = Field(8, ge=1, le=256, description="most queued requests merged into one forward pass")
-    decode_workers: int = Field(4, ge=1, le=64, description="concurrent decodes (bounds memory under load)")
-    stall_timeout_s: float = Field(
-        30.0,
-        gt=0,
-        description="seconds a client may stall: an upload with no bytes arriving for this long gets 408, and a new "
-        "connection that has not sent its request headers by then is closed",
-    )
-
-    @property
-    def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * 1024 * 1024)
-
+from cxrlab.serve.settings import ServeSettings
 
 # --------------------------------------------------------------------------------------- inference worker
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cxrlab.atomic import write_json
-from cxrlab.data.classes import costly_recall_key
+from cxrlab.data.classes import COSTLY_CLASS, costly_recall_key
 from cxrlab.runs import BEST_CKPT, CKPT_DIR
 from cxrlab.sweep.optuna_backend import (
     A_DURATION,
@@ -144,6 +144,7 @@ def write_parcoords(
     path: Path,
     title: str,
     importance: tuple[dict[str, float] | None, str] | None = None,
+    costly: str = COSTLY_CLASS,
 ) -> Path:
     """Self-contained interactive parallel-coordinates HTML (plotly, JS inlined) of the completed (and pruned)
     trials; with ``importance`` (``(importances or None, note)``), the parameter importances beside it.
@@ -185,7 +186,7 @@ def write_parcoords(
         dims.append({"label": "status", "values": status, "tickvals": [0, 1], "ticktext": ["COMPLETE", "PRUNED"]})
     dims.append({"label": spec.metric, "values": objective})
     names = {k for r in done for k in r["metrics"]}
-    for extra in ("test/f1_macro", costly_recall_key(names)):
+    for extra in ("test/f1_macro", costly_recall_key(names, costly=costly)):
         if extra and extra in names and extra != spec.metric:
             dims.append({"label": extra, "values": [r["metrics"].get(extra, float("nan")) for r in done]})
     fig = go.Figure(
@@ -223,9 +224,10 @@ def summary_table(result: SweepResult, max_reason: int = 60) -> Table:
     from rich.table import Table
 
     names = {k for r in result.rows for k in r["metrics"]}
+    costly = costly_recall_key(names, costly=result.costly_class)
     extra = [
         k
-        for k in ("val/f1_macro", "val/accuracy", "test/accuracy", "test/f1_macro", costly_recall_key(names))
+        for k in ("val/f1_macro", "val/accuracy", "test/accuracy", "test/f1_macro", costly)
         if k and k in names and k != result.metric
     ]
     t = Table(title=f"sweep {result.name}: {result.method}, {result.goal} {result.metric}", title_justify="left")
@@ -304,11 +306,14 @@ def write_outputs(
     name: str,
     sweep_dir: Path,
     importance: tuple[dict[str, float] | None, str] | None = None,
+    costly: str = COSTLY_CLASS,
 ) -> tuple[Path, Path | None]:
     """summary.csv, parallel_coordinates.html (with the importances when given; also importance.json), best.json."""
     params = [p.key for p in spec.searched]
     csv_path = write_summary_csv(rows, params, spec.metric, sweep_dir / "summary.csv")
-    plot = write_parcoords(rows, params, spec, sweep_dir / "parallel_coordinates.html", f"sweep {name}", importance)
+    plot = write_parcoords(
+        rows, params, spec, sweep_dir / "parallel_coordinates.html", f"sweep {name}", importance, costly
+    )
     if importance is not None:
         write_json(sweep_dir / "importance.json", {"importances": importance[0], "note": importance[1]})
     best = best_row(rows, spec.goal)

@@ -157,7 +157,7 @@ def sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, console: Console | 
 
     if cfg.backend == "wandb":
         rows, ran = _run_wandb(cfg, spec, name, sweep_dir, runner, console)
-        csv_path, plot = write_outputs(rows, spec, name, sweep_dir)
+        csv_path, plot = write_outputs(rows, spec, name, sweep_dir, costly=runner.base_cfg.costly_class)
         return SweepResult(
             name,
             sweep_dir,
@@ -177,6 +177,7 @@ def sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, console: Console | 
             csv_path,
             plot,
             spec.ignored,
+            costly_class=runner.base_cfg.costly_class,
         )
 
     opt = OptunaSweep(cfg, spec, name, sweep_dir, runner, console)
@@ -187,7 +188,7 @@ def sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, console: Console | 
     finally:  # also on Ctrl-C: the summary shows what finished
         rows = trial_rows(opt.trials(), spec)
         importance = param_importances(opt.study, opt.seed)
-        csv_path, plot = write_outputs(rows, spec, name, sweep_dir, importance)
+        csv_path, plot = write_outputs(rows, spec, name, sweep_dir, importance, runner.base_cfg.costly_class)
     pending, running = opt.counts()
     freed = apply_retention(rows, best_row(rows, spec.goal), runner) if cfg.keep == "best" else 0
     from cxrlab.training.rundir import disk_usage
@@ -215,4 +216,5 @@ def sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, console: Console | 
         freed_bytes=freed,
         importances=importance[0],
         importance_note=importance[1],
+        costly_class=runner.base_cfg.costly_class,
     )

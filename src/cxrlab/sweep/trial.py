@@ -25,6 +25,7 @@ from cxrlab.config import (
     read_yaml,
     set_dotted,
 )
+from cxrlab.data.classes import COSTLY_CLASS
 from cxrlab.errors import CxrlabError
 from cxrlab.runs import METRICS_FILE
 from cxrlab.sweep.spec import RESERVED_KEYS, SweepConfig, SweepError, SweepSpec
@@ -64,6 +65,7 @@ class SweepResult:
     freed_bytes: int = 0  # deleted by retention in this command
     importances: dict[str, float] | None = None  # fANOVA parameter importances (optuna backend, >= 2 completed)
     importance_note: str = ""
+    costly_class: str = COSTLY_CLASS  # the base config's: its recall is shown beside the objective
 
     @property
     def complete(self) -> bool:
@@ -240,6 +242,8 @@ class TrialRunner:
         d = self.base_cfg.model_dump(mode="json")
         for k in _MACHINE_KEYS:
             d.pop(k, None)
+        if d.get("costly_class") == COSTLY_CLASS:  # reporting only (trains the same): studies from before it match
+            d.pop("costly_class")
         for k in ("enable_progress_bar", "log_every_n_steps"):
             d.get("trainer", {}).pop(k, None)
         if d.get("data"):

@@ -41,6 +41,7 @@ import torch
 
 from cxrlab.atomic import write_json
 from cxrlab.config import Config, ConfigError, dump_config
+from cxrlab.data.classes import resolve_costly_class
 from cxrlab.errors import RunError
 from cxrlab.runs import (
     BUNDLE_DIR,
@@ -140,7 +141,10 @@ def train(
             f"num_classes={cfg.num_classes} but the data has {len(info.classes)} classes {info.classes}; "
             "remove num_classes from the config (it is taken from the data)"
         )
-    cfg = cfg.model_copy(update={"num_classes": len(info.classes), "data": str(info.root)})
+    # the costly class as the data spells it (a name the user set that matches no class fails here, before any work)
+    costly = resolve_costly_class(info.classes, cfg.costly_class)
+    update = {"num_classes": len(info.classes), "data": str(info.root)} | ({"costly_class": costly} if costly else {})
+    cfg = cfg.model_copy(update=update)
 
     from cxrlab.training.model import check_model_name
 
