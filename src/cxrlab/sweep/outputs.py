@@ -45,7 +45,8 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     df = study.trials_dataframe(attrs=("number", "state", "value", "duration", "user_attrs"), multi_index=False)
     if df.empty:
         return []
-    records = df.astype(object).where(df.notna(), None).to_dict("records")  # missing attribute: None
+    df = df.sort_values("number").astype(object)
+    records = df.where(df.notna(), None).to_dict("records")  # a trial without that attribute: None
     trials = [
         (int(rec["number"]), {k[len(_USER) :]: v for k, v in rec.items() if k.startswith(_USER)}) for rec in records
     ]
