@@ -1,27 +1,32 @@
-"""The Optuna backend: the study in Optuna's RDB storage, random and TPE samplers, grid points claimed by trial.
+"""The Optuna backend: the study in Optuna's RDB storage; grid points, random (``RandomSampler``) and bayes
+(``TPESampler``, ``constant_liar`` for parallel workers) trials; several workers on one study.
 
-What is Optuna's own here: the storage and its trial rows, ``study.ask`` for random/bayes trials, the samplers and
-the pruner, the heartbeat (``RDBStorage(heartbeat_interval=..., grace_period=...)``, beaten by Optuna's
-``HeartbeatThread``, the thread ``Study.optimize`` runs) and the stale-trial check (``fail_stale_trials``: a RUNNING
-trial whose heartbeat is older than the grace period becomes FAIL, which frees its point for the next claim).
+Optuna's own: the storage and its trial rows, ``study.ask`` for random/bayes trials, the samplers, the pruner,
+the heartbeat (``RDBStorage(heartbeat_interval=heartbeat_s, grace_period=grace_s)``, beaten by Optuna's
+``HeartbeatThread``, the one ``Study.optimize`` runs) and the stale-trial check (``fail_stale_trials``: a
+RUNNING trial whose last heartbeat is older than the grace period becomes FAIL).
 
-What stays hand-written, and why:
-- the claim of a grid point (or of a slot of a random/bayes sweep of ``run_cap`` trials): a worker creates a
-  RUNNING trial carrying the point's key and re-reads the study; of two claims of one point the lower trial
-  number wins, the other yields (see ``cxrlab.sweep.runner``). Optuna's own ways do not run each point exactly
-  once: ``GridSampler`` draws a random unstarted point per ``ask``, so two workers can draw the same one, draws
-  running points again once every point has started, and counts an interrupted (FAILED) point as done for good;
-  ``enqueue_trial`` + ``ask`` pops a WAITING trial by ``SELECT ... FOR UPDATE``, which SQLite ignores (and
-  pysqlite begins the transaction only at the UPDATE), so two local workers can pop the same point, and
-  enqueueing the grid only once would need the lower-number rule again. ``create_new_trial`` is serialised on
-  every backend (it locks the study row; SQLite serialises writers): the claim rests on that alone.
-- the immediate dead-worker check by process id and boot id: Optuna finds a dead worker only after the grace
-  period, and the same command re-run right after a ``kill -9`` must go on at once (tests/test_sweep.py,
-  ``test_killed_worker_is_resumed_by_the_same_command``; the reason says the worker died).
-- no ``RetryHeartbeatStaleTrialCallback``: it re-queues a stale trial as a WAITING copy that only ``ask`` pops
-  (racy on SQLite, as above; grid claims never call ``ask``) and the tables would list twice. A stale FAIL frees
-  its point through the claim rule instead. It is not resumed from its ``last.ckpt`` (only a trial known to be
-  dead is): a worker cut off from the database may still be writing to that run directory.
+Claims (hand-written). A worker claims a grid point (or a slot of a random/bayes sweep of ``run_cap`` trials) by
+creating a RUNNING trial carrying the point's key, then re-reads the study: the claim stands only if no other
+trial of that point is COMPLETE (or hard-FAILED) and no other live RUNNING claim has a lower trial number.
+``create_new_trial`` is serialised on every backend (it locks the study row; SQLite serialises writers), so
+trial numbers follow commit order: of two racing claims the higher-numbered one sees the lower one and yields
+(PRUNED with ``cxrlab_yield``, left out of every table). A FAILED trial that is not a hard failure (interrupted,
+or found stale) frees its point, so re-running the command finishes exactly the missing points. Optuna's own
+ways do not run each point exactly once: ``GridSampler`` draws a random unstarted point per ``ask``, so two
+workers can draw the same one, draws running points again once every point has started, and counts an
+interrupted (FAILED) point as done for good; ``enqueue_trial`` + ``ask`` pops a WAITING trial by ``SELECT ... FOR
+UPDATE``, which SQLite ignores (and pysqlite begins the transaction only at the UPDATE), so two local workers can
+pop the same point, and enqueueing the grid only once would need the lower-number rule again.
+
+Dead workers. A claim of a process that no longer runs on this machine (same host and boot id) is FAILED as
+interrupted at once (hand-written: Optuna finds a dead worker only after the grace period, and the same command
+re-run right after a ``kill -9`` must go on at once, with the reason that the worker died: tests/test_sweep.py
+``test_killed_worker_is_resumed_by_the_same_command``); other machines' dead workers are found by
+``fail_stale_trials``. No ``RetryHeartbeatStaleTrialCallback``: it re-queues a stale trial as a WAITING copy that
+only ``ask`` pops (racy on SQLite, as above; grid claims never call ``ask``) and that the tables would list
+twice; the claim rule re-runs the point instead. A stale trial is not resumed from its ``last.ckpt`` (only one
+known to be dead is): a worker cut off from the database may still be writing to that run directory.
 """
 
 from __future__ import annotations

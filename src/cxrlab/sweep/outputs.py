@@ -161,7 +161,10 @@ def write_parcoords(
     """Self-contained interactive parallel-coordinates HTML (plotly, JS inlined) of the completed (and pruned)
     trials; with ``importance`` (``(importances or None, note)``), the parameter importances beside it.
 
-    Categorical parameters become integer axes with their values as tick labels, like W&B's view.
+    Categorical parameters become integer axes with their values as tick labels, like W&B's view. Not Optuna's
+    ``plot_parallel_coordinate``: it draws COMPLETE trials only (no pruned ones, no status axis), puts the
+    objective first and the parameters in alphabetical order, and knows nothing of the W&B spec's value order or
+    the test metrics; its figure would need plotly.js inlined all the same.
     """
     import plotly.graph_objects as go
 
