@@ -193,6 +193,7 @@ class OptunaSweep:
 
     # -- study identity
     def _check_study(self) -> None:
+        # Optuna's load_if_exists loads any study of that name: the spec and the trial inputs are checked here.
         fp = self.spec.fingerprint()
         attrs = self.study.user_attrs
         if "cxrlab_fingerprint" not in attrs:
