@@ -103,7 +103,8 @@ def compare_page(tmp: Path) -> str:
 
     def side(name: str) -> SimpleNamespace:
         return SimpleNamespace(prefix="test", run_dir=tmp / name, bundle_dir=None, data_source=NAME,
-                               classes=[CLASS, "NORMAL"], metrics={f"test/recall_{CLASS}": 0.5}, ci={})  # fmt: skip
+                               classes=[CLASS, "NORMAL"], metrics={f"test/recall_{CLASS}": 0.5}, ci={},
+                               costly_class=CLASS)  # fmt: skip
 
     r = SimpleNamespace(
         baseline=side(NAME),
@@ -232,7 +233,7 @@ def test_hostile_names_show_as_text_in_chromium(name: str, browser, tmp_path: Pa
 def test_served_pages_escape_what_they_are_given(monkeypatch: pytest.MonkeyPatch) -> None:
     """The prediction and review pages are templates too: their one variable (the notice) is escaped."""
     import cxrlab
-    from cxrlab.serve.app import static_page
+    from cxrlab.serve.http import static_page
 
     monkeypatch.setattr(cxrlab, "RESEARCH_NOTICE", CLASS)
     for package, resource in (("cxrlab.serve", "static/index.html"), ("cxrlab.review", "static/review.html")):

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cxrlab.data.classes import costly_class
 from cxrlab.report import html as rh
 
 if TYPE_CHECKING:
@@ -24,7 +23,7 @@ def write_compare_report(r: CompareResult, path: Path) -> Path:
     p = r.baseline.prefix
     b, c = r.baseline, r.challenger
     names = ["accuracy", "precision_macro", "recall_macro", "f1_macro", "auc_macro", "ece", "nll"]
-    costly = costly_class(b.classes)
+    costly = b.costly_class  # the baseline's (the one asked for, else its run's)
     names += [f"recall_{x}" for x in ([costly] if costly else []) + [x for x in b.classes if x != costly]]
     rows = []
     for n_ in names:

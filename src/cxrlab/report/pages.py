@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from cxrlab.data.classes import costly_class
+from cxrlab.data.classes import COSTLY_CLASS, costly_class
 from cxrlab.errors import CxrlabError
 from cxrlab.report import html as rh
 from cxrlab.report.figures import DPI, training_curves_figure
@@ -105,7 +105,8 @@ def eval_context(eval_dir: Path, gallery: bool = True) -> dict[str, Any]:
     m, ci = doc.get("metrics", {}), doc.get("ci", {})
     classes = doc.get("classes", [])
     absent = doc.get("absent_classes") or []
-    costly = costly_class(classes) or (doc.get("present_classes") or classes or [None])[0]
+    # the costly class the evaluation resolved (older metrics.json: looked up by its default name)
+    costly = doc.get("costly_class") or costly_class(classes) or (doc.get("present_classes") or classes or [None])[0]
     cards = [
         _card("accuracy", m.get(f"{p}/accuracy"), ci.get(f"{p}/accuracy")),
         _card("macro F1" + (" (present classes)" if absent else ""), m.get(f"{p}/f1_macro"), ci.get(f"{p}/f1_macro")),
@@ -328,7 +329,9 @@ def write_run_report(run_dir: Path, out: Path | None = None, audit_dir: Path | N
     if summary.get("wall_s"):
         meta.append(("training time", f"{float(summary['wall_s']):.0f} s"))
     best = summary.get("best_epoch")
-    curves = training_curves_figure(rd / METRICS_FILE, int(best) if best is not None else None)
+    curves = training_curves_figure(
+        rd / METRICS_FILE, int(best) if best is not None else None, cfg.get("costly_class") or COSTLY_CLASS
+    )
     evals = []
     latest = _latest_eval_dirs(rd)
     for d in latest:
