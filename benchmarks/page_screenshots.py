@@ -215,8 +215,11 @@ def _shoot(browser, url: str, out: Path, name: str, ready: str | None = None) ->
             page.wait_for_selector(ready, timeout=60_000)
         page.evaluate(
             "async () => { for (const i of document.images) { i.loading = 'eager'; "
-            "if (!i.complete) await new Promise(r => { i.onload = i.onerror = r; }); } }"
+            "if (!i.complete) await new Promise(r => { i.onload = i.onerror = r; }); } await document.fonts.ready; }"
         )
+        # two frames after the last image and font: without them the explain table's column widths came out
+        # 1 px apart in 2 of 6 shots of one unchanged file
+        page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
         page.wait_for_timeout(300)  # plotly's first layout pass
         page.screenshot(path=str(out / f"{name}.png"), full_page=True)
         (out / f"{name}.txt").write_text(page.evaluate("document.body.innerText"), encoding="utf-8")
