@@ -101,17 +101,14 @@ def int8_path(bundle: Bundle) -> Path:
 
 
 def _images(bundle: Bundle, paths: list[str], labels: list[str]) -> tuple[torch.Tensor, list[str], list[str]]:
-    """Read and preprocess (``Bundle.preprocess``) ``paths``; unreadable files are left out."""
-    from cxrlab.data.io import ImageReadError, read_xray
+    """Read and preprocess (``Bundle.preprocess``) ``paths`` with the one read loop; unreadable files are left out."""
+    from cxrlab.inference.infer import read_batches
 
     xs, kept, kept_labels = [], [], []
-    for p, y in zip(paths, labels, strict=True):
-        try:
-            xs.append(bundle.preprocess(read_xray(p, dtype="uint8")))
-        except ImageReadError:
-            continue
-        kept.append(p)
-        kept_labels.append(y)
+    for batch in read_batches(paths, 64, [], progress=False, prepare=bundle.preprocess):
+        xs += batch.inputs
+        kept += [paths[i] for i in batch.indices]
+        kept_labels += [labels[i] for i in batch.indices]
     if not xs:
         raise ExportError(f"none of the {len(paths)} images could be read (first: {paths[0] if paths else '-'})")
     return torch.stack(xs), kept, kept_labels

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from cxrlab.data.classes import costly_class
 from cxrlab.report import html as rh
 from cxrlab.report.pages import file_img, fmt, fmt_ci, links, page
+from cxrlab.runs import REPORT_FILE
 
 if TYPE_CHECKING:
     from cxrlab.analysis.compare import CompareResult
@@ -79,6 +80,8 @@ def write_compare_report(r: CompareResult, path: Path) -> Path:
             )
         )
     parts.append(
-        links([("baseline/report.html", "baseline evaluation"), ("challenger/report.html", "challenger evaluation")])
+        links(
+            [(f"baseline/{REPORT_FILE}", "baseline evaluation"), (f"challenger/{REPORT_FILE}", "challenger evaluation")]
+        )
     )
     return rh.write_page(path, page("Baseline vs challenger", parts))
