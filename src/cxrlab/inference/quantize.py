@@ -36,6 +36,7 @@ from cxrlab.inference.export import (
     read_onnx_metadata,
     weights_digest,
 )
+from cxrlab.inference.infer import read_batches, softmax_rows
 
 INT8_KEY = "cxrlab.int8"  # ONNX metadata of an INT8 export: calibration set and accuracy check (JSON)
 INT8_SUFFIX = ".int8.onnx"
@@ -102,8 +103,6 @@ def int8_path(bundle: Bundle) -> Path:
 
 def _images(bundle: Bundle, paths: list[str], labels: list[str]) -> tuple[torch.Tensor, list[str], list[str]]:
     """Read and preprocess (``Bundle.preprocess``) ``paths`` with the one read loop; unreadable files are left out."""
-    from cxrlab.inference.infer import read_batches
-
     xs, kept, kept_labels = [], [], []
     for batch in read_batches(paths, 64, [], progress=False, prepare=bundle.preprocess):
         xs += batch.inputs
@@ -281,8 +280,7 @@ def export_int8(
         cidx = {c: i for i, c in enumerate(b.meta.class_names)}
         y = np.array([cidx[c] for c in test_labels])
         k = b.meta.num_classes
-        p_ref = torch.softmax(torch.from_numpy(ref).double(), 1).numpy()
-        p_got = torch.softmax(torch.from_numpy(got).double(), 1).numpy()
+        p_ref, p_got = softmax_rows(ref), softmax_rows(got)
         report = Int8Report(
             path=None,
             calibration=calibration,
