@@ -15,7 +15,7 @@ from PIL import Image
 
 from cxrlab.data.io import read_xray
 from cxrlab.inference.bundle import CheckpointError, load_bundle, read_checkpoint
-from cxrlab.inference.infer import forward, read_batches
+from cxrlab.inference.infer import forward_pass, read_batches
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "cxrlab"
 CLASSES = ["COVID19", "NORMAL", "PNEUMONIA"]
@@ -73,15 +73,15 @@ def test_read_batches_does_not_open_known_problems_and_survives_a_failing_prepar
 def test_forward_features_and_channels_last_give_the_same_probabilities(tiny_bundle: Path, files) -> None:
     bundle = load_bundle(tiny_bundle)
     x = torch.stack([bundle.preprocess(read_xray(p)) for p in (files[0], files[1], files[3])])
-    p, f = forward(bundle.model, x)
+    p, f = forward_pass(bundle.model, x)
     assert f is None and p.dtype == np.float64 and np.allclose(p.sum(1), 1)
-    p2, feats = forward(bundle.model, x, features=True)
+    p2, feats = forward_pass(bundle.model, x, features=True)
     assert feats is not None and feats.shape[0] == 3 and feats.ndim == 2
     np.testing.assert_allclose(p2, p, atol=1e-12)
     with torch.no_grad():
         ref = torch.softmax(bundle.model(x).double(), 1).numpy()
     np.testing.assert_allclose(p, ref, atol=1e-6)
-    np.testing.assert_allclose(forward(bundle.model, x, channels_last=True)[0], p, atol=1e-5)
+    np.testing.assert_allclose(forward_pass(bundle.model, x, channels_last=True)[0], p, atol=1e-5)
 
 
 def test_predict_and_evaluate_go_through_the_one_loop(
@@ -255,9 +255,10 @@ def test_one_place_each() -> None:
         (mod, node.name)
         for mod, tree in trees.items()
         for node in tree.body
-        if isinstance(node, ast.FunctionDef) and node.name in ("resolve_device", "read_batches", "forward")
+        if isinstance(node, ast.FunctionDef) and node.name in ("resolve_device", "read_batches", "forward_pass")
     ]
-    assert sorted(module_defs) == [("inference/infer.py", n) for n in ("forward", "read_batches", "resolve_device")]
+    one = ("forward_pass", "read_batches", "resolve_device")
+    assert sorted(module_defs) == [("inference/infer.py", n) for n in one]
     # the decoded-image batches of a model come from one loop: nothing else in inference/ or analysis/ starts threads
     pools = {m for m in _calls("ThreadPoolExecutor") if m.startswith(("inference/", "analysis/"))}
     assert pools == {"inference/infer.py"}

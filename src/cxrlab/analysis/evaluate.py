@@ -144,7 +144,7 @@ def predict_items_scored(
 ) -> tuple[np.ndarray, list[int], list[dict[str, str]], list[Any] | None]:
     """:func:`predict_items` plus, with a ``cxrlab.analysis.ood.OodScorer``, one ``OodResult`` per kept item
     (feature distance from the same forward pass, input checks on the decoded image)."""
-    from cxrlab.inference.infer import forward, read_batches
+    from cxrlab.inference.infer import forward_pass, read_batches
 
     probs: list[np.ndarray] = []
     kept: list[int] = []
@@ -155,7 +155,7 @@ def predict_items_scored(
     for batch in read_batches(paths, batch_size, skipped, progress, desc, colour, prepare=bundle.preprocess):
         if not batch.indices:
             continue
-        p, feats = forward(bundle.model, batch.stack(), features=with_feats)
+        p, feats = forward_pass(bundle.model, batch.stack(), features=with_feats)
         probs.append(p)
         kept += batch.indices
         if ood is not None:

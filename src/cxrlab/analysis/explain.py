@@ -61,7 +61,7 @@ from cxrlab.analysis.cam import REGIONS, CamEngine, attention_share, image_regio
 from cxrlab.atomic import json_safe, write_json
 from cxrlab.config import StrictModel
 from cxrlab.errors import ExplainError
-from cxrlab.inference.infer import forward, read_batches, resolve_device
+from cxrlab.inference.infer import forward_pass, read_batches, resolve_device
 from cxrlab.report.explain_page import write_explain_page
 from cxrlab.runs import ATTENTION_CSV, ATTENTION_FILE, EXPLAIN_HTML, THUMBS_DIR, find_run_dir, read_summary, stage_dir
 from cxrlab.tracking import resumed_run, tracked_run_info
@@ -203,7 +203,7 @@ def explain(cfg: ExplainConfig) -> ExplainResult:
             x = torch.stack([t for _, t in read.inputs])
             n_seen += len(batch)
             if cfg.only_errors:  # a cheap forward first; CAMs only for the misclassified
-                pr = forward(bundle.model, x)[0].argmax(1)
+                pr = forward_pass(bundle.model, x)[0].argmax(1)
                 wrong = [j for j, (i, _, _) in enumerate(batch) if pr[j] != cidx[labels[i]]]
                 batch, x = [batch[j] for j in wrong], x[wrong]
             if batch:

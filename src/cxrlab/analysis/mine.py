@@ -183,7 +183,7 @@ def embed_files(
     (:mod:`cxrlab.inference.infer`)."""
     from cxrlab.data.grouping import image_phash
     from cxrlab.inference.bundle import file_sha256
-    from cxrlab.inference.infer import forward, read_batches
+    from cxrlab.inference.infer import forward_pass, read_batches
 
     n = len(paths)
     sha: list[str] = [""] * n
@@ -211,7 +211,7 @@ def embed_files(
         for batch in read_batches([paths[i] for i in todo], batch_size, skipped, progress, desc, prepare=prepare):
             if not batch.indices:
                 continue
-            p, f = forward(bundle.model, torch.stack([t for _, t in batch.inputs]), features=True)
+            p, f = forward_pass(bundle.model, torch.stack([t for _, t in batch.inputs]), features=True)
             f = torch.nn.functional.normalize(torch.from_numpy(f), dim=1).numpy()
             for k, v, pr, (ph, _) in zip(batch.indices, f, p, batch.inputs, strict=True):
                 i = todo[k]

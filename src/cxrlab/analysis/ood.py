@@ -1,7 +1,8 @@
 """Per-image out-of-distribution flags and the shift statistics behind them (see :mod:`cxrlab.analysis.shift` for
 the method): input checks (colour, constant, pixel noise, inverted polarity), the Mahalanobis feature score of
 :class:`OodScorer` and loading it from a bundle (the penultimate features come from the one forward pass,
-:func:`cxrlab.inference.infer.forward`). Fitting and storing the statistics is :mod:`cxrlab.analysis.shift_fit`."""
+:func:`cxrlab.inference.infer.forward_pass`). Fitting and storing the statistics is
+:mod:`cxrlab.analysis.shift_fit`."""
 
 from __future__ import annotations
 

@@ -22,10 +22,10 @@ def collect(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features, probabilities, labels) of every batch of ``loader`` ((x, y) batches)."""
     feats, probs, labels = [], [], []
-    from cxrlab.inference.infer import forward
+    from cxrlab.inference.infer import forward_pass
 
     for x, y in loader:
-        f, p = forward(model, x.to(device), features=True, channels_last=channels_last)
+        f, p = forward_pass(model, x.to(device), features=True, channels_last=channels_last)
         feats.append(f)
         probs.append(p)
         labels.append(np.asarray(y))

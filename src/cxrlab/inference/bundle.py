@@ -203,10 +203,10 @@ class Bundle:
 
     def predict_proba(self, grays: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
         """Softmax probabilities (N x num_classes) for 2-D uint8 grayscale images."""
-        from cxrlab.inference.infer import forward
+        from cxrlab.inference.infer import forward_pass
 
         out = [
-            forward(self.model, torch.stack([self.preprocess(g) for g in grays[i : i + batch_size]]))[0]
+            forward_pass(self.model, torch.stack([self.preprocess(g) for g in grays[i : i + batch_size]]))[0]
             for i in range(0, len(grays), batch_size)
         ]
         return np.concatenate(out) if out else np.zeros((0, self.meta.num_classes))

@@ -46,7 +46,7 @@ def softmax_rows(logits: torch.Tensor | np.ndarray) -> np.ndarray:
     return torch.softmax(torch.as_tensor(logits).float().cpu().double(), dim=1).numpy()
 
 
-def forward(
+def forward_pass(
     model: torch.nn.Module, x: torch.Tensor, features: bool = False, channels_last: bool = False
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The one forward pass over a preprocessed batch (N x C x H x W) on ``model``'s device, without autograd:

@@ -33,7 +33,7 @@ import torch
 
 from cxrlab.errors import CxrlabError
 from cxrlab.inference.bundle import Bundle, load_bundle
-from cxrlab.inference.infer import forward, read_batches, resolve_device, softmax_rows
+from cxrlab.inference.infer import forward_pass, read_batches, resolve_device, softmax_rows
 
 Backend = Literal["torch", "onnx", "onnx-int8"]
 BACKENDS = ("torch", "onnx", "onnx-int8")
@@ -199,20 +199,21 @@ class Predictor:
         return self.bundle.preprocess(gray)
 
     def forward(self, x: torch.Tensor) -> np.ndarray:
-        """Softmax probabilities (N x classes, float64 rows summing to 1) for a preprocessed batch."""
-        return self.forward_scored(x, features=False)[0]
-
-    def forward_scored(self, x: torch.Tensor, features: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        """(probabilities, penultimate features or None) of a preprocessed batch: features when ``features``, the
-        bundle has feature statistics and the torch backend runs (one forward pass either way, the torch one being
-        :func:`cxrlab.inference.infer.forward`); ONNX gives probabilities only."""
+        """Softmax probabilities (N x classes, float64 rows summing to 1) for a preprocessed batch: ONNX Runtime,
+        or the torch model through :func:`cxrlab.inference.infer.forward_pass`."""
         if self._session is not None:
             from cxrlab.inference.export import INPUT_NAME, OUTPUT_NAME
 
             logits = self._session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x.numpy(), np.float32)})[0]
-            return softmax_rows(logits), None
-        want = features and self.ood is not None and self.ood.has_features
-        return forward(self.bundle.model, x, features=want, channels_last=True)
+            return softmax_rows(logits)
+        return forward_pass(self.bundle.model, x, channels_last=True)[0]
+
+    def forward_scored(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, penultimate features or None): features when the bundle has feature statistics and
+        the torch backend runs (one forward pass either way); ONNX gives probabilities only."""
+        if self._session is not None or self.ood is None or not self.ood.has_features:
+            return self.forward(x), None
+        return forward_pass(self.bundle.model, x, features=True, channels_last=True)
 
     def flag(
         self,
