@@ -21,11 +21,11 @@ def collect(
     model: torch.nn.Module, loader: Any, device: torch.device | str, channels_last: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features, probabilities, labels) of every batch of ``loader`` ((x, y) batches)."""
-    feats, probs, labels = [], [], []
     from cxrlab.inference.infer import forward_pass
 
+    feats, probs, labels = [], [], []
     for x, y in loader:
-        f, p = forward_pass(model, x.to(device), features=True, channels_last=channels_last)
+        p, f = forward_pass(model, x.to(device), features=True, channels_last=channels_last)
         feats.append(f)
         probs.append(p)
         labels.append(np.asarray(y))
