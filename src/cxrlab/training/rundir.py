@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cxrlab.atomic import atomic_open
 from cxrlab.config import Config, ConfigError, build_config, read_yaml
 from cxrlab.errors import RunError
 from cxrlab.inference.bundle import CheckpointError, read_checkpoint
@@ -81,13 +82,11 @@ def epoch_csv_logger(path: Path) -> Any:
                 return
             keys = sorted({k for r in self.rows.values() for k in r} - {"epoch", "step"})
             cols = ["epoch", "step"] + sorted(keys, key=lambda k: (not k.startswith("train/"), k))
-            tmp = self.path.with_suffix(".csv.tmp")
-            with tmp.open("w", newline="") as f:
+            with atomic_open(self.path, "w", newline="") as f:  # a crash mid-write keeps the previous file
                 w = csv.DictWriter(f, fieldnames=cols)
                 w.writeheader()
                 for e in sorted(self.rows):
                     w.writerow(self.rows[e])
-            tmp.replace(self.path)
 
         @rank_zero_only
         def finalize(self, status: str) -> None:
