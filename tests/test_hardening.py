@@ -569,7 +569,7 @@ def test_train_warns_on_a_class_absent_from_test_and_resume_survives_a_truncated
         train(load_config(None, _train_sets(split, out, "model_name=notamodel", "run_name=typo")))
     assert not out.exists() or not any(out.iterdir())
 
-    res = train(load_config(None, _train_sets(split, out, "run_name=r", "evaluate=test")))
+    res = train(load_config(None, _train_sets(split, out, "run_name=r", "evaluate=test", "keep=all")))
     assert "test/recall_COVID19" not in res.metrics and "test/recall_NORMAL" in res.metrics
     assert any("COVID19 has no images in the test split" in w for w in res.warnings)
     summary = json.loads((res.run_dir / "summary.json").read_text())

@@ -259,3 +259,27 @@ def test_a_changed_split_is_refused(run_copy: Path) -> None:
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ExportError, match="trained on dataset version xray-000000000000 .* --data"):
         export_int8(run_copy)
+
+
+def test_stem_and_classifier_stay_float32(exported) -> None:
+    """The first Conv (reads the image) and the last Gemm/MatMul (writes the logits) keep float32 weights; every
+    other Conv reads int8 weights through a DequantizeLinear."""
+    import onnx
+
+    _, rep = exported
+    graph = onnx.load(str(rep.path)).graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    made_by = {o: n for n in graph.node for o in n.output}
+
+    def weight_dtype(node) -> np.dtype:
+        w = node.input[1]
+        if w in inits:
+            return inits[w].dtype
+        producer = made_by[w]
+        assert producer.op_type == "DequantizeLinear", producer.op_type
+        return inits[producer.input[0]].dtype
+
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    heads = [n for n in graph.node if n.op_type in ("Gemm", "MatMul")]
+    assert weight_dtype(convs[0]) == np.float32 and weight_dtype(heads[-1]) == np.float32
+    assert len(convs) > 2 and all(weight_dtype(n) == np.int8 for n in convs[1:])

@@ -127,3 +127,35 @@ def test_pipeline_input_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="epochz"):
         run_pipeline(RunConfig(demo=True, out=tmp_path / "o", config=bad))
     assert not (tmp_path / "o").exists()  # a bad config fails before any work
+
+
+@pytest.mark.slow
+@pytest.mark.trains
+def test_costly_class_changes_the_headline_without_retraining(demo: tuple[Path, Path, int]) -> None:
+    # last in the module: it re-evaluates the demo run with another costly class
+    out, cfg, _ = demo
+    assert "test/recall_COVID19" in json.loads((out / "pipeline.json").read_text())["headline"]  # the default
+    ckpts = {p: t for p, t in _mtimes(out / "runs").items() if "/checkpoints/" in p}
+    run = RunConfig(
+        demo=True,
+        out=out,
+        config=cfg,
+        demo_n_per_class=10,
+        demo_size=64,
+        demo_seed=TEST_SEED,
+        n_boot=100,
+        progress=False,
+        overrides=["costly_class=normal"],
+    )
+    res = run_pipeline(run, log=lambda *_: None)
+    st = {s.name: s.status for s in res.stages}
+    assert st["train"] == "skipped (up to date)" and st["evaluate"] == "done"
+    assert "test/recall_NORMAL" in res.headline and "test/recall_COVID19" not in res.headline
+    assert json.loads((out / "pipeline.json").read_text())["headline"] == res.headline
+    assert json.loads((res.run_dir / "eval-test" / "metrics.json").read_text())["costly_class"] == "NORMAL"
+    assert "NORMAL recall" in (out / "report.html").read_text()
+    assert all(_mtimes(out / "runs")[p] == t for p, t in ckpts.items())  # not retrained
+    from cxrlab.data.classes import UnknownClassError
+
+    with pytest.raises(UnknownClassError, match="valid: COVID19, NORMAL, PNEUMONIA"):
+        run_pipeline(run.model_copy(update={"overrides": ["costly_class=NORML"]}), log=lambda *_: None)

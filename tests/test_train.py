@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from cxrlab.cli import main
 from cxrlab.config import load_config
 from cxrlab.data.io import read_xray
 from cxrlab.inference.bundle import load_bundle
-from cxrlab.training.rundir import read_metrics
+from cxrlab.training.rundir import disk_usage, read_metrics, resume_config
 from cxrlab.training.train import RunResult, train
 
 CLASSES = ["COVID19", "NORMAL", "PNEUMONIA"]
@@ -60,10 +61,12 @@ class Crash(L.Callback):
 def runs(phantom_split: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunResult]:
     """Three runs of one config: a, b (same seed) and c (crashed in epoch 1, then resumed)."""
     out = tmp_path_factory.mktemp("runs")
+    # a and c keep both checkpoints (their tests read best.ckpt); b keeps the default (bundle + last.ckpt)
     res = {
-        name: train(load_config(None, _sets(phantom_split, out, f"run_name={name}", "evaluate=test"))) for name in "ab"
+        name: train(load_config(None, _sets(phantom_split, out, f"run_name={name}", "evaluate=test", *keep)))
+        for name, keep in (("a", ["keep=all"]), ("b", []))
     }
-    cfg_c = load_config(None, _sets(phantom_split, out, "run_name=c", "evaluate=test"))
+    cfg_c = load_config(None, _sets(phantom_split, out, "run_name=c", "evaluate=test", "keep=all"))
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg_c, callbacks=[Crash()])
     res["crashed_rows"] = read_metrics(out / "c")  # type: ignore[assignment]
@@ -95,6 +98,35 @@ def test_run_directory_contract(runs: dict[str, RunResult], phantom_split: Path)
     assert Path(summary["data"]) == phantom_split.resolve()
     stored = load_config(d / "config.yaml")
     assert stored.num_classes == 3 and stored.model_name == TEST_MODEL and Path(stored.data) == Path(summary["data"])
+
+
+@pytest.mark.trains
+def test_default_retention_keeps_the_bundle_and_last_ckpt(runs: dict[str, RunResult]) -> None:
+    """keep=last (the default): best.ckpt is deleted once the bundle holds its weights; last.ckpt stays for
+    --resume; summary.json's disk figure is the directory as it was left (issue 12, item 5)."""
+    a, b = runs["a"], runs["b"]
+    assert (b.run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert not (b.run_dir / "checkpoints" / "best.ckpt").exists()
+    assert (a.run_dir / "checkpoints" / "best.ckpt").is_file()  # keep=all
+    best_size = (a.run_dir / "checkpoints" / "best.ckpt").stat().st_size
+    summary = json.loads((b.run_dir / "summary.json").read_text())
+    assert summary["disk_bytes"] == b.disk_bytes  # measured just before summary.json itself was written:
+    assert 0 <= disk_usage(b.run_dir) - b.disk_bytes <= (b.run_dir / "summary.json").stat().st_size
+    assert a.disk_bytes - b.disk_bytes == pytest.approx(best_size, rel=0.05)
+
+
+@pytest.mark.trains
+def test_resuming_a_finished_run_without_best_ckpt_keeps_its_bundle(runs: dict[str, RunResult], tmp_path: Path) -> None:
+    """A keep=last run resumed with nothing left to train (no epoch can beat the best): the best weights come from
+    the bundle, which stays as it was, instead of failing for want of best.ckpt."""
+    b = runs["b"]
+    run = Path(shutil.copytree(b.run_dir, tmp_path / "b"))  # the fixture's run stays as it is for other tests
+    before = load_bundle(run).model.state_dict()
+    again = train(resume_config(run), resume=run)
+    assert again.run_dir == run.resolve() and again.best_epoch == b.best_epoch and again.metrics == b.metrics
+    after = load_bundle(run).model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert not (run / "checkpoints" / "best.ckpt").exists() and (run / "checkpoints" / "last.ckpt").is_file()
 
 
 @pytest.mark.trains
@@ -242,6 +274,10 @@ def test_offline_wandb_run_holds_config_history_and_model_and_nothing_leaks(
     ]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["wandb_mode"] == "offline" and Path(summary["wandb_dir"]) == wandb_runs[0].resolve()
+    weights = (run_dir / "bundle" / "model.safetensors").read_bytes()
+    copies = [p for p in tmp_path.rglob("*") if p.is_file() and p.stat().st_size == len(weights)]
+    copies = [p for p in copies if p.read_bytes() == weights]
+    assert copies == [run_dir / "bundle" / "model.safetensors"], "W&B staged a copy of the weights"  # issue 12.5
 
 
 # ---------------------------------------------------------------------------------------------- CLI errors

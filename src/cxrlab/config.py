@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cxrlab.data.classes import COSTLY_CLASS
 from cxrlab.errors import CxrlabError
 
 M = TypeVar("M", bound=BaseModel)
@@ -154,8 +155,20 @@ class Config(StrictModel):
     )
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    keep: Literal["last", "bundle", "all"] = Field(
+        "last",
+        description="what a finished run keeps besides its bundle: last = checkpoints/last.ckpt (enough for "
+        "--resume to train on; best.ckpt is deleted: its weights are the bundle's), bundle = nothing else (cannot "
+        "be resumed), all = both checkpoints",
+    )
     output_dir: str = Field("runs", description="parent of the run directories")
     run_name: str | None = Field(None, description="run directory name; default <model>-<timestamp>")
+    costly_class: str = Field(
+        COSTLY_CLASS,
+        min_length=1,
+        description="the class whose false negatives cost most (matched across spellings: covid-19 = COVID19); its "
+        "recall is the headline metric; a class the data lacks is an error when set, ignored when left default",
+    )
 
     @field_validator("img_size")
     @classmethod
@@ -258,6 +271,17 @@ def build_config(model: type[M], data: dict[str, Any], source: str = "<config>")
         return model.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, model, source)) from None
+
+
+def field_default(model: type[BaseModel], name: str) -> Any:
+    """The default of ``model``'s field ``name`` (its factory called), so other code can refer to it instead of
+    writing the literal again. A required field has none: ``ConfigError``."""
+    info = model.model_fields.get(name)
+    if info is None:
+        raise ConfigError(f"{model.__name__} has no field '{name}'; fields: {', '.join(model.model_fields)}")
+    if info.is_required():
+        raise ConfigError(f"{model.__name__}.{name} is required: it has no default")
+    return info.get_default(call_default_factory=True)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -30,9 +30,11 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from cxrlab.analysis.configs import EvalConfig, ExplainConfig
 from cxrlab.atomic import write_json
-from cxrlab.config import Config, ConfigError, StrictModel, apply_overrides, build_config, read_yaml
+from cxrlab.config import Config, ConfigError, StrictModel, apply_overrides, build_config, field_default, read_yaml
 from cxrlab.data.classes import costly_recall_key
+from cxrlab.data.configs import AuditConfig, IngestConfig, SplitConfig, SynthConfig
 from cxrlab.errors import CxrlabError
 from cxrlab.runs import REPORT_FILE, checkpoint_path
 
@@ -40,6 +42,8 @@ STAGES = ("synth", "ingest", "split", "audit", "train", "evaluate", "explain", "
 MARKER_DIR = ".stages"
 PIPELINE_FILE = "pipeline.json"
 DEFAULT_CONFIG = Path("configs") / "cpu.yaml"
+# training-config keys that do not change what is trained (left out of the train stage's fingerprint)
+NOT_TRAINING_KEYS = {"data", "output_dir", "run_name", "threads", "costly_class"}
 
 # The demo's data: plain phantoms (no planted shortcut), enough to learn and to evaluate with sensible CIs.
 # Measured with configs/cpu.yaml (efficientnet_lite0, pretrained) on this 2-core machine: 128 px x 6 epochs took
@@ -55,28 +59,32 @@ class PipelineError(CxrlabError):
 
 
 class RunConfig(StrictModel):
-    """Inputs of ``cxrlab run``."""
+    """Inputs of ``cxrlab run``. Settings a stage has too default to that stage's own default."""
 
     src: Path | None = Field(None, description="raw data: class folders, Kaggle train/+test/ folder or CSV")
-    out: Path = Field(description="output folder of every stage")
-    demo: bool = Field(False, description="generate synthetic phantoms as the source (nothing downloaded)")
-    config: Path | None = Field(None, description="training config YAML; default configs/cpu.yaml")
+    out: Path = Field(description="output folder of every stage (data/, split/, audit/, runs/<id>/, report)")
+    demo: bool = Field(False, description="generate synthetic phantoms as SRC (nothing downloaded)")
+    config: Path | None = Field(None, description="training config YAML; default configs/cpu.yaml when present")
     overrides: list[str] = Field(default_factory=list, description="key=value overrides of the training config")
     force: list[str] = Field(default_factory=list, description="stages to redo (with every stage after them)")
-    patient_regex: str | None = None
+    patient_regex: str | None = Field(
+        None, description=r"patient id from the file name, e.g. '(person\d+)_' for Kermany names"
+    )
     per_class: int | None = Field(None, ge=1, description="balanced subset of N images per class before splitting")
-    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    split_seed: int = 42
-    audit: bool = True
-    explain: bool = True
+    fractions: tuple[float, float, float] = field_default(SplitConfig, "fractions")
+    split_seed: int = field_default(SplitConfig, "seed")
+    audit: bool = Field(True, description="run the data audit")
+    explain: bool = Field(True, description="run the explanation stage")
     explain_max_images: int | None = Field(300, ge=1, description="cap on explained test images (seeded sample)")
-    n_boot: int = Field(1000, ge=0)
-    demo_n_per_class: int = Field(DEMO_N_PER_CLASS, ge=2)
-    demo_size: int = Field(DEMO_SIZE, ge=32)
-    demo_epochs: int = Field(DEMO_EPOCHS, ge=1, description="--demo: training epochs unless --set epochs=...")
-    demo_seed: int = 0
-    workers: int = Field(2, ge=0, description="ingest decoder processes")
-    progress: bool = True
+    n_boot: int = Field(
+        field_default(EvalConfig, "n_boot"), ge=0, description="bootstrap resamples of the evaluation CIs"
+    )
+    demo_n_per_class: int = Field(DEMO_N_PER_CLASS, ge=2, description="--demo: phantoms per class")
+    demo_size: int = Field(DEMO_SIZE, ge=32, description="--demo: phantom size (and training size)")
+    demo_epochs: int = Field(DEMO_EPOCHS, ge=1, description="--demo: training epochs (unless --set epochs=...)")
+    demo_seed: int = Field(field_default(SynthConfig, "seed"), description="--demo: seed of the generated phantoms")
+    workers: int = Field(field_default(IngestConfig, "workers"), ge=0, description="ingest and audit decoder processes")
+    progress: bool = Field(True, description="show progress bars")
 
     @field_validator("force")
     @classmethod
@@ -237,7 +245,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], Any] = print) -> PipelineR
         src_dir = out / "phantoms"
 
         def do_synth() -> dict[str, Any]:
-            from cxrlab.data.synth import SynthConfig, generate
+            from cxrlab.data.synth import generate
 
             generate(SynthConfig(out=src_dir, n_per_class=cfg.demo_n_per_class, size=cfg.demo_size, seed=cfg.demo_seed))
             return {"phantoms": src_dir}
@@ -254,7 +262,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], Any] = print) -> PipelineR
     data_dir = out / "data"
 
     def do_ingest() -> dict[str, Any]:
-        from cxrlab.data.ingest import IngestConfig, ingest
+        from cxrlab.data.ingest import ingest
 
         r = ingest(
             IngestConfig(
@@ -272,7 +280,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], Any] = print) -> PipelineR
     split_dir = out / "split"
 
     def do_split() -> dict[str, Any]:
-        from cxrlab.data.split import SplitConfig, split
+        from cxrlab.data.split import split
 
         r = split(
             SplitConfig(
@@ -299,7 +307,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], Any] = print) -> PipelineR
     else:
 
         def do_audit() -> dict[str, Any]:
-            from cxrlab.data.audit import AuditConfig, audit
+            from cxrlab.data.audit import audit
 
             r = audit(AuditConfig(data=split_dir, out=audit_dir, workers=cfg.workers, progress=cfg.progress))
             for w in r.warnings:
@@ -311,9 +319,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], Any] = print) -> PipelineR
     # ---- train (an interrupted run resumes from its last checkpoint)
     runs_dir = out / "runs"
     tc = train_cfg.model_copy(update={"data": str(split_dir), "output_dir": str(runs_dir)})
-    train_fp = _fingerprint(
-        "train", fps["split"], tc.model_dump(mode="json", exclude={"data", "output_dir", "run_name", "threads"})
-    )
+    train_fp = _fingerprint("train", fps["split"], tc.model_dump(mode="json", exclude=NOT_TRAINING_KEYS))
 
     def do_train() -> dict[str, Any]:
         from cxrlab.training.train import train
@@ -345,12 +351,18 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], Any] = print) -> PipelineR
 
     # ---- evaluate on the held-out test split
     def do_evaluate() -> dict[str, Any]:
-        from cxrlab.analysis.evaluate import EvalConfig, evaluate
+        from cxrlab.analysis.evaluate import evaluate
 
-        r = evaluate(EvalConfig(target=run_dir, split="test", n_boot=cfg.n_boot, progress=cfg.progress))
+        r = evaluate(
+            EvalConfig(
+                target=run_dir, split="test", n_boot=cfg.n_boot, costly_class=tc.costly_class, progress=cfg.progress
+            )
+        )
         return {"eval_dir": r.out_dir, "metrics": r.paths["metrics"], "report": r.paths.get("report")}
 
-    ev = stage("evaluate", _fingerprint("evaluate", fps["train"], cfg.n_boot), do_evaluate)
+    # the costly class changes the evaluation's headline, not the training (a default one keeps older fingerprints)
+    costly = [tc.costly_class] if tc.costly_class != field_default(Config, "costly_class") else []
+    ev = stage("evaluate", _fingerprint("evaluate", fps["train"], cfg.n_boot, *costly), do_evaluate)
 
     # ---- explain (optional)
     if not cfg.explain:
@@ -358,7 +370,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], Any] = print) -> PipelineR
     else:
 
         def do_explain() -> dict[str, Any]:
-            from cxrlab.analysis.explain import ExplainConfig, explain
+            from cxrlab.analysis.explain import explain
 
             r = explain(
                 ExplainConfig(target=run_dir, split="test", max_images=cfg.explain_max_images, progress=cfg.progress)
@@ -381,8 +393,10 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], Any] = print) -> PipelineR
 
     headline: dict[str, float] = {}
     try:
-        m = json.loads(Path(ev["metrics"]).read_text()).get("metrics", {})
-        for k in ("test/accuracy", "test/f1_macro", costly_recall_key(m), "test/ece"):
+        doc = json.loads(Path(ev["metrics"]).read_text())
+        m = doc.get("metrics", {})
+        recall = costly_recall_key(m, costly=doc.get("costly_class") or tc.costly_class)
+        for k in ("test/accuracy", "test/f1_macro", recall, "test/ece"):
             if k is not None and m.get(k) is not None:
                 headline[k] = float(m[k])
     except (OSError, json.JSONDecodeError):

@@ -8,12 +8,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
 
+from cxrlab.analysis.configs import CompareConfig
 from cxrlab.analysis.evaluate import EvalConfig, EvalResult, evaluate
 from cxrlab.analysis.metrics import (
     McNemarResult,
@@ -26,7 +26,6 @@ from cxrlab.analysis.metrics import (
     percentile_ci,
 )
 from cxrlab.atomic import json_safe, write_json
-from cxrlab.config import StrictModel
 from cxrlab.data.classes import order_costly_first
 from cxrlab.data.items import resolve_items
 from cxrlab.errors import CxrlabError, EvalError
@@ -34,25 +33,6 @@ from cxrlab.runs import (
     ATTENTION_FILE,
     find_run_dir,
 )
-
-
-class CompareConfig(StrictModel):
-    """Two models (run or bundle directories) evaluated on the same items."""
-
-    baseline: Path
-    challenger: Path
-    split: Literal["test", "val", "external"] = "test"
-    data: Path | None = None
-    out: Path | None = Field(None, description="output directory; default ./compare-<baseline>-vs-<challenger>")
-    batch_size: int = Field(32, ge=1)
-    seed: int = 0
-    n_boot: int = Field(1000, ge=0)
-    ci_level: float = Field(0.95, gt=0, lt=1)
-    alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the verdict")
-    n_bins: int = Field(15, ge=1)
-    device: str = "auto"
-    progress: bool = True
-    report: bool = True
 
 
 @dataclass
@@ -171,6 +151,7 @@ def compare(cfg: CompareConfig) -> CompareResult:
         "progress": cfg.progress,
         "report": cfg.report,
         "wandb": "off",
+        "costly_class": cfg.costly_class,
     }
     base = evaluate(EvalConfig(target=cfg.baseline, out=out / "baseline", **common))
     chal = evaluate(EvalConfig(target=cfg.challenger, out=out / "challenger", **common))
@@ -206,7 +187,7 @@ def compare(cfg: CompareConfig) -> CompareResult:
 
     cma, cmc = confusion_matrix(yt, ya, k), confusion_matrix(yt, yc, k)
     rows = []
-    for c in order_costly_first(classes):
+    for c in order_costly_first(classes, base.costly_class or ""):
         i = cidx[c]
         rows.append(
             {

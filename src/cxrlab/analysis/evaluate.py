@@ -29,16 +29,16 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
 
+from cxrlab.analysis.configs import EvalConfig
 from cxrlab.analysis.metrics import compute_metrics, per_source_metrics
 from cxrlab.analysis.shift import shift_checks
 from cxrlab.atomic import json_safe, write_json
-from cxrlab.config import StrictModel
+from cxrlab.data.classes import COSTLY_CLASS, resolve_costly_class
 from cxrlab.data.items import resolve_items
 from cxrlab.errors import EvalError
 from cxrlab.inference.infer import resolve_device
@@ -56,29 +56,6 @@ from cxrlab.runs import (
 from cxrlab.tracking import resumed_run, tracked_run_info
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------- configs
-
-
-class EvalConfig(StrictModel):
-    """What to evaluate, on which data, and where the results go."""
-
-    target: Path = Field(description="run directory or bundle directory")
-    split: Literal["test", "val", "external"] = Field(
-        "test", description="split of the run's own data (or of --data's split); external = held-out sources"
-    )
-    data: Path | None = Field(None, description="external data: folder of class folders, manifest or split csv")
-    out: Path | None = Field(None, description="output directory; default <run>/eval-<split> or eval-<data name>")
-    batch_size: int = Field(32, ge=1)
-    seed: int = Field(0, description="seed of the bootstrap resampling")
-    n_boot: int = Field(1000, ge=0, description="bootstrap resamples for the CIs; 0 = no CIs")
-    ci_level: float = Field(0.95, gt=0, lt=1)
-    n_bins: int = Field(15, ge=1, description="confidence bins of the expected calibration error")
-    device: str = Field("auto", description="auto = cuda when available, else cpu")
-    wandb: Literal["auto", "off"] = Field("auto", description="auto = log to the run's W&B run when it has one")
-    progress: bool = True
-    report: bool = Field(True, description="write report.html and the PNG figures")
 
 
 # --------------------------------------------------------------------------------------------- results
@@ -112,6 +89,7 @@ class EvalResult:
     per_source: pd.DataFrame | None = None  # one row per source (see per_source_metrics); None without sources
     shift: dict[str, Any] = field(default_factory=dict)  # label_shift, collapse, ood (cxrlab.analysis.shift), as JSON
     warnings: list[str] = field(default_factory=list)  # the shift checks that fired, in plain words
+    costly_class: str | None = None  # the class whose recall is the headline, as the data spells it (None: none)
 
     @property
     def y_true(self) -> np.ndarray:
@@ -180,6 +158,9 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     run_dir = find_run_dir(bundle_dir)
     bundle = load_bundle(bundle_dir, device=resolve_device(cfg.device, EvalError))
     classes = list(bundle.meta.class_names)
+    # the costly class: the one asked for, else the one the model was trained with (recorded in its config)
+    trained = (bundle.meta.config or {}).get("costly_class")
+    costly = resolve_costly_class(classes, cfg.costly_class or trained or COSTLY_CLASS)
     items = resolve_items(run_dir or bundle_dir, cfg.split, cfg.data, classes, bundle.meta.config or {})
     if not items.paths:
         raise EvalError(f"no images found in {items.source}")
@@ -254,6 +235,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         per_source=per_source,
         shift=shift,
         warnings=warnings,
+        costly_class=costly,
     )
     for w in warnings:
         log.warning("%s", w)
@@ -301,6 +283,7 @@ def _write_metrics_json(result: EvalResult, cfg: EvalConfig | None, summary: dic
         "present_classes": result.present_classes,
         "absent_classes": result.absent_classes,
         "macro_over": result.present_classes,
+        "costly_class": result.costly_class,
         "metrics": result.metrics,
         "ci": {k: list(v) for k, v in result.ci.items()},
         "ci_method": f"percentile bootstrap, {cfg.n_boot if cfg else 0} resamples, seed {cfg.seed if cfg else 0}",

@@ -49,17 +49,16 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import cv2
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field
 
 from cxrlab.analysis.cam import REGIONS, CamEngine, attention_share, image_regions, overlay
+from cxrlab.analysis.configs import ExplainConfig
 from cxrlab.atomic import json_safe, write_json
-from cxrlab.config import StrictModel
 from cxrlab.errors import ExplainError
 from cxrlab.inference.infer import forward_pass, read_batches, resolve_device
 from cxrlab.report.explain_page import write_explain_page
@@ -69,30 +68,6 @@ from cxrlab.tracking import resumed_run, tracked_run_info
 log = logging.getLogger(__name__)
 
 HTML_FILE = EXPLAIN_HTML
-
-
-class ExplainConfig(StrictModel):
-    """What to explain, on which images, how, and where the results go."""
-
-    target: Path = Field(description="run directory or bundle directory")
-    split: Literal["test", "val", "train"] = Field("test", description="split of the run's data (or of data's)")
-    data: Path | None = Field(None, description="other data: folder of class folders, manifest or split csv")
-    only_errors: bool = Field(False, description="explain only the misclassified images")
-    method: Literal["gradcam", "gradcam++"] = "gradcam"
-    cam_target: Literal["margin", "logit"] = Field(
-        "margin", description="differentiate the predicted class's logit margin over the others, or its raw logit"
-    )
-    target_layer: str | None = Field(None, description="module name of the CAM layer; default: last conv stage")
-    out: Path | None = Field(None, description="output directory; default <run>/explain-<split>")
-    batch_size: int = Field(16, ge=1)
-    max_images: int | None = Field(None, ge=1, description="explain at most this many (a seeded sample)")
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
-    border: float = Field(0.08, gt=0, lt=0.5, description="width of the border frame, as a share of each side")
-    text_dilate: float = Field(0.015, ge=0, lt=0.2, description="dilation of the text mask, as a share of the side")
-    thumb_size: int = Field(192, ge=32, le=1024, description="longer side of the HTML thumbnails in pixels")
-    wandb: Literal["auto", "off"] = Field("auto", description="auto = add a table to the run's W&B run if tracked")
-    seed: int = Field(0, description="seed of the max_images sample")
-    progress: bool = True
 
 
 @dataclass

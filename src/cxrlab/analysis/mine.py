@@ -31,16 +31,15 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field
 
+from cxrlab.analysis.configs import MineConfig
 from cxrlab.analysis.neighbours import make_index
 from cxrlab.atomic import write_json
-from cxrlab.config import StrictModel
 from cxrlab.errors import MineError
 from cxrlab.report.mine_page import write_mine_page
 from cxrlab.runs import WEIGHTS_FILE
@@ -50,29 +49,6 @@ NEIGHBOURS_CSV = "neighbours.csv"
 TO_LABEL_CSV = "to_label.csv"
 GALLERY_HTML = "gallery.html"
 SUMMARY_JSON = "mine.json"
-
-
-class MineConfig(StrictModel):
-    """Which errors, which pool, how to search and where results go."""
-
-    target: Path = Field(description="run directory (runs/<id>) or its bundle")
-    pool: Path = Field(description="folder of unlabelled images (walked recursively)")
-    split: Literal["test", "val", "train"] = Field("test", description="the split whose errors are the queries")
-    images: Path | None = Field(None, description="query these images instead: a folder, or a CSV/text list of paths")
-    k: int = Field(10, ge=1, le=1000, description="neighbours per query")
-    index: Literal["auto", "exact", "hnsw", "ivf"] = Field("auto", description="nearest-neighbour search")
-    exact_max: int = Field(50_000, ge=0, description="index=auto: exact search up to this pool size")
-    dedup_against: Literal["split", "train"] = Field(
-        "split", description="drop pool images already in the run's split (all of it, or its training part)"
-    )
-    near_dup_threshold: int = Field(2, ge=-1, le=64, description="pHash Hamming distance of a duplicate; -1 off")
-    out: Path | None = Field(None, description="output folder; default <run>/mine-<split>")
-    cache: Path | None = Field(None, description="embedding cache folder; default <run>/mine-cache")
-    batch_size: int = Field(32, ge=1)
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    thumb_size: int = Field(128, ge=32, le=512, description="longer side of the gallery thumbnails")
-    max_queries: int | None = Field(None, ge=1, description="at most this many queries (most confident errors first)")
-    progress: bool = True
 
 
 @dataclass

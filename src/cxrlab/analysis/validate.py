@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
 
+from cxrlab.analysis.configs import ValidateConfig
 from cxrlab.atomic import json_safe, write_json
-from cxrlab.config import ConfigError, StrictModel
+from cxrlab.config import ConfigError
 from cxrlab.data.manifest import EXTERNAL_SPLIT, MANIFEST_FILE, DataError, has_sources, read_manifest
 from cxrlab.errors import CxrlabError
 from cxrlab.runs import BUNDLE_DIR, META_FILE, SUMMARY_FILE, checkpoint_path
@@ -49,23 +49,6 @@ RUN_NAME = "model"
 
 class ValidateError(CxrlabError):
     """Leave-source-out validation cannot run; the message says what to change."""
-
-
-class ValidateConfig(StrictModel):
-    """Inputs of ``cxrlab validate``."""
-
-    manifest: Path = Field(description="manifest.csv (or its folder) from `cxrlab data ingest`, with sources")
-    out: Path = Field(description="output folder")
-    config: Path | None = Field(None, description="training config YAML; default configs/cpu.yaml")
-    overrides: list[str] = Field(default_factory=list, description="key=value overrides of the training config")
-    groups: list[list[str]] = Field(
-        default_factory=list, description="source groups held out one at a time; default: every source alone"
-    )
-    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    split_seed: int = 42
-    n_boot: int = Field(1000, ge=0)
-    ci_level: float = Field(0.95, gt=0, lt=1)
-    progress: bool = True
 
 
 @dataclass
@@ -143,7 +126,7 @@ def validate(cfg: ValidateConfig, log: Callable[[str], Any] = print) -> Validate
     classes = sorted(df["label"].astype(str).unique())
     out = Path(cfg.out).expanduser().resolve()
     digest = _manifest_digest(df)
-    train_fp = train_cfg.model_dump(mode="json", exclude={"data", "output_dir", "run_name", "threads"})
+    train_fp = train_cfg.model_dump(mode="json", exclude={"data", "output_dir", "run_name", "threads", "costly_class"})
 
     folds: list[dict[str, Any]] = []
     for group in groups:

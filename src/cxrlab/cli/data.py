@@ -14,7 +14,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cxrlab.cli.options import comma_list, from_field
 from cxrlab.config import build_config
+from cxrlab.data.configs import AuditConfig, IngestConfig, SplitConfig, SynthConfig
 
 data_app = typer.Typer(
     name="data",
@@ -60,39 +62,19 @@ def ingest_cmd(
         "Several roots go into one manifest.",
         show_default=False,
     ),
-    out: Path = typer.Option(
-        ..., "--out", "-o", help="Output folder: manifest.csv, rejects.csv, ingest.json.", show_default=False
-    ),
-    patient_regex: str | None = typer.Option(
-        None,
-        "--patient-regex",
-        help=r"Regex on the file name giving the patient id (first group, else the whole match), "
-        r"e.g. '(person\d+)_' for Kermany names. Default: CSV column, SOURCES.csv, else one patient per image.",
-    ),
-    source_regex: str | None = typer.Option(
-        None,
-        "--source-regex",
-        help="Regex on the path below the root's parent (root/class/file) giving the source (first group, else "
-        "the whole match). Default: CSV column, SOURCES.csv, else the root folder's name.",
-    ),
-    source_column: str = typer.Option(
-        "source", "--source-column", help="Column naming the source in a CSV listing or a SOURCES.csv."
-    ),
-    source_name: list[str] = typer.Option(
-        [], "--source-name", help="Source name of each root, in order (repeatable); overrides SOURCES.csv."
-    ),
-    csv: bool = typer.Option(
-        False, "--csv", help="Read SRC as a CSV listing even without a .csv suffix (automatic for *.csv)."
-    ),
-    strict: bool = typer.Option(
-        False, "--strict", help="Exit with an error when any file is rejected (the outputs are still written)."
-    ),
-    workers: int = typer.Option(2, "--workers", min=0, help="Decoder processes (0 or 1 = in-process)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    out: Path = from_field(IngestConfig, "out", "--out", "-o"),
+    patient_regex: str | None = from_field(IngestConfig, "patient_regex", "--patient-regex"),
+    source_regex: str | None = from_field(IngestConfig, "source_regex", "--source-regex"),
+    source_column: str = from_field(IngestConfig, "source_column", "--source-column"),
+    source_name: list[str] = from_field(IngestConfig, "source_names", "--source-name", note="Repeatable."),
+    csv: bool | None = from_field(IngestConfig, "csv", "--csv/--no-csv"),
+    strict: bool = from_field(IngestConfig, "strict", "--strict"),
+    workers: int = from_field(IngestConfig, "workers", "--workers"),
+    progress: bool = from_field(IngestConfig, "progress", "--progress/--no-progress"),
 ) -> None:
     """Decode every image once and write a manifest (path, label, sha256, size, mode, bit depth, patient id,
     original split, perceptual hash, source) plus rejects.csv with a reason for every file that could not be read."""
-    from cxrlab.data.ingest import IngestConfig, IngestRejectsError, ingest
+    from cxrlab.data.ingest import IngestRejectsError, ingest
 
     cfg = build_config(
         IngestConfig,
@@ -104,7 +86,7 @@ def ingest_cmd(
             "source_regex": source_regex,
             "source_column": source_column,
             "source_names": tuple(source_name),
-            "csv": True if csv else None,
+            "csv": csv,
             "strict": strict,
             "workers": workers,
             "progress": progress,
@@ -181,38 +163,34 @@ def source_table(counts: dict[str, dict[str, int]], classes: list[str], title: s
 
 @data_app.command("synth")
 def synth_cmd(
-    out: Path = typer.Option(
-        ..., "--out", "-o", help="Output folder; phantoms are written to OUT/<class>/*.png.", show_default=False
-    ),
-    n_per_class: int = typer.Option(100, "--n-per-class", "-n", min=1, help="Phantoms per class."),
-    size: int = typer.Option(256, "--size", min=32, help="Image side in pixels (square)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed (same seed -> same images)."),
-    shortcut_class: str | None = typer.Option(
-        None,
-        "--shortcut-class",
-        help="Plant a burned-in text marker in this class only: a known shortcut for testing audit/explain.",
-    ),
-    shortcut_prob: float = typer.Option(
-        1.0, "--shortcut-prob", min=0.0, max=1.0, help="Share of the shortcut class's images that get the marker."
-    ),
-    marker_all: bool = typer.Option(False, "--marker-all", help="Put markers on every class (no shortcut)."),
+    out: Path = from_field(SynthConfig, "out", "--out", "-o"),
+    n_per_class: int = from_field(SynthConfig, "n_per_class", "--n-per-class", "-n"),
+    size: int = from_field(SynthConfig, "size", "--size"),
+    seed: int = from_field(SynthConfig, "seed", "--seed"),
+    shortcut_class: str | None = from_field(SynthConfig, "shortcut_class", "--shortcut-class"),
+    shortcut_prob: float = from_field(SynthConfig, "shortcut_prob", "--shortcut-prob"),
+    marker_all: bool = from_field(SynthConfig, "marker_all", "--marker-all"),
 ) -> None:
     """Write synthetic chest radiograph phantoms (COVID19 / NORMAL / PNEUMONIA), one folder per class:
     the embedded default data set (nothing is downloaded)."""
     from cxrlab.data.manifest import DataError
-    from cxrlab.data.synth import CLASSES, SynthConfig, generate
+    from cxrlab.data.synth import CLASSES, generate
 
     if shortcut_class is not None and shortcut_class not in CLASSES:
         raise DataError(f"--shortcut-class {shortcut_class!r} is not a phantom class; valid: {', '.join(CLASSES)}")
     res = generate(
-        SynthConfig(
-            out=out,
-            n_per_class=n_per_class,
-            size=size,
-            seed=seed,
-            shortcut_class=shortcut_class,
-            shortcut_prob=shortcut_prob,
-            marker_all=marker_all,
+        build_config(
+            SynthConfig,
+            {
+                "out": out,
+                "n_per_class": n_per_class,
+                "size": size,
+                "seed": seed,
+                "shortcut_class": shortcut_class,
+                "shortcut_prob": shortcut_prob,
+                "marker_all": marker_all,
+            },
+            source="cxrlab data synth",
         )
     )
     console.print(f"[bold]synth[/]: {sum(res.counts.values())} phantoms of {size} px in {res.out}")
@@ -238,42 +216,25 @@ def split_cmd(
     manifest: Path = typer.Argument(
         ..., help="manifest.csv from `cxrlab data ingest`, or its folder.", show_default=False
     ),
-    out: Path = typer.Option(
-        ..., "--out", "-o", help="Output folder: split.csv, split.json, excluded.csv.", show_default=False
+    out: Path = from_field(SplitConfig, "out", "--out", "-o"),
+    fractions: str = from_field(SplitConfig, "fractions", "--fractions", to_cli=comma_list),
+    seed: int = from_field(SplitConfig, "seed", "--seed"),
+    per_class: int | None = from_field(SplitConfig, "per_class", "--per-class"),
+    exclude_flagged: str = from_field(
+        SplitConfig, "exclude_flagged", "--exclude-flagged", to_cli=comma_list, note="Comma list; needs --audit."
     ),
-    fractions: str = typer.Option("0.8,0.1,0.1", "--fractions", help="train,val,test shares (sum 1)."),
-    seed: int = typer.Option(42, "--seed", help="Random seed (same manifest + seed -> byte-identical split)."),
-    per_class: int | None = typer.Option(
-        None, "--per-class", min=1, help="Draw a balanced subset of N images per class (whole groups) first."
-    ),
-    exclude_flagged: str = typer.Option(
-        "",
-        "--exclude-flagged",
-        help="Leave out images the audit flagged: comma list of blur, exposure (under/over/low contrast), "
-        "underexposed, overexposed, low_contrast, text, unreadable. Needs --audit.",
-    ),
-    audit_dir: Path | None = typer.Option(None, "--audit", help="Audit folder (or its audit_features.csv)."),
-    near_dup_threshold: int = typer.Option(
-        2, "--near-dup-threshold", min=-1, max=64, help="Max pHash Hamming distance of near duplicates (-1: off)."
-    ),
-    holdout_source: list[str] = typer.Option(
-        [],
-        "--holdout-source",
-        help="Put every image of this source in an 'external' split, never in train/val/test (repeatable).",
-    ),
-    name: str | None = typer.Option(
-        None, "--name", help="Dataset name for the W&B artifact data-<name>-split (default xray / xray-tiny)."
-    ),
-    wandb: str = typer.Option(
-        "off", "--wandb", help="Log the split as a W&B dataset artifact: auto|online|offline|off."
-    ),
-    wandb_project: str = typer.Option("cxrlab", "--wandb-project", help="W&B project."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    audit_dir: Path | None = from_field(SplitConfig, "audit", "--audit"),
+    near_dup_threshold: int = from_field(SplitConfig, "near_dup_threshold", "--near-dup-threshold"),
+    holdout_source: list[str] = from_field(SplitConfig, "holdout_sources", "--holdout-source", note="Repeatable."),
+    name: str | None = from_field(SplitConfig, "name", "--name"),
+    wandb: str = from_field(SplitConfig, "wandb", "--wandb"),
+    wandb_project: str = from_field(SplitConfig, "wandb_project", "--wandb-project"),
+    progress: bool = from_field(SplitConfig, "progress", "--progress/--no-progress"),
 ) -> None:
     """Grouped (patient, sha256, near-duplicate), stratified, seeded train/val/test split of a manifest, with a
     dataset version id derived from its content."""
     from cxrlab.config import ConfigError
-    from cxrlab.data.split import SplitConfig, split
+    from cxrlab.data.split import split
 
     try:
         fr = [float(x) for x in _csv_list(fractions)]
@@ -336,27 +297,19 @@ def audit_cmd(
         help="manifest.csv or split.csv, or the folder holding one (a split adds per-split counts).",
         show_default=False,
     ),
-    out: Path = typer.Option(
-        ...,
-        "--out",
-        "-o",
-        help="Output folder: audit.html, audit.json, audit_features.csv, duplicates.csv.",
-        show_default=False,
-    ),
-    workers: int = typer.Option(2, "--workers", min=0, help="Decoder processes (0 or 1 = in-process)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the confound score's cross-validation."),
-    near_dup_threshold: int = typer.Option(
-        2, "--near-dup-threshold", min=-1, max=64, help="Max pHash Hamming distance of near duplicates (-1: off)."
-    ),
-    blur_threshold: float = typer.Option(20.0, "--blur-threshold", help="Flag blur below this Laplacian variance."),
-    dark_mean: float = typer.Option(70.0, "--dark-mean", help="Flag underexposed below this mean intensity."),
-    bright_mean: float = typer.Option(185.0, "--bright-mean", help="Flag overexposed above this mean intensity."),
-    low_contrast_std: float = typer.Option(20.0, "--low-contrast-std", help="Flag low contrast below this std."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    out: Path = from_field(AuditConfig, "out", "--out", "-o"),
+    workers: int = from_field(AuditConfig, "workers", "--workers"),
+    seed: int = from_field(AuditConfig, "seed", "--seed"),
+    near_dup_threshold: int = from_field(AuditConfig, "near_dup_threshold", "--near-dup-threshold"),
+    blur_threshold: float = from_field(AuditConfig, "blur_threshold", "--blur-threshold"),
+    dark_mean: float = from_field(AuditConfig, "dark_mean", "--dark-mean"),
+    bright_mean: float = from_field(AuditConfig, "bright_mean", "--bright-mean"),
+    low_contrast_std: float = from_field(AuditConfig, "low_contrast_std", "--low-contrast-std"),
+    progress: bool = from_field(AuditConfig, "progress", "--progress/--no-progress"),
 ) -> None:
     """Measure every image (size, exposure, sharpness, burned-in text, duplicates) and score how well these
     trivial statistics alone predict the label (the confound score); writes a self-contained audit.html."""
-    from cxrlab.data.audit import FLAGS, AuditConfig, audit
+    from cxrlab.data.audit import FLAGS, audit
 
     cfg = build_config(
         AuditConfig,

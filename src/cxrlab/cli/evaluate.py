@@ -13,7 +13,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cxrlab.analysis.configs import CompareConfig, EvalConfig
+from cxrlab.cli.options import from_field
 from cxrlab.config import build_config
+from cxrlab.pipeline import RunConfig
 from cxrlab.runs import EVAL_METRICS_FILE, SUMMARY_FILE
 
 console = Console()
@@ -53,6 +56,9 @@ def print_eval(res) -> None:  # noqa: ANN001 - EvalResult, imported lazily
     for name in ("accuracy", "precision_macro", "recall_macro", "f1_macro", "auc_macro", "ece", "nll"):
         key = f"{p}/{name}"
         t.add_row(key, _f(res.metrics.get(key)), _ci(res.ci.get(key)))
+    key = f"{p}/recall_{res.costly_class}"
+    if res.costly_class and key in res.metrics:  # the headline: recall of the class whose misses cost most
+        t.add_row(f"{key} (costly class)", _f(res.metrics[key]), _ci(res.ci.get(key)))
     console.print(t)
     pc = Table(title="per class (recall = the seed's per-class accuracy; 95% CI)", title_justify="left")
     for col in ("class", "n", "precision", "recall [95% CI]", "F1", "AUC", "FN", "FP"):
@@ -127,26 +133,20 @@ def print_shift_warnings(warnings: list[str], shift: dict) -> None:
 
 def evaluate_cmd(
     target: Path = typer.Argument(..., help="Run directory (runs/<id>) or model bundle directory.", show_default=False),
-    split: str = typer.Option(
-        "test", "--split", help="Split of the run's own data: test, val or external (held-out sources)."
-    ),
-    data: Path | None = typer.Option(
-        None,
-        "--data",
-        help="Evaluate on other data: a folder of class folders (a subset of the classes is fine), a manifest "
-        "or a split csv (its --split rows).",
-    ),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder [default: RUN/eval-<split>]."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
-    n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Bootstrap resamples for the 95% CIs (0 = none)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
-    wandb: str = typer.Option("auto", "--wandb", help="auto = log to the run's W&B run when it has one; off."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    split: str = from_field(EvalConfig, "split", "--split"),
+    data: Path | None = from_field(EvalConfig, "data", "--data"),
+    out: Path | None = from_field(EvalConfig, "out", "--out", "-o"),
+    batch_size: int = from_field(EvalConfig, "batch_size", "--batch-size"),
+    n_boot: int = from_field(EvalConfig, "n_boot", "--n-boot"),
+    seed: int = from_field(EvalConfig, "seed", "--seed"),
+    device: str = from_field(EvalConfig, "device", "--device"),
+    wandb: str = from_field(EvalConfig, "wandb", "--wandb"),
+    costly_class: str | None = from_field(EvalConfig, "costly_class", "--costly-class"),
+    progress: bool = from_field(EvalConfig, "progress", "--progress/--no-progress"),
 ) -> None:
     """Metrics with 95% bootstrap CIs, per-class table, confusion matrix, calibration (ECE + reliability
     diagram), ROC AUC, predictions.csv and a self-contained report.html."""
-    from cxrlab.analysis.evaluate import EvalConfig, evaluate
+    from cxrlab.analysis.evaluate import evaluate
 
     cfg = build_config(
         EvalConfig,
@@ -160,6 +160,7 @@ def evaluate_cmd(
             "seed": seed,
             "device": device,
             "wandb": wandb,
+            "costly_class": costly_class,
             "progress": progress,
         },
         source="cxrlab evaluate",
@@ -170,21 +171,20 @@ def evaluate_cmd(
 def compare_cmd(
     baseline: Path = typer.Argument(..., help="Baseline run or bundle directory.", show_default=False),
     challenger: Path = typer.Argument(..., help="Challenger run or bundle directory.", show_default=False),
-    split: str = typer.Option("test", "--split", help="Split both runs were evaluated on: test or val."),
-    data: Path | None = typer.Option(None, "--data", help="Compare on this data instead of the runs' own split."),
-    out: Path | None = typer.Option(
-        None, "--out", "-o", help="Output folder [default: ./compare-<baseline>-vs-<challenger>]."
-    ),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
-    n_boot: int = typer.Option(1000, "--n-boot", min=0),
-    seed: int = typer.Option(0, "--seed"),
-    alpha: float = typer.Option(0.05, "--alpha", help="Significance level of the verdict."),
-    device: str = typer.Option("auto", "--device"),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    split: str = from_field(CompareConfig, "split", "--split"),
+    data: Path | None = from_field(CompareConfig, "data", "--data"),
+    out: Path | None = from_field(CompareConfig, "out", "--out", "-o"),
+    batch_size: int = from_field(CompareConfig, "batch_size", "--batch-size"),
+    n_boot: int = from_field(CompareConfig, "n_boot", "--n-boot"),
+    seed: int = from_field(CompareConfig, "seed", "--seed"),
+    alpha: float = from_field(CompareConfig, "alpha", "--alpha"),
+    device: str = from_field(CompareConfig, "device", "--device"),
+    costly_class: str | None = from_field(CompareConfig, "costly_class", "--costly-class"),
+    progress: bool = from_field(CompareConfig, "progress", "--progress/--no-progress"),
 ) -> None:
     """Both models on the same images: metrics side by side, McNemar's exact test, a paired bootstrap CI of the
     accuracy difference, false negatives/positives per class, and a plain verdict (compare.html/.json)."""
-    from cxrlab.analysis.compare import CompareConfig, compare
+    from cxrlab.analysis.compare import compare
 
     cfg = build_config(
         CompareConfig,
@@ -199,6 +199,7 @@ def compare_cmd(
             "seed": seed,
             "alpha": alpha,
             "device": device,
+            "costly_class": costly_class,
             "progress": progress,
         },
         source="cxrlab compare",
@@ -288,29 +289,25 @@ def run_cmd(
         show_default=False,
         metavar="[SRC]",
     ),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (data/, split/, audit/, runs/<id>/, report)."),
-    demo: bool = typer.Option(False, "--demo", help="Generate synthetic phantoms as SRC (nothing downloaded)."),
-    config: Path | None = typer.Option(
-        None, "--config", "-c", help="Training config [default: configs/cpu.yaml when present]."
-    ),
-    set_: list[str] = typer.Option([], "--set", help="Config override key=value (repeatable)."),
-    force: list[str] = typer.Option([], "--force", help="Redo this stage and the ones after it (repeatable)."),
-    per_class: int | None = typer.Option(None, "--per-class", help="Balanced subset of N images per class."),
-    patient_regex: str | None = typer.Option(
-        None, "--patient-regex", help=r"Patient id from the file name, e.g. '(person\d+)_' for Kermany names."
-    ),
+    out: Path = from_field(RunConfig, "out", "--out", "-o"),
+    demo: bool = from_field(RunConfig, "demo", "--demo"),
+    config: Path | None = from_field(RunConfig, "config", "--config", "-c"),
+    set_: list[str] = from_field(RunConfig, "overrides", "--set", note="Repeatable."),
+    force: list[str] = from_field(RunConfig, "force", "--force", note="Repeatable."),
+    per_class: int | None = from_field(RunConfig, "per_class", "--per-class"),
+    patient_regex: str | None = from_field(RunConfig, "patient_regex", "--patient-regex"),
     skip_explain: bool = typer.Option(False, "--skip-explain", help="Do not run the explanation stage."),
     skip_audit: bool = typer.Option(False, "--skip-audit", help="Do not run the data audit."),
-    demo_n: int = typer.Option(150, "--demo-n", min=2, help="--demo: phantoms per class."),
-    demo_size: int = typer.Option(128, "--demo-size", min=32, help="--demo: phantom size (and training size)."),
-    demo_epochs: int = typer.Option(6, "--demo-epochs", min=1, help="--demo: training epochs (unless --set)."),
-    demo_seed: int = typer.Option(0, "--demo-seed", help="--demo: seed of the generated phantoms."),
-    n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Bootstrap resamples of the evaluation CIs."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    demo_n: int = from_field(RunConfig, "demo_n_per_class", "--demo-n"),
+    demo_size: int = from_field(RunConfig, "demo_size", "--demo-size"),
+    demo_epochs: int = from_field(RunConfig, "demo_epochs", "--demo-epochs"),
+    demo_seed: int = from_field(RunConfig, "demo_seed", "--demo-seed"),
+    n_boot: int = from_field(RunConfig, "n_boot", "--n-boot"),
+    progress: bool = from_field(RunConfig, "progress", "--progress/--no-progress"),
 ) -> None:
     """The main job: ingest -> split -> audit -> train -> evaluate (-> explain) -> report, resumable stage by
     stage (a finished stage is not redone)."""
-    from cxrlab.pipeline import RunConfig, run_pipeline
+    from cxrlab.pipeline import run_pipeline
 
     src, more_sets = split_src_and_overrides(args or [])
     set_ = [*set_, *more_sets]

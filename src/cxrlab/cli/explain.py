@@ -9,6 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cxrlab.analysis.configs import ExplainConfig
+from cxrlab.cli.options import from_field
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -19,28 +22,22 @@ def _f(v: object) -> str:
 
 def explain_cmd(
     target: Path = typer.Argument(..., help="Run directory (runs/<id>) or model bundle directory.", show_default=False),
-    split: str = typer.Option("test", "--split", help="Split of the run's data (or of --data's): test|val|train."),
-    only_errors: bool = typer.Option(False, "--only-errors", help="Explain only the misclassified images."),
-    method: str = typer.Option("gradcam", "--method", help="gradcam | gradcam++"),
-    cam_target: str = typer.Option(
-        "margin", "--cam-target", help="margin (predicted logit minus the others' mean) | logit (classic Grad-CAM)"
-    ),
-    target_layer: str | None = typer.Option(
-        None, "--target-layer", help="Module name of the CAM layer (default: the last convolutional stage)."
-    ),
-    data: Path | None = typer.Option(
-        None, "--data", help="Other images: a folder of class folders, a manifest or split csv (or its folder)."
-    ),
-    out: Path | None = typer.Option(None, "--out", help="Output folder (default <run>/explain-<split>)."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1),
-    max_images: int | None = typer.Option(None, "--max-images", min=1, help="Explain a seeded sample of N images."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N | mps"),
+    split: str = from_field(ExplainConfig, "split", "--split"),
+    only_errors: bool = from_field(ExplainConfig, "only_errors", "--only-errors"),
+    method: str = from_field(ExplainConfig, "method", "--method"),
+    cam_target: str = from_field(ExplainConfig, "cam_target", "--cam-target"),
+    target_layer: str | None = from_field(ExplainConfig, "target_layer", "--target-layer"),
+    data: Path | None = from_field(ExplainConfig, "data", "--data"),
+    out: Path | None = from_field(ExplainConfig, "out", "--out"),
+    batch_size: int = from_field(ExplainConfig, "batch_size", "--batch-size"),
+    max_images: int | None = from_field(ExplainConfig, "max_images", "--max-images"),
+    device: str = from_field(ExplainConfig, "device", "--device"),
     no_wandb: bool = typer.Option(False, "--no-wandb", help="Do not add the table to the run's W&B run."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Grad-CAM for every image of a split, attention in the lungs / on burned-in text / on the border, and a
     sortable, filterable HTML table (explain.html) with overlays, scores and errors."""
-    from cxrlab.analysis.explain import ExplainConfig, explain
+    from cxrlab.analysis.explain import explain
     from cxrlab.config import build_config
 
     cfg = build_config(

@@ -7,53 +7,35 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from cxrlab.analysis.configs import MineConfig
+from cxrlab.cli.options import from_field
+
 console = Console()
 err_console = Console(stderr=True)
 
 
 def mine_cmd(
     target: Path = typer.Argument(..., help="Run directory (runs/<id>) or its bundle.", show_default=False),
-    pool: Path = typer.Option(
-        ..., "--pool", help="Folder of unlabelled images to search (walked recursively).", show_default=False
-    ),
-    split: str = typer.Option("test", "--split", help="Split whose misclassified images are the queries."),
-    images: Path | None = typer.Option(
-        None,
-        "--images",
-        help="Query these images instead of the errors: a folder, or a CSV (column 'path') / text list of paths.",
-        show_default=False,
-    ),
-    k: int = typer.Option(10, "--k", "-k", min=1, max=1000, help="Neighbours per query."),
-    index: str = typer.Option(
-        "auto", "--index", help="auto (exact up to --exact-max pool images, faiss HNSW above) | exact | hnsw | ivf."
-    ),
-    exact_max: int = typer.Option(50_000, "--exact-max", min=0, help="index=auto: exact search up to this size."),
-    dedup_against: str = typer.Option(
-        "split",
-        "--dedup-against",
-        help="Drop pool images that duplicate (sha256 or pHash) the run's whole split, or only its train part.",
-    ),
-    near_dup_threshold: int = typer.Option(
-        2, "--near-dup-threshold", min=-1, max=64, help="pHash Hamming distance counted as a duplicate (-1: off)."
-    ),
-    max_queries: int | None = typer.Option(
-        None, "--max-queries", min=1, help="At most N queries (the most confident errors).", show_default=False
-    ),
-    out: Path | None = typer.Option(
-        None, "--out", help="Output folder (default <run>/mine-<split>).", show_default=False
-    ),
-    cache: Path | None = typer.Option(
-        None, "--cache", help="Embedding cache folder (default <run>/mine-cache).", show_default=False
-    ),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    pool: Path = from_field(MineConfig, "pool", "--pool"),
+    split: str = from_field(MineConfig, "split", "--split"),
+    images: Path | None = from_field(MineConfig, "images", "--images"),
+    k: int = from_field(MineConfig, "k", "--k", "-k"),
+    index: str = from_field(MineConfig, "index", "--index"),
+    exact_max: int = from_field(MineConfig, "exact_max", "--exact-max"),
+    dedup_against: str = from_field(MineConfig, "dedup_against", "--dedup-against"),
+    near_dup_threshold: int = from_field(MineConfig, "near_dup_threshold", "--near-dup-threshold"),
+    max_queries: int | None = from_field(MineConfig, "max_queries", "--max-queries"),
+    out: Path | None = from_field(MineConfig, "out", "--out"),
+    cache: Path | None = from_field(MineConfig, "cache", "--cache"),
+    batch_size: int = from_field(MineConfig, "batch_size", "--batch-size"),
+    device: str = from_field(MineConfig, "device", "--device"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Find pool images similar to the ones the model got wrong: penultimate-layer embeddings (cached by file
     content, so a re-run embeds only new files), cosine nearest neighbours, pool images already in the run's split
     dropped (sha256 / perceptual hash). Writes gallery.html, neighbours.csv and to_label.csv (fill in 'label',
     then `cxrlab data ingest to_label.csv --out DIR`)."""
-    from cxrlab.analysis.mine import MineConfig, mine
+    from cxrlab.analysis.mine import mine
     from cxrlab.config import build_config
 
     cfg = build_config(

@@ -8,6 +8,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from cxrlab.cli.options import from_field
+from cxrlab.review.config import ExportConfig, ReviewConfig, ReviewSettings
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -20,31 +23,22 @@ def review_cmd(
     run: Path = typer.Argument(
         ..., help="Run directory (runs/<id>) that `cxrlab explain RUN --split SPLIT` was run on.", show_default=False
     ),
-    split: str = typer.Option("test", "--split", help="The explained split: test|val|train."),
-    explain_dir: Path | None = typer.Option(
-        None, "--explain-dir", help="Explain output folder (default <run>/explain-<split>).", show_default=False
-    ),
-    db: str | None = typer.Option(
-        None,
-        "--db",
-        envvar="CXRLAB_REVIEW_DB",
-        help="Answers database: a SQLite path or URL (default <run>/review/review.db), or postgresql://user@host/db "
-        "for a team of readers.",
-        show_default=False,
-    ),
-    sample: int = typer.Option(40, "--sample", min=0, help="Correct predictions added after the errors (stratified)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the stratified sample."),
+    split: str = from_field(ReviewConfig, "split", "--split"),
+    explain_dir: Path | None = from_field(ReviewConfig, "explain_dir", "--explain-dir"),
+    db: str | None = from_field(ReviewConfig, "db", "--db", envvar="CXRLAB_REVIEW_DB"),
+    sample: int = from_field(ReviewConfig, "sample", "--sample"),
+    seed: int = from_field(ReviewConfig, "seed", "--seed"),
     reader: str | None = typer.Option(
         None, "--reader", help="Reader name the page starts with (default: your login name).", show_default=False
     ),
-    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback by default)."),
-    port: int = typer.Option(8010, "--port", min=0, max=65535),
-    token: str | None = typer.Option(
-        None,
+    host: str = from_field(ReviewSettings, "host", "--host"),
+    port: int = from_field(ReviewSettings, "port", "--port"),
+    token: str | None = from_field(
+        ReviewSettings,
+        "token",
         "--token",
         envvar="CXRLAB_TOKEN",
-        help="Require 'Authorization: Bearer TOKEN' (the page asks for it). Prefer the CXRLAB_TOKEN environment "
-        "variable or --token-file: a command-line token is visible in `ps`.",
+        note="Prefer the CXRLAB_TOKEN environment variable or --token-file: a command-line token is visible in `ps`.",
     ),
     token_file: Path | None = typer.Option(
         None, "--token-file", help="Read the bearer token from this file's first line.", show_default=False
@@ -55,7 +49,7 @@ def review_cmd(
         help="Do not serve: write answers.csv, agreement.json and (when readers corrected labels) a relabelled "
         "manifest.csv for `cxrlab data split` to --out (default <run>/review).",
     ),
-    out: Path | None = typer.Option(None, "--out", help="Export folder (default <run>/review).", show_default=False),
+    out: Path | None = from_field(ExportConfig, "out", "--out"),
     no_cam_overlap: bool = typer.Option(
         False, "--no-cam-overlap", help="Export: skip recomputing Grad-CAM inside the drawn regions."
     ),
@@ -77,7 +71,7 @@ def review_cmd(
     import getpass
 
     from cxrlab.config import ConfigError, build_config
-    from cxrlab.review.core import ExportConfig, ReviewConfig, export_review, import_answers, load_queue
+    from cxrlab.review.core import export_review, import_answers, load_queue
 
     if export and import_csv is not None:
         raise ConfigError("--export and --import are separate steps: give one of them")
@@ -120,7 +114,7 @@ def review_cmd(
     import uvicorn
 
     from cxrlab.cli.serve import TOKEN_ENV, is_loopback, read_token_file
-    from cxrlab.review.app import ReviewSettings, create_review_app
+    from cxrlab.review.app import create_review_app
     from cxrlab.review.store import ReviewStore, redact
 
     if token_file is not None:

@@ -20,6 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 import cxrlab
+from cxrlab.cli.options import from_field
+from cxrlab.serve.settings import ServeSettings
 
 console = Console()
 err_console = Console(stderr=True)
@@ -308,14 +310,15 @@ def read_token_file(path: Path) -> str:
 
 def serve_cmd(
     bundle: Path = typer.Argument(..., help="Bundle directory, run directory (uses its bundle/) or bundle.json."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback by default)."),
-    port: int = typer.Option(8000, "--port", min=0, max=65535),
-    token: str | None = typer.Option(
-        None,
+    host: str = from_field(ServeSettings, "host", "--host"),
+    port: int = from_field(ServeSettings, "port", "--port"),
+    token: str | None = from_field(
+        ServeSettings,
+        "token",
         "--token",
         envvar=TOKEN_ENV,
-        help=f"Require 'Authorization: Bearer TOKEN'. A token on the command line is visible to every user in `ps`: "
-        f"prefer the {TOKEN_ENV} environment variable or --token-file.",
+        note=f"A token on the command line is visible to every user in `ps`: prefer the {TOKEN_ENV} environment "
+        "variable or --token-file.",
     ),
     token_file: Path | None = typer.Option(
         None,
@@ -323,15 +326,12 @@ def serve_cmd(
         help="Read the bearer token from this file (its first line; keep the file readable only by you).",
         show_default=False,
     ),
-    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest upload in MiB (413 above)."),
-    max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest width*height (413 above)."),
-    backend: BackendName = typer.Option(
-        BackendName.torch, "--backend", help="torch, onnx (ONNX Runtime) or onnx-int8 (needs export --int8)."
-    ),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N."),
-    max_batch: int = typer.Option(
-        8, "--max-batch", min=1, help="Most queued requests merged into one forward pass (1 = one at a time)."
-    ),
+    max_upload_mb: float = from_field(ServeSettings, "max_upload_mb", "--max-upload-mb"),
+    max_pixels: int = from_field(ServeSettings, "max_pixels", "--max-pixels"),
+    backend: BackendName = from_field(ServeSettings, "backend", "--backend"),
+    device: str = from_field(ServeSettings, "device", "--device"),
+    max_batch: int = from_field(ServeSettings, "max_batch", "--max-batch"),
+    stall_timeout_s: float = from_field(ServeSettings, "stall_timeout_s", "--stall-timeout"),
 ) -> None:
     """Serve the model over HTTP: web page at /, POST /predict, GET /health, OpenAPI docs at /docs."""
     import os
@@ -339,7 +339,8 @@ def serve_cmd(
     import uvicorn
 
     from cxrlab.config import ConfigError, build_config
-    from cxrlab.serve.app import ServeSettings, create_app
+    from cxrlab.serve.app import create_app
+    from cxrlab.serve.http import http_protocol
 
     if token_file is not None:
         if token is not None:
@@ -362,6 +363,7 @@ def serve_cmd(
             "backend": backend.value,
             "device": device,
             "max_batch": max_batch,
+            "stall_timeout_s": stall_timeout_s,
         },
         source="cxrlab serve options",
     )
@@ -373,4 +375,4 @@ def serve_cmd(
     info = app.state.predictor.model_info
     console.print(f"[bold]serve[/]: {info['name']} ({', '.join(info['classes'])}) on http://{host}:{port}/")
     console.print(f"[yellow]{cxrlab.RESEARCH_NOTICE}[/]")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info", http=http_protocol(settings.stall_timeout_s))

@@ -11,6 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cxrlab.analysis.configs import ValidateConfig
+from cxrlab.cli.options import comma_list, from_field
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -46,24 +49,22 @@ def validate_cmd(
     manifest: Path = typer.Argument(
         ..., help="manifest.csv (or its folder) from `cxrlab data ingest`, with a source per image.", show_default=False
     ),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (folds/, validate.html/.json/.csv)."),
-    config: Path | None = typer.Option(
-        None, "--config", "-c", help="Training config [default: configs/cpu.yaml when present]."
-    ),
-    set_: list[str] = typer.Option([], "--set", help="Config override key=value (repeatable)."),
+    out: Path = from_field(ValidateConfig, "out", "--out", "-o"),
+    config: Path | None = from_field(ValidateConfig, "config", "--config", "-c"),
+    set_: list[str] = from_field(ValidateConfig, "overrides", "--set", note="Repeatable."),
     holdout: list[str] = typer.Option(
         [],
         "--holdout",
         help="A group of sources held out together, comma-separated (repeatable) [default: every source alone].",
     ),
-    fractions: str = typer.Option("0.8,0.1,0.1", "--fractions", help="train,val,test shares of the other sources."),
-    seed: int = typer.Option(42, "--seed", help="Split and bootstrap seed."),
-    n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Bootstrap resamples of the CIs."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    fractions: str = from_field(ValidateConfig, "fractions", "--fractions", to_cli=comma_list),
+    seed: int = from_field(ValidateConfig, "split_seed", "--seed"),
+    n_boot: int = from_field(ValidateConfig, "n_boot", "--n-boot"),
+    progress: bool = from_field(ValidateConfig, "progress", "--progress/--no-progress"),
 ) -> None:
     """Leave-source-out validation: one model per held-out source group, trained on the other sources; its
     in-distribution test metrics next to its metrics on the unseen sources, per fold and pooled (resumable)."""
-    from cxrlab.analysis.validate import TABLE_COLUMNS, ValidateConfig, table_cells, validate
+    from cxrlab.analysis.validate import TABLE_COLUMNS, table_cells, validate
     from cxrlab.config import ConfigError, build_config
 
     try:

@@ -11,6 +11,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from cxrlab.cli.options import from_field
+from cxrlab.sweep.spec import SweepConfig
+
 console = Console()
 
 
@@ -18,44 +21,31 @@ def sweep_cmd(
     sweep_file: Path = typer.Argument(
         ..., help="W&B sweep YAML (method, metric, parameters), e.g. configs/sweep.yaml", show_default=False
     ),
-    config: Path | None = typer.Option(
-        None, "--config", "-c", help="training YAML every trial starts from (e.g. configs/cpu.yaml)"
+    config: Path | None = from_field(SweepConfig, "base_config", "--config", "-c"),
+    data: str | None = from_field(SweepConfig, "data", "--data", "-d"),
+    storage: str | None = from_field(
+        SweepConfig, "storage", "--storage", note="Shared by all workers, e.g. postgresql://user:pw@host/db."
     ),
-    data: str | None = typer.Option(None, "--data", "-d", help="split directory used by every trial"),
-    storage: str | None = typer.Option(
-        None,
-        "--storage",
-        help="Optuna storage URL shared by all workers (postgresql://user:pw@host/db); "
-        "default sqlite:///<out>/<name>/study.db",
-    ),
-    n_trials: int | None = typer.Option(
-        None, "--n-trials", "-n", min=1, help="run at most N trials here; random/bayes: sweep size if no run_cap"
-    ),
-    backend: str = typer.Option("optuna", "--backend", help="optuna (no server needed) or wandb (needs a server)"),
-    overrides: list[str] = typer.Option(
-        [],
+    n_trials: int | None = from_field(SweepConfig, "n_trials", "--n-trials", "-n"),
+    backend: str = from_field(SweepConfig, "backend", "--backend", note="optuna needs no server; wandb does."),
+    overrides: list[str] = from_field(
+        SweepConfig,
+        "overrides",
         "--set",
         "-s",
-        help="key=value applied to every trial; repeatable, several may follow one --set "
-        "(e.g. --set tracking.wandb=off trainer.limit_train_batches=2)",
+        note="Repeatable, several may follow one --set (e.g. --set tracking.wandb=off trainer.limit_train_batches=2).",
     ),
-    out: Path = typer.Option(Path("sweeps"), "--out", "-o", help="parent directory of the sweep directory"),
-    name: str | None = typer.Option(None, "--name", help="sweep/study name; default the YAML's name or file stem"),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="re-run points whose trial failed with an error"),
-    seed: int | None = typer.Option(None, "--seed", help="sampler seed for random/bayes (default: config seed)"),
-    keep: str = typer.Option(
-        "best",
-        "--keep",
-        help="disk retention at the end: best = every trial's bundle plus last.ckpt of the best trial (other "
-        "checkpoints and interrupted trials' leftovers are deleted); all = keep everything",
-    ),
+    out: Path = from_field(SweepConfig, "out", "--out", "-o"),
+    name: str | None = from_field(SweepConfig, "name", "--name"),
+    retry_failed: bool = from_field(SweepConfig, "retry_failed", "--retry-failed"),
+    seed: int | None = from_field(SweepConfig, "seed", "--seed"),
+    keep: str = from_field(SweepConfig, "keep", "--keep"),
     extra: list[str] | None = typer.Argument(None, hidden=True),
 ) -> None:
     """Run a hyper-parameter sweep; re-running the same command resumes it, several copies share it."""
     from cxrlab.config import ConfigError, build_config
     from cxrlab.sweep.outputs import summary_table
     from cxrlab.sweep.runner import sweep
-    from cxrlab.sweep.spec import SweepConfig
 
     overrides = [*overrides, *(extra or [])]
     bad = [s for s in overrides if "=" not in s]

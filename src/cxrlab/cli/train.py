@@ -13,6 +13,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cxrlab.cli.options import from_field
+from cxrlab.config import Config
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -45,13 +48,7 @@ def train_cmd(
         help="YAML config (configs/baseline.yaml, challenger.yaml, cpu.yaml).",
         show_default=False,
     ),
-    data: str | None = typer.Option(
-        None,
-        "--data",
-        "-d",
-        help="Split directory from `cxrlab data split` (overrides `data:` in the config).",
-        show_default=False,
-    ),
+    data: str | None = from_field(Config, "data", "--data", "-d", note="Overrides `data:` in the config."),
     overrides: list[str] | None = typer.Option(
         None,
         "--set",

@@ -40,10 +40,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
 
 from cxrlab.atomic import write_json
-from cxrlab.config import StrictModel
+from cxrlab.data.configs import AuditConfig
 from cxrlab.data.confound import CONFOUND_MARGIN, confound_score
 from cxrlab.data.grouping import image_phash, near_duplicate_pairs, phash_to_int
 from cxrlab.data.manifest import (
@@ -56,30 +55,13 @@ from cxrlab.data.manifest import (
     read_manifest,
 )
 from cxrlab.data.parallel import map_files
-from cxrlab.data.split import AUDIT_FEATURES_FILE, DEFAULT_NEAR_DUP_THRESHOLD
+from cxrlab.data.split import AUDIT_FEATURES_FILE
 
 AUDIT_JSON = "audit.json"
 AUDIT_HTML = "audit.html"
 DUPLICATES_FILE = "duplicates.csv"
 SHARP_SIZE = 256  # sharpness is measured after resizing to this square
 FLAGS = ("unreadable", "blur", "underexposed", "overexposed", "low_contrast", "text", "duplicate")
-
-
-class AuditConfig(StrictModel):
-    """What to audit and the flag thresholds. ``data``: manifest.csv / split.csv or a folder holding one."""
-
-    data: Path
-    out: Path
-    workers: int = Field(2, ge=0, description="decoder processes (0 or 1 = in-process)")
-    seed: int = 0
-    near_dup_threshold: int = Field(DEFAULT_NEAR_DUP_THRESHOLD, ge=-1, le=64, description="pHash bits; -1 = off")
-    blur_threshold: float = Field(20.0, ge=0, description="flag blur below this Laplacian variance (256 px)")
-    dark_mean: float = Field(70.0, ge=0, le=255, description="flag underexposed (too dark) below this mean")
-    bright_mean: float = Field(185.0, ge=0, le=255, description="flag overexposed (washed out) above this mean")
-    low_contrast_std: float = Field(20.0, ge=0, description="flag low contrast below this grey-level std")
-    cv_folds: int = Field(5, ge=2)
-    gallery_per_flag: int = Field(12, ge=0, description="thumbnails per flag in audit.html")
-    progress: bool = True
 
 
 @dataclass

@@ -50,10 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
-
 from cxrlab.atomic import atomic_open, write_json
-from cxrlab.config import StrictModel
+from cxrlab.data.configs import IngestConfig
 from cxrlab.data.discover import Candidate, Scan, load_sources_csv, scan_csv, scan_folder, sources_lookup
 from cxrlab.data.io import ImageReadError, decode_xray
 from cxrlab.data.manifest import MANIFEST_COLUMNS, MANIFEST_FILE, REJECTS_FILE, DataError
@@ -62,41 +60,6 @@ from cxrlab.data.walk import display_path
 
 INGEST_META_FILE = "ingest.json"
 REJECT_COLUMNS = ["path", "reason", "kind", "label"]
-
-
-class IngestConfig(StrictModel):
-    """What to ingest and where to write. ``src`` is a folder or a CSV listing; see the module doc."""
-
-    src: Path = Field(description="class folders, Kaggle train/+test/ folder, or CSV of path,label[,patient_id]")
-    out: Path = Field(description="output folder for manifest.csv, rejects.csv, ingest.json")
-    extra_src: tuple[Path, ...] = Field((), description="more roots (same kinds as src) ingested into one manifest")
-    patient_regex: str | None = Field(None, description="regex on the file name: first group (or match) = patient")
-    source_regex: str | None = Field(
-        None, description="regex on the path below the root's parent (root/class/file): first group (or match) = source"
-    )
-    source_column: str = Field("source", min_length=1, description="column naming the source in a CSV / SOURCES.csv")
-    source_names: tuple[str, ...] = Field(
-        (), description="source name of each root, in order (default: SOURCES.csv, else the root folder's name)"
-    )
-    strict: bool = Field(False, description="raise IngestRejectsError when any file is rejected (files still written)")
-    csv: bool | None = Field(None, description="True: SRC is a CSV; False: SRC must be a folder; None: auto (*.csv)")
-    use_sources_csv: bool = Field(True, description="take patient ids from a SOURCES.csv beside the images")
-    workers: int = Field(2, ge=0, description="decoder processes; 0 or 1 = in-process")
-    progress: bool = Field(True, description="show a progress bar")
-
-    @field_validator("patient_regex", "source_regex")
-    @classmethod
-    def _compiles(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as e:
-                raise ValueError(f"{v!r} is not a valid regular expression: {e}") from None
-        return v
-
-    @property
-    def roots(self) -> list[Path]:
-        return [Path(self.src), *(Path(p) for p in self.extra_src)]
 
 
 @dataclass

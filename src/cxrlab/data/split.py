@@ -31,17 +31,14 @@ so the same manifest content and seed give byte-identical ``split.csv`` / ``spli
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, field_validator
 
 from cxrlab.atomic import write_json
-from cxrlab.config import StrictModel
+from cxrlab.data.configs import FLAG_ALIASES, SplitConfig
 from cxrlab.data.grouping import (
     PHASH_RE,
     assign_groups,
@@ -68,58 +65,6 @@ from cxrlab.data.manifest import (
 
 EXCLUDED_FILE = "excluded.csv"  # columns: path, label, reason
 AUDIT_FEATURES_FILE = "audit_features.csv"  # written by cxrlab.data.audit
-# Flag names a split can exclude on (columns ``flag_<name>`` of audit_features.csv); "exposure" = either side.
-FLAG_ALIASES: dict[str, tuple[str, ...]] = {
-    "blur": ("blur",),
-    "exposure": ("underexposed", "overexposed", "low_contrast"),
-    "underexposed": ("underexposed",),
-    "overexposed": ("overexposed",),
-    "low_contrast": ("low_contrast",),
-    "text": ("text",),
-    "unreadable": ("unreadable",),
-}
-DEFAULT_NEAR_DUP_THRESHOLD = 2
-
-
-class SplitConfig(StrictModel):
-    """What ``split`` reads and how it splits. ``manifest`` is a manifest.csv or the folder holding it."""
-
-    manifest: Path
-    out: Path
-    fractions: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/val/test shares, sum 1")
-    seed: int = 42
-    per_class: int | None = Field(None, ge=1, description="draw a balanced subset of N images per class first")
-    exclude_flagged: tuple[str, ...] = Field(
-        (), description=f"leave out images the audit flagged: {', '.join(FLAG_ALIASES)}"
-    )
-    audit: Path | None = Field(None, description="audit folder or audit_features.csv (for exclude_flagged)")
-    near_dup_threshold: int = Field(
-        DEFAULT_NEAR_DUP_THRESHOLD, ge=-1, le=64, description="max pHash Hamming distance of near duplicates; -1 off"
-    )
-    holdout_sources: tuple[str, ...] = Field(
-        (), description="sources whose images all go to the 'external' split (never train/val/test)"
-    )
-    name: str | None = Field(None, description="dataset name for the W&B artifact data-<name>-split")
-    wandb: Literal["auto", "online", "offline", "off"] = "off"
-    wandb_project: str = "cxr-classification"  # the training Config's project
-    wandb_entity: str | None = None
-    table_rows: int = Field(300, ge=0, description="rows (thumbnails) in the W&B split table, stratified sample")
-    progress: bool = True
-
-    @field_validator("fractions")
-    @classmethod
-    def _fractions(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
-        if any(f < 0 for f in v) or v[0] <= 0 or not math.isclose(sum(v), 1.0, abs_tol=1e-6):
-            raise ValueError(f"fractions (train, val, test) must be >= 0, train > 0, and sum to 1; got {v}")
-        return v
-
-    @field_validator("exclude_flagged")
-    @classmethod
-    def _flags(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        bad = [f for f in v if f not in FLAG_ALIASES]
-        if bad:
-            raise ValueError(f"unknown flag(s) {bad}; valid: {', '.join(FLAG_ALIASES)}")
-        return tuple(dict.fromkeys(v))
 
 
 @dataclass

@@ -21,28 +21,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import cv2
 import numpy as np
 
-CLASSES = ("COVID19", "NORMAL", "PNEUMONIA")
-MarkerStyle = Literal["laterality", "corner"]
+from cxrlab.data.configs import PHANTOM_CLASSES, MarkerStyle, SynthConfig
+
+CLASSES = PHANTOM_CLASSES
 MARKER_STYLES: tuple[str, ...] = ("laterality", "corner")
-
-
-@dataclass(frozen=True)
-class SynthConfig:
-    out: Path
-    n_per_class: int = 100
-    size: int = 256
-    seed: int = 0
-    classes: tuple[str, ...] = CLASSES
-    shortcut_class: str | None = None  # this class carries a text marker ...
-    shortcut_prob: float = 1.0  # ... in this share of its images
-    marker_all: bool = False  # markers on every class (no shortcut)
-    marker_style: MarkerStyle = "laterality"
-    fmt: str = "png"
 
 
 @dataclass

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cxrlab.data.classes import costly_class
 from cxrlab.report import html as rh
 from cxrlab.report.pages import file_img, fmt, fmt_ci, links, page
 from cxrlab.runs import REPORT_FILE
@@ -36,7 +35,7 @@ def write_compare_report(r: CompareResult, path: Path) -> Path:
         rh.callout(r.verdict, "ok" if r.significant else "info", title="Verdict:"),
     ]
     names = ["accuracy", "precision_macro", "recall_macro", "f1_macro", "auc_macro", "ece", "nll"]
-    costly = costly_class(b.classes)
+    costly = b.costly_class  # the baseline's (the one asked for, else its run's)
     names += [f"recall_{x}" for x in ([costly] if costly else []) + [x for x in b.classes if x != costly]]
     rows = []
     for n_ in names:

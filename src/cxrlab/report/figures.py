@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from cxrlab.data.classes import costly_recall_key
+from cxrlab.data.classes import COSTLY_CLASS, costly_recall_key
 from cxrlab.report import html as rh
 from cxrlab.runs import (
     CONFUSION_PNG,
@@ -116,8 +116,10 @@ def roc_figure(pred: pd.DataFrame, classes: list[str]) -> Figure | None:
     return fig
 
 
-def training_curves_figure(metrics_csv: Path, best_epoch: int | None = None) -> Figure | None:
-    """Loss and validation scores per epoch from a run's ``metrics.csv``."""
+def training_curves_figure(
+    metrics_csv: Path, best_epoch: int | None = None, costly: str = COSTLY_CLASS
+) -> Figure | None:
+    """Loss and validation scores per epoch from a run's ``metrics.csv`` (with the recall of the ``costly`` class)."""
     rows = read_metrics(metrics_csv)
     if not rows:
         return None
@@ -130,7 +132,7 @@ def training_curves_figure(metrics_csv: Path, best_epoch: int | None = None) -> 
             "val/accuracy",
             "train/f1_macro",
             "train/accuracy",
-            costly_recall_key(df.columns, "val/"),
+            costly_recall_key(df.columns, "val/", costly),
         )
         if c is not None and c in df.columns
     ]

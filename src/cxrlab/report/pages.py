@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from cxrlab.data.classes import costly_class
+from cxrlab.data.classes import COSTLY_CLASS, costly_class
 from cxrlab.errors import CxrlabError
 from cxrlab.report import html as rh
 from cxrlab.report.figures import DPI, training_curves_figure
@@ -162,7 +162,8 @@ def eval_section_html(eval_dir: Path, level: int = 2, gallery: bool = True) -> s
         parts.append(
             rh.callout(f"{doc['n_skipped']} file(s) could not be read and were skipped (listed below).", "warn")
         )
-    costly = costly_class(classes) or (doc.get("present_classes") or classes or [None])[0]
+    # the costly class the evaluation resolved (older metrics.json: looked up by its default name)
+    costly = doc.get("costly_class") or costly_class(classes) or (doc.get("present_classes") or classes or [None])[0]
     cards = [
         _card("accuracy", m.get(f"{p}/accuracy"), ci.get(f"{p}/accuracy")),
         _card("macro F1" + (" (present classes)" if absent else ""), m.get(f"{p}/f1_macro"), ci.get(f"{p}/f1_macro")),
@@ -406,7 +407,9 @@ def write_run_report(run_dir: Path, out: Path | None = None, audit_dir: Path | N
         meta.append(("training time", f"{float(summary['wall_s']):.0f} s"))
     parts = [rh.kv(meta), _audit_section(audit_dir, base)]
     best = summary.get("best_epoch")
-    curves = training_curves_figure(rd / METRICS_FILE, int(best) if best is not None else None)
+    curves = training_curves_figure(
+        rd / METRICS_FILE, int(best) if best is not None else None, cfg.get("costly_class") or COSTLY_CLASS
+    )
     if curves is not None:
         parts.append(rh.section("Training", fig_img(curves, "training curves", "per-epoch loss and scores")))
     evals = _latest_eval_dirs(rd)

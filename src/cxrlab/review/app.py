@@ -19,24 +19,14 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from pydantic import Field
 
-from cxrlab.config import StrictModel
+from cxrlab.review.config import ReviewSettings
 from cxrlab.review.core import ReviewQueue
 from cxrlab.review.store import Answer, ReviewStore
 
 
-class ReviewSettings(StrictModel):
-    """Settings of ``cxrlab review`` (also accepted by ``create_review_app``)."""
-
-    host: str = Field("127.0.0.1", description="interface to bind; keep loopback unless behind a proxy with TLS")
-    port: int = Field(8010, ge=0, le=65535)
-    token: str | None = Field(None, description="require 'Authorization: Bearer <token>' on /api")
-    reader: str = Field("", description="reader name the page starts with (each reader may change it)")
-
-
 def _require_token(request: Request, token: str | None) -> None:
-    from cxrlab.serve.app import check_token  # the service's token check (lazy: serve imports the model stack)
+    from cxrlab.serve.http import check_token  # the service's token check (lazy: serve imports the model stack)
 
     check_token(request, token)
 
@@ -46,7 +36,7 @@ def create_review_app(queue: ReviewQueue, store: ReviewStore, settings: ReviewSe
     import cxrlab
 
     s = settings or ReviewSettings()
-    from cxrlab.serve.app import static_page  # the same offline page + CSP builder as the prediction service
+    from cxrlab.serve.http import static_page  # the same offline page + CSP builder as the prediction service
 
     page, csp = static_page("cxrlab.review", "static/review.html")
     app = FastAPI(title="cxrlab review", version=cxrlab.__version__, docs_url=None, redoc_url=None)

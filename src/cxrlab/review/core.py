@@ -17,30 +17,18 @@ import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
 
-from cxrlab.config import StrictModel
+from cxrlab.review.config import ExportConfig, ReviewConfig
 from cxrlab.review.store import LOCALISATION, ItemInfo, ReviewError, ReviewStore, export_csv, normalise_url
 
 REVIEW_DIR = "review"
 ANSWERS_CSV = "answers.csv"
 AGREEMENT_JSON = "agreement.json"
 RELABEL_CSV = "relabel.csv"
-
-
-class ReviewConfig(StrictModel):
-    """Which run's explained images are reviewed, in which order, and where answers go."""
-
-    run: Path = Field(description="run directory (runs/<id>) or bundle directory that `cxrlab explain` wrote into")
-    split: Literal["test", "val", "train"] = Field("test", description="the explained split")
-    explain_dir: Path | None = Field(None, description="explain output folder; default <run>/explain-<split>")
-    db: str | None = Field(None, description="SQLAlchemy URL or SQLite path; default <run>/review/review.db")
-    sample: int = Field(40, ge=0, description="correct predictions added after the errors (stratified by class)")
-    seed: int = 0
 
 
 @dataclass
@@ -288,14 +276,6 @@ def cam_region_overlap(
 
 
 # ---------------------------------------------------------------------------------------------- export
-
-
-class ExportConfig(ReviewConfig):
-    """Review export: answers CSV, agreement numbers, relabel manifest."""
-
-    out: Path | None = Field(None, description="output folder; default <run>/review")
-    cam_overlap: bool = Field(True, description="recompute Grad-CAM on images with drawn regions (needs the bundle)")
-    device: str = "cpu"
 
 
 @dataclass

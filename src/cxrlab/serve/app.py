@@ -13,10 +13,12 @@ Endpoints:
 - ``GET /docs``: OpenAPI docs (FastAPI's default page, which loads Swagger UI from a CDN; only that page does).
 
 Every bad input gets a 4xx JSON ``{"detail": "<what is wrong and what to do>"}``:
-401 missing/wrong bearer token; 413 upload above ``max_upload_mb`` (rejected from ``Content-Length`` before the
-body is read, and by counting bytes while reading when there is none) or image above ``max_pixels`` (checked
-from the header before any pixel is decoded); 415 not multipart, or content that does not sniff as an accepted
-image format (the extension and declared content type are ignored); 422 no ``file`` field, empty, corrupt or
+401 missing/wrong bearer token; 408 upload stalled (no bytes for ``stall_timeout_s``; a connection that has not
+sent its request headers by then is closed, see :mod:`cxrlab.serve.http`); 413 upload above ``max_upload_mb``
+(rejected from ``Content-Length`` before the body is read, and by counting bytes while reading when there is
+none) or image above ``max_pixels`` (checked from the header before any pixel is decoded); 415 not multipart,
+or content that does not sniff as an accepted image format (the extension and declared content type are
+ignored); 422 no ``file`` field, empty, corrupt or
 undecodable image. Uploads are decoded from memory; the only thing that may touch disk is Starlette's
 multipart spooling (a ``SpooledTemporaryFile`` in the system temp dir above 1 MB, deleted on close).
 
@@ -37,54 +39,35 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
-import io
 import queue
-import re
-import secrets
 import threading
-import warnings
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import UnidentifiedImageError
-from pydantic import Field
 
 import cxrlab
-from cxrlab.config import StrictModel
 from cxrlab.errors import CxrlabError
 from cxrlab.inference.predict import Predictor, encode_png
-
-ImageFormat = Literal["PNG", "JPEG", "DICOM", "TIFF", "BMP"]
-_MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file in a multipart body
-
-
-class ServeSettings(StrictModel):
-    """Settings of ``cxrlab serve`` (also accepted by ``create_app``)."""
-
-    host: str = Field("127.0.0.1", description="interface to bind; keep loopback unless behind a proxy with TLS")
-    port: int = Field(8000, ge=0, le=65535)
-    token: str | None = Field(None, description="require 'Authorization: Bearer <token>' on /predict")
-    max_upload_mb: float = Field(20.0, gt=0, description="largest accepted upload in MiB (413 above)")
-    max_pixels: int = Field(40_000_000, gt=0, description="largest accepted width*height (413 above)")
-    formats: tuple[ImageFormat, ...] = Field(("PNG", "JPEG", "DICOM"), description="accepted sniffed formats")
-    backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
-    device: str = "auto"
-    max_batch: int = Field(8, ge=1, le=256, description="most queued requests merged into one forward pass")
-    decode_workers: int = Field(4, ge=1, le=64, description="concurrent decodes (bounds memory under load)")
-
-    @property
-    def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * 1024 * 1024)
-
+from cxrlab.serve.http import (
+    MULTIPART_SLACK,
+    BodyStalled,
+    BodyTooLarge,
+    TooManyPixels,
+    check_token,
+    limited_request,
+    mb,
+    probe_dims,
+    static_page,
+)
+from cxrlab.serve.settings import ServeSettings
 
 # --------------------------------------------------------------------------------------- inference worker
 
@@ -176,93 +159,6 @@ def _rows(scored: tuple[np.ndarray, np.ndarray | None]) -> list[tuple[np.ndarray
     """A batch's (probabilities, features or None) -> one (probabilities, features) pair per image."""
     probs, feats = scored
     return [(p, feats[i] if feats is not None else None) for i, p in enumerate(probs)]
-
-
-# ------------------------------------------------------------------------------------------ input checks
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class _TooManyPixels(Exception):
-    pass
-
-
-def _limited_request(request: Request, limit: int) -> Request:
-    """The same request whose body stream raises ``_BodyTooLarge`` once more than ``limit`` bytes arrived."""
-    seen = 0
-    receive = request.receive
-
-    async def counting_receive():
-        nonlocal seen
-        message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise _BodyTooLarge
-        return message
-
-    return Request(request.scope, counting_receive)
-
-
-def _probe_dims(data: bytes, fmt: str, name: str) -> tuple[int, int]:
-    """(width, height) from the header alone (PIL's lazy open; pydicom without pixel data)."""
-    if fmt == "DICOM":
-        import pydicom
-
-        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        return int(ds.Columns), int(ds.Rows) * frames
-    from PIL import Image
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own, lower limit decides
-        try:
-            with Image.open(io.BytesIO(data), formats=[fmt]) as im:
-                return im.size
-        except Image.DecompressionBombError as e:  # above twice Pillow's limit: too large, not corrupt (413)
-            raise _TooManyPixels(str(e)) from None
-
-
-def check_token(request: Request, token: str | None) -> None:
-    if token is None:
-        return
-    auth = request.headers.get("authorization", "")
-    scheme, _, given = auth.partition(" ")
-    if scheme.lower() != "bearer" or not given:
-        raise HTTPException(
-            401, "missing bearer token: send 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"}
-        )
-    if not secrets.compare_digest(given.strip().encode(), token.encode()):
-        raise HTTPException(401, "wrong bearer token", {"WWW-Authenticate": 'Bearer error="invalid_token"'})
-
-
-def _mb(n: float) -> str:
-    return f"{n / 1024 / 1024:.1f} MiB"
-
-
-# --------------------------------------------------------------------------------------------------- page
-
-
-def static_page(package: str, resource: str) -> tuple[str, str]:
-    """A packaged offline page (``{{NOTICE}}`` filled in) and its Content-Security-Policy: inline script/style
-    allowed by hash, nothing off-origin. Used by the prediction page and the review page."""
-    import html as htmllib
-
-    html = resources.files(package).joinpath(resource).read_text(encoding="utf-8")
-    html = html.replace("{{NOTICE}}", htmllib.escape(cxrlab.RESEARCH_NOTICE))
-
-    def hashes(tag: str) -> str:
-        found = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
-        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'" for s in found)
-
-    script, style = hashes("script") or "'none'", hashes("style") or "'none'"
-    csp = (
-        f"default-src 'none'; script-src {script}; style-src {style}; "
-        "img-src 'self' data: blob:; connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'"
-    )
-    return html, csp
 
 
 # ----------------------------------------------------------------------------------------------- self-check
@@ -375,34 +271,44 @@ def create_app(bundle_path: str | Path, settings: ServeSettings | None = None) -
     @app.post(
         "/predict",
         openapi_extra={"requestBody": upload_body},
-        responses={401: {}, 413: {}, 415: {}, 422: {}},
+        responses={401: {}, 408: {}, 413: {}, 415: {}, 422: {}},
     )
     async def predict(request: Request, cam: bool = Query(False, description="add a Grad-CAM overlay PNG")):
         """Classify one uploaded X-ray (multipart field ``file``)."""
         check_token(request, s.token)
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit + _MULTIPART_SLACK:
-            raise HTTPException(413, f"upload of {_mb(int(declared))} exceeds the limit of {_mb(limit)}")
+        if declared and declared.isdigit() and int(declared) > limit + MULTIPART_SLACK:
+            raise HTTPException(413, f"upload of {mb(int(declared))} exceeds the limit of {mb(limit)}")
         ctype = request.headers.get("content-type", "")
         if not ctype.lower().startswith("multipart/form-data"):
             raise HTTPException(
                 415, f"send multipart/form-data with the image in a field named 'file' (got {ctype or 'no type'!r})"
             )
         from starlette.formparsers import MultiPartException
+        from starlette.requests import ClientDisconnect
 
         try:
-            async with _limited_request(request, limit + _MULTIPART_SLACK).form(max_files=1, max_fields=8) as form:
+            limited = limited_request(request, limit + MULTIPART_SLACK, s.stall_timeout_s)
+            async with limited.form(max_files=1, max_fields=8) as form:
                 upload = form.get("file")
                 if upload is None or isinstance(upload, str):
                     raise HTTPException(422, "no file: send the image in a multipart field named 'file'")
                 name = Path(upload.filename or "upload").name
                 data = await upload.read(limit + 1)
-        except _BodyTooLarge:
-            raise HTTPException(413, f"upload exceeds the limit of {_mb(limit)}") from None
+        except BodyTooLarge:
+            raise HTTPException(413, f"upload exceeds the limit of {mb(limit)}") from None
+        except BodyStalled:
+            raise HTTPException(
+                408, f"upload stalled: no bytes arrived for {s.stall_timeout_s:g} s; send the whole file at once"
+            ) from None
+        except ClientDisconnect:
+            # The client went away mid-upload: nobody reads an answer. Returning one (instead of letting the
+            # exception reach the server's error middleware) keeps the log to one access line, not a traceback.
+            return Response(status_code=499)
         except MultiPartException as e:
             raise HTTPException(400, f"malformed multipart body: {e}") from None
         if len(data) > limit:
-            raise HTTPException(413, f"upload exceeds the limit of {_mb(limit)}")
+            raise HTTPException(413, f"upload exceeds the limit of {mb(limit)}")
         return await _predict_bytes(data, name, cam)
 
     async def _predict_bytes(data: bytes, name: str, cam: bool) -> dict[str, Any]:
@@ -418,8 +324,8 @@ def create_app(bundle_path: str | Path, settings: ServeSettings | None = None) -
         if fmt not in s.formats:
             raise HTTPException(415, f"{name} is {fmt}; this server accepts {', '.join(s.formats)}")
         try:
-            width, height = _probe_dims(data, fmt, name)
-        except _TooManyPixels as e:
+            width, height = probe_dims(data, fmt, name)
+        except TooManyPixels as e:
             raise HTTPException(
                 413, f"{name}: decompression bomb: {e} (this server's limit: {s.max_pixels:,})"
             ) from None

@@ -1,5 +1,33 @@
-"""The Optuna backend: the study in RDB storage, grid points claimed by trial (pid / boot id / heartbeat, see
-``cxrlab.sweep.runner``), random and TPE samplers."""
+"""The Optuna backend: the study in Optuna's RDB storage; grid points, random (``RandomSampler``) and bayes
+(``TPESampler``, ``constant_liar`` for parallel workers) trials; several workers on one study.
+
+Optuna's own: the storage and its trial rows, ``study.ask`` for random/bayes trials, the samplers, the pruner,
+the heartbeat (``RDBStorage(heartbeat_interval=heartbeat_s, grace_period=grace_s)``, beaten by Optuna's
+``HeartbeatThread``, the one ``Study.optimize`` runs) and the stale-trial check (``fail_stale_trials``: a
+RUNNING trial whose last heartbeat is older than the grace period becomes FAIL).
+
+Claims (hand-written). A worker claims a grid point (or a slot of a random/bayes sweep of ``run_cap`` trials) by
+creating a RUNNING trial carrying the point's key, then re-reads the study: the claim stands only if no other
+trial of that point is COMPLETE (or hard-FAILED) and no other live RUNNING claim has a lower trial number.
+``create_new_trial`` is serialised on every backend (it locks the study row; SQLite serialises writers), so
+trial numbers follow commit order: of two racing claims the higher-numbered one sees the lower one and yields
+(PRUNED with ``cxrlab_yield``, left out of every table). A FAILED trial that is not a hard failure (interrupted,
+or found stale) frees its point, so re-running the command finishes exactly the missing points. Optuna's own
+ways do not run each point exactly once: ``GridSampler`` draws a random unstarted point per ``ask``, so two
+workers can draw the same one, draws running points again once every point has started, and counts an
+interrupted (FAILED) point as done for good; ``enqueue_trial`` + ``ask`` pops a WAITING trial by ``SELECT ... FOR
+UPDATE``, which SQLite ignores (and pysqlite begins the transaction only at the UPDATE), so two local workers can
+pop the same point, and enqueueing the grid only once would need the lower-number rule again.
+
+Dead workers. A claim of a process that no longer runs on this machine (same host and boot id) is FAILED as
+interrupted at once (hand-written: Optuna finds a dead worker only after the grace period, and the same command
+re-run right after a ``kill -9`` must go on at once, with the reason that the worker died: tests/test_sweep.py
+``test_killed_worker_is_resumed_by_the_same_command``); other machines' dead workers are found by
+``fail_stale_trials``. No ``RetryHeartbeatStaleTrialCallback``: it re-queues a stale trial as a WAITING copy that
+only ``ask`` pops (racy on SQLite, as above; grid claims never call ``ask``) and that the tables would list
+twice; the claim rule re-runs the point instead. A stale trial is not resumed from its ``last.ckpt`` (only one
+known to be dead is): a worker cut off from the database may still be writing to that run directory.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +35,9 @@ import contextlib
 import json
 import os
 import socket
-import threading
 import time
 import warnings
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +55,7 @@ if TYPE_CHECKING:
 
 A_POINT, A_PARAMS, A_HOST, A_BOOT, A_PID = "cxrlab_point", "cxrlab_params", "cxrlab_host", "cxrlab_boot", "cxrlab_pid"
 A_REASON, A_FAILURE, A_METRICS, A_RUN_DIR = "cxrlab_reason", "cxrlab_failure", "cxrlab_metrics", "cxrlab_run_dir"
-A_DURATION, A_YIELD = "cxrlab_duration_s", "cxrlab_yield"
+A_YIELD = "cxrlab_yield"
 
 
 def _boot_id() -> str:
@@ -45,9 +71,7 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
-    except OSError:
+    except OSError:  # PermissionError: alive, another user's
         return True
     return True
 
@@ -78,27 +102,24 @@ def redact_url(url: str) -> str:
         return url
 
 
-class _Heartbeat:
-    """Records the trial's heartbeat every ``interval`` seconds in a daemon thread until stopped."""
+class _Beat:
+    """What Optuna's ``HeartbeatThread`` calls. A failed write is skipped, not raised: raised, it would end the
+    thread, and a live trial would look dead after the grace period; skipped, the next beat retries."""
 
-    def __init__(self, storage: Any, trial_id: int, interval: int):
-        self._storage, self._trial_id, self._interval = storage, trial_id, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"cxrlab-heartbeat-{trial_id}", daemon=True)
+    def __init__(self, storage: Any):
+        self.storage = storage
 
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            with contextlib.suppress(Exception):  # a missed beat is retried; the grace period allows for it
-                self._storage.record_heartbeat(self._trial_id)
+    def get_heartbeat_interval(self) -> int | None:
+        return self.storage.get_heartbeat_interval()
 
-    def __enter__(self) -> _Heartbeat:
-        self._storage.record_heartbeat(self._trial_id)
-        self._thread.start()
-        return self
+    def record_heartbeat(self, trial_id: int) -> None:
+        with contextlib.suppress(Exception):
+            self.storage.record_heartbeat(trial_id)
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+
+def _keys(points: list[dict[str, Any]]) -> list[str]:
+    """The claim key of each grid point (``cxrlab_point``)."""
+    return [json.dumps(p, sort_keys=True, default=str) for p in points]
 
 
 @contextlib.contextmanager
@@ -172,6 +193,7 @@ class OptunaSweep:
 
     # -- study identity
     def _check_study(self) -> None:
+        # Optuna's load_if_exists loads any study of that name: the spec and the trial inputs are checked here.
         fp = self.spec.fingerprint()
         attrs = self.study.user_attrs
         if "cxrlab_fingerprint" not in attrs:
@@ -254,9 +276,8 @@ class OptunaSweep:
 
     def _new_claim(self, params: dict[str, Any] | None, point: str | None) -> tuple[int, int]:
         """Create this worker's RUNNING trial (atomically with its point and identity); return (id, number)."""
-        import optuna
         from optuna.distributions import CategoricalDistribution
-        from optuna.trial import TrialState
+        from optuna.trial import TrialState, create_trial
 
         user = {A_HOST: self.host, A_BOOT: self.boot, A_PID: self.pid}
         if point is None:
@@ -269,18 +290,11 @@ class OptunaSweep:
         assert params is not None
         enc = {k: encode_value(v) for k, v in params.items()}
         choices = {p.key: tuple(encode_value(v) for v in p.grid_values()) for p in self.spec.searched}
-        template = optuna.trial.FrozenTrial(
-            number=-1,
+        template = create_trial(
             state=TrialState.RUNNING,
-            value=None,
-            datetime_start=datetime.now(),
-            datetime_complete=None,
             params=enc,
             distributions={k: CategoricalDistribution(choices[k]) for k in enc},
             user_attrs={**user, A_POINT: point, A_PARAMS: params},
-            system_attrs={},
-            intermediate_values={},
-            trial_id=-1,
         )
         trial_id = self.storage.create_new_trial(self.study_id, template_trial=template)
         # A claim without a heartbeat row is never seen as stale by Optuna: beat at once, not only when it runs.
@@ -303,7 +317,6 @@ class OptunaSweep:
         try:
             self.storage.set_trial_user_attr(trial_id, A_METRICS, out.metrics)
             self.storage.set_trial_user_attr(trial_id, A_RUN_DIR, out.run_dir)
-            self.storage.set_trial_user_attr(trial_id, A_DURATION, round(out.duration_s, 2))
             if out.state == "COMPLETE":
                 self.storage.set_trial_state_values(trial_id, TrialState.COMPLETE, values=[out.value])
             elif out.state == "PRUNED":
@@ -322,6 +335,7 @@ class OptunaSweep:
 
     def _execute(self, trial_id: int, number: int, params: dict[str, Any], resume: Path | None = None) -> None:
         import optuna
+        from optuna.storages._heartbeat import HeartbeatThread  # Optuna's own, as Study.optimize runs it
 
         label = ", ".join(f"{k}={v}" for k, v in params.items()) or "(constants only)"
         if self.console:
@@ -331,7 +345,7 @@ class OptunaSweep:
         if self.spec.early_terminate and self.runner.accepts("callbacks"):  # hyperband: metric reported per epoch
             cbs = [pruning_callback(optuna.trial.Trial(self.study, trial_id), self.spec.metric)]
         try:
-            with _Heartbeat(self.storage, trial_id, self.cfg.heartbeat_s):
+            with HeartbeatThread(trial_id, _Beat(self.storage)):
                 out = self.runner(params, number, callbacks=cbs, resume=resume)
         except (KeyboardInterrupt, SystemExit) as e:
             # Lightning turns Ctrl-C during fit into sys.exit(1) after a graceful shutdown: the same interruption.
@@ -359,7 +373,7 @@ class OptunaSweep:
 
     def _run_grid(self) -> None:
         points = self.spec.grid()
-        keys = [json.dumps(p, sort_keys=True, default=str) for p in points]
+        keys = _keys(points)
         start_max = max((t.number for t in self.trials()), default=-1)
         attempted: set[str] = set()
         ran = 0
@@ -444,22 +458,9 @@ class OptunaSweep:
         """(points/slots still to run, trials running in live workers)."""
         from optuna.trial import TrialState
 
-        trials = [t for t in self.trials() if not t.user_attrs.get(A_YIELD)]
-        running = sum(t.state == TrialState.RUNNING for t in trials)
+        taken = [t for t in self.trials() if self._counts_as_taken(t, None, -1)]  # -1: every hard failure counts
+        running = sum(t.state == TrialState.RUNNING for t in taken)
         if self.spec.method == "grid":
-            keys = {json.dumps(p, sort_keys=True, default=str) for p in self.spec.grid()}
-            done = {
-                t.user_attrs.get(A_POINT)
-                for t in trials
-                if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-                or (t.state == TrialState.FAIL and t.user_attrs.get(A_FAILURE) == "error")
-            }
-            run_pts = {t.user_attrs.get(A_POINT) for t in trials if t.state == TrialState.RUNNING}
-            return len(keys - done - run_pts), running
-        done_n = sum(
-            t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-            or (t.state == TrialState.FAIL and t.user_attrs.get(A_FAILURE) == "error")
-            for t in trials
-        )
-        size = self.spec.run_cap or self.cfg.n_trials or done_n
-        return max(0, size - done_n - running), running
+            return len(set(_keys(self.spec.grid())) - {t.user_attrs.get(A_POINT) for t in taken}), running
+        size = self.spec.run_cap or self.cfg.n_trials or len(taken)
+        return max(0, size - len(taken)), running

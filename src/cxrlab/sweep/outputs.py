@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cxrlab.atomic import write_json
-from cxrlab.data.classes import costly_recall_key
+from cxrlab.data.classes import COSTLY_CLASS, costly_recall_key
 from cxrlab.runs import BEST_CKPT, CKPT_DIR
 from cxrlab.sweep.optuna_backend import (
-    A_DURATION,
     A_FAILURE,
     A_HOST,
     A_METRICS,
@@ -30,51 +29,65 @@ from cxrlab.sweep.spec import SweepSpec
 from cxrlab.sweep.trial import SweepResult, TrialRunner
 
 if TYPE_CHECKING:
+    import optuna
     from rich.table import Table
 
 
 # ------------------------------------------------------------------------------------- summary/plot
 
+_USER = "user_attrs_"
 
-def trial_rows(trials: list[Any], spec: SweepSpec) -> list[dict[str, Any]]:
-    from optuna.trial import TrialState
 
-    rows: list[dict[str, Any]] = []
+def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """One row per trial of the whole study (every worker), read from Optuna's ``study.trials_dataframe()``:
+    its state becomes the status (a FAIL is FAILED for an error, INTERRUPTED for a lost worker), its user
+    attributes the parameters, metrics, reason, worker and run directory, its duration the trial's time."""
+    df = study.trials_dataframe(attrs=("number", "state", "value", "duration", "user_attrs"), multi_index=False)
+    if df.empty:
+        return []
+    df = df.sort_values("number").astype(object)
+    records = df.where(df.notna(), None).to_dict("records")  # a trial without that attribute: None
+    trials = [
+        (int(rec["number"]), {k[len(_USER) :]: v for k, v in rec.items() if k.startswith(_USER)}) for rec in records
+    ]
+    for _, u in trials:  # a column of integers with gaps comes back as floats
+        u.update({k: int(u[k]) for k in (A_PID, A_RESUMES) if isinstance(u.get(k), float)})
     successor = resumed_by(trials)
-    for t in sorted(trials, key=lambda t: t.number):
-        u = t.user_attrs
+    rows: list[dict[str, Any]] = []
+    for rec, (number, u) in zip(records, trials, strict=True):
+        state = rec["state"]
         if u.get(A_YIELD):
             continue
-        if t.state == TrialState.COMPLETE:
+        if state == "COMPLETE":
             status, reason = "COMPLETE", ""
-        elif t.state == TrialState.RUNNING:
-            status, reason = "RUNNING", f"on {u.get(A_HOST, '?')} pid {u.get(A_PID, '?')}"
-        elif t.state == TrialState.FAIL and u.get(A_FAILURE) == "error":
-            status, reason = "FAILED", u.get(A_REASON, "")
-        elif t.state == TrialState.FAIL:
+        elif state == "RUNNING":
+            status, reason = "RUNNING", f"on {u.get(A_HOST) or '?'} pid {u.get(A_PID) or '?'}"
+        elif state == "FAIL" and u.get(A_FAILURE) == "error":
+            status, reason = "FAILED", u.get(A_REASON) or ""
+        elif state == "FAIL":
             status = "INTERRUPTED"
             reason = u.get(A_REASON) or "worker lost (no heartbeat within the grace period)"
-            if t.number in successor:
-                reason += f"; resumed by trial {successor[t.number]}"
-        elif t.state == TrialState.PRUNED:
-            status, reason = "PRUNED", u.get(A_REASON, "pruned")
+            if number in successor:
+                reason += f"; resumed by trial {successor[number]}"
+        elif state == "PRUNED":
+            status, reason = "PRUNED", u.get(A_REASON) or "pruned"
         else:
-            status, reason = t.state.name, u.get(A_REASON, "")
+            status, reason = state, u.get(A_REASON) or ""
         if u.get(A_RESUMES) is not None:
             reason = f"resumed trial {u[A_RESUMES]} from its last.ckpt" + (f"; {reason}" if reason else "")
         rows.append(
             {
-                "trial": t.number,
+                "trial": number,
                 "status": status,
                 "params": dict(u.get(A_PARAMS) or {}),
-                "objective": t.value if t.state == TrialState.COMPLETE else None,
+                "objective": rec["value"] if state == "COMPLETE" else None,
                 "metrics": dict(u.get(A_METRICS) or {}),
                 "reason": reason,
-                "run_dir": u.get(A_RUN_DIR, ""),
-                "worker": f"{u.get(A_HOST, '')}:{u.get(A_PID, '')}",
-                "duration_s": u.get(A_DURATION),
-                "point": u.get(A_POINT, ""),
-                "resumed_by": successor.get(t.number),
+                "run_dir": u.get(A_RUN_DIR) or "",
+                "worker": f"{u.get(A_HOST) or ''}:{u.get(A_PID) or ''}",
+                "duration_s": round(rec["duration"].total_seconds(), 2) if rec["duration"] is not None else None,
+                "point": u.get(A_POINT) or "",
+                "resumed_by": successor.get(number),
             }
         )
     return rows
@@ -144,11 +157,15 @@ def write_parcoords(
     path: Path,
     title: str,
     importance: tuple[dict[str, float] | None, str] | None = None,
+    costly: str = COSTLY_CLASS,
 ) -> Path:
     """Self-contained interactive parallel-coordinates HTML (plotly, JS inlined) of the completed (and pruned)
     trials; with ``importance`` (``(importances or None, note)``), the parameter importances beside it.
 
-    Categorical parameters become integer axes with their values as tick labels, like W&B's view.
+    Categorical parameters become integer axes with their values as tick labels, like W&B's view. Not Optuna's
+    ``plot_parallel_coordinate``: it draws COMPLETE trials only (no pruned ones, no status axis), puts the
+    objective first and the parameters in alphabetical order, and knows nothing of the W&B spec's value order or
+    the test metrics; its figure would need plotly.js inlined all the same.
     """
     import plotly.graph_objects as go
 
@@ -185,7 +202,7 @@ def write_parcoords(
         dims.append({"label": "status", "values": status, "tickvals": [0, 1], "ticktext": ["COMPLETE", "PRUNED"]})
     dims.append({"label": spec.metric, "values": objective})
     names = {k for r in done for k in r["metrics"]}
-    for extra in ("test/f1_macro", costly_recall_key(names)):
+    for extra in ("test/f1_macro", costly_recall_key(names, costly=costly)):
         if extra and extra in names and extra != spec.metric:
             dims.append({"label": extra, "values": [r["metrics"].get(extra, float("nan")) for r in done]})
     fig = go.Figure(
@@ -223,9 +240,10 @@ def summary_table(result: SweepResult, max_reason: int = 60) -> Table:
     from rich.table import Table
 
     names = {k for r in result.rows for k in r["metrics"]}
+    costly = costly_recall_key(names, costly=result.costly_class)
     extra = [
         k
-        for k in ("val/f1_macro", "val/accuracy", "test/accuracy", "test/f1_macro", costly_recall_key(names))
+        for k in ("val/f1_macro", "val/accuracy", "test/accuracy", "test/f1_macro", costly)
         if k and k in names and k != result.metric
     ]
     t = Table(title=f"sweep {result.name}: {result.method}, {result.goal} {result.metric}", title_justify="left")
@@ -304,11 +322,14 @@ def write_outputs(
     name: str,
     sweep_dir: Path,
     importance: tuple[dict[str, float] | None, str] | None = None,
+    costly: str = COSTLY_CLASS,
 ) -> tuple[Path, Path | None]:
     """summary.csv, parallel_coordinates.html (with the importances when given; also importance.json), best.json."""
     params = [p.key for p in spec.searched]
     csv_path = write_summary_csv(rows, params, spec.metric, sweep_dir / "summary.csv")
-    plot = write_parcoords(rows, params, spec, sweep_dir / "parallel_coordinates.html", f"sweep {name}", importance)
+    plot = write_parcoords(
+        rows, params, spec, sweep_dir / "parallel_coordinates.html", f"sweep {name}", importance, costly
+    )
     if importance is not None:
         write_json(sweep_dir / "importance.json", {"importances": importance[0], "note": importance[1]})
     best = best_row(rows, spec.goal)

@@ -3,7 +3,9 @@
 
 The callback calls ``trial.report(value, epoch)`` (epoch counted from 1, so ``min_iter: 1`` means "judged after
 its first epoch") and raises ``optuna.TrialPruned`` when ``trial.should_prune()``; the trial runner turns that into
-a PRUNED trial (see ``cxrlab.sweep.trial``), which counts as finished: it is not run again.
+a PRUNED trial (see ``cxrlab.sweep.trial``), which counts as finished: it is not run again. The callback is ours:
+Optuna's Lightning callback lives in the separate ``optuna-integration`` package (not a dependency), and this one
+never cuts a trial at its last epoch and hands the epoch and value to the table's reason.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ old run directory. Grid sweeps only adopt an interrupted trial of the point they
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,14 +22,19 @@ if TYPE_CHECKING:
 A_RESUMES, A_RESUME_DIR = "cxrlab_resumes", "cxrlab_resume_dir"
 
 
-def resumed_by(trials: list[optuna.trial.FrozenTrial]) -> dict[int, int]:
-    """{interrupted trial number: the number of the trial that took it over} (the lowest claim wins)."""
+def resumed_by(trials: Iterable[tuple[int, dict[str, Any]]]) -> dict[int, int]:
+    """{interrupted trial number: the number of the trial that took it over} (the lowest claim wins), from
+    ``(number, user_attrs)`` of each trial."""
     out: dict[int, int] = {}
-    for t in sorted(trials, key=lambda t: t.number):
-        old = t.user_attrs.get(A_RESUMES)
-        if old is not None and not t.user_attrs.get("cxrlab_yield"):
-            out.setdefault(int(old), t.number)
+    for number, user_attrs in sorted(trials, key=lambda t: t[0]):
+        old = user_attrs.get(A_RESUMES)
+        if old is not None and not user_attrs.get("cxrlab_yield"):
+            out.setdefault(int(old), number)
     return out
+
+
+def _numbered(trials: Iterable[optuna.trial.FrozenTrial]) -> list[tuple[int, dict[str, Any]]]:
+    return [(t.number, t.user_attrs) for t in trials]
 
 
 def interrupted_run_dir(t: optuna.trial.FrozenTrial, runs_dir: Path, run_name: Any) -> Path | None:
@@ -46,7 +52,7 @@ def find_resumable(
     trials: list[optuna.trial.FrozenTrial], runs_dir: Path, run_name: Any, point: str | None = None
 ) -> tuple[optuna.trial.FrozenTrial, Path] | None:
     """The oldest resumable interrupted trial nobody took over (of ``point``, for a grid) and its run directory."""
-    taken = resumed_by(trials)
+    taken = resumed_by(_numbered(trials))
     for t in sorted(trials, key=lambda t: t.number):
         if t.number in taken or (point is not None and t.user_attrs.get("cxrlab_point") != point):
             continue
@@ -67,7 +73,7 @@ def adopt(
 ) -> bool:
     """Let trial ``trial_id`` take over ``old``: True when it did (False: a lower-numbered trial claimed it too)."""
     storage.set_trial_user_attr(trial_id, A_RESUMES, old.number)
-    if resumed_by(storage.get_all_trials(study_id, deepcopy=False)).get(old.number) != number:
+    if resumed_by(_numbered(storage.get_all_trials(study_id, deepcopy=False))).get(old.number) != number:
         storage.set_trial_user_attr(trial_id, A_RESUMES, None)
         return False
     storage.set_trial_user_attr(trial_id, A_RESUME_DIR, str(run_dir))

@@ -8,21 +8,10 @@ base config plus the trial's parameters as overrides.
 Backends
 - ``optuna`` (default): the study lives in an RDB storage, by default ``sqlite:///<sweep dir>/study.db``;
   ``--storage postgresql://...`` lets workers on many machines run the same command against one study.
-  grid -> every point of the grid (``GridSampler`` is the study's sampler; points are claimed as below),
-  random -> ``RandomSampler``, bayes -> ``TPESampler`` (``constant_liar`` for parallel workers).
+  grid -> every point of the grid, each once across all workers, random -> ``RandomSampler``, bayes ->
+  ``TPESampler``. How points are claimed and dead workers found: ``cxrlab.sweep.optuna_backend``.
 - ``wandb``: registers the same YAML with ``wandb.sweep`` and runs ``wandb.agent`` with the same trial function
   (needs a W&B server; offline it fails with a message pointing back to the optuna backend).
-
-Why grid points are claimed by hand instead of letting ``GridSampler`` pick them: GridSampler picks a random
-unfinished point per trial, so two workers can pick the same one, and a killed worker's RUNNING trial blocks
-its point forever. Here every worker claims a point by creating a RUNNING trial carrying the point's key, then
-re-reads the study: the claim stands only if no other trial of that point is COMPLETE (or hard-FAILED) and no
-other live RUNNING claim has a lower trial number. Optuna's RDB storage creates trials one at a time (it locks
-the study row; SQLite serialises writers), so trial numbers follow commit order: of two racing claims the
-higher-numbered one always sees the lower one and yields (its trial is marked PRUNED with ``cxrlab_yield`` and
-left out of every table). A claim whose worker died is recognised by its process id when it ran on this
-machine (immediately) or by its missing heartbeat (after ``grace_s``), marked FAILED as interrupted, and its
-point becomes runnable again, so re-running the command finishes exactly the missing points.
 
 A trial that raises (bad parameter, invalid model name, out of memory, NaN loss), or whose objective is
 missing or not finite, is recorded as FAILED with its reason (trial user attribute ``cxrlab_reason``; full
@@ -37,7 +26,8 @@ the run's ``metrics.csv``. Sweep size: grid = every point; random/bayes = ``run_
 ``n_trials``; ``n_trials`` also caps how many trials one command runs.
 
 Outputs in ``<out>/<name>/``: ``study.db`` (default storage), ``runs/`` (one run directory per trial),
-``summary.csv`` (one row per trial of the whole study), ``parallel_coordinates.html`` (self-contained plotly),
+``summary.csv`` (one row per trial of the whole study, from ``study.trials_dataframe()``),
+``parallel_coordinates.html`` (self-contained plotly: plotly.js inlined, so it opens offline),
 ``best.json``, ``logs/`` (tracebacks of failed trials).
 """
 
@@ -157,7 +147,7 @@ def sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, console: Console | 
 
     if cfg.backend == "wandb":
         rows, ran = _run_wandb(cfg, spec, name, sweep_dir, runner, console)
-        csv_path, plot = write_outputs(rows, spec, name, sweep_dir)
+        csv_path, plot = write_outputs(rows, spec, name, sweep_dir, costly=runner.base_cfg.costly_class)
         return SweepResult(
             name,
             sweep_dir,
@@ -177,6 +167,7 @@ def sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, console: Console | 
             csv_path,
             plot,
             spec.ignored,
+            costly_class=runner.base_cfg.costly_class,
         )
 
     opt = OptunaSweep(cfg, spec, name, sweep_dir, runner, console)
@@ -185,9 +176,9 @@ def sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, console: Console | 
     try:
         opt.run()
     finally:  # also on Ctrl-C: the summary shows what finished
-        rows = trial_rows(opt.trials(), spec)
+        rows = trial_rows(opt.study)
         importance = param_importances(opt.study, opt.seed)
-        csv_path, plot = write_outputs(rows, spec, name, sweep_dir, importance)
+        csv_path, plot = write_outputs(rows, spec, name, sweep_dir, importance, runner.base_cfg.costly_class)
     pending, running = opt.counts()
     freed = apply_retention(rows, best_row(rows, spec.goal), runner) if cfg.keep == "best" else 0
     from cxrlab.training.rundir import disk_usage
@@ -215,4 +206,5 @@ def sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, console: Console | 
         freed_bytes=freed,
         importances=importance[0],
         importance_note=importance[1],
+        costly_class=runner.base_cfg.costly_class,
     )

@@ -25,6 +25,7 @@ from cxrlab.config import (
     read_yaml,
     set_dotted,
 )
+from cxrlab.data.classes import COSTLY_CLASS
 from cxrlab.errors import CxrlabError
 from cxrlab.runs import METRICS_FILE
 from cxrlab.sweep.spec import RESERVED_KEYS, SweepConfig, SweepError, SweepSpec
@@ -64,6 +65,7 @@ class SweepResult:
     freed_bytes: int = 0  # deleted by retention in this command
     importances: dict[str, float] | None = None  # fANOVA parameter importances (optuna backend, >= 2 completed)
     importance_note: str = ""
+    costly_class: str = COSTLY_CLASS  # the base config's: its recall is shown beside the objective
 
     @property
     def complete(self) -> bool:
@@ -147,7 +149,17 @@ def _metric_from_csv(run_dir: Path, metric: str, goal: str) -> float | None:
 
 
 # Keys that say where or how a trial runs, not what it computes: they may differ between the workers of a study.
-_MACHINE_KEYS = ("tracking", "output_dir", "run_name", "num_workers", "threads", "device", "devices", "cache_images")
+_MACHINE_KEYS = (
+    "tracking",
+    "output_dir",
+    "run_name",
+    "num_workers",
+    "threads",
+    "device",
+    "devices",
+    "cache_images",
+    "keep",
+)
 
 
 def _data_identity(data: str) -> str | None:
@@ -180,8 +192,9 @@ class TrialRunner:
     def __init__(self, cfg: SweepConfig, spec: SweepSpec, name: str, sweep_dir: Path, train_fn: TrainFn):
         self.cfg, self.spec, self.name, self.sweep_dir, self.train_fn = cfg, spec, name, sweep_dir, train_fn
         base = read_yaml(cfg.base_config) if cfg.base_config else {}
-        # Trials evaluate on test so the table has test metrics; `--set evaluate=val` turns that off.
-        defaults = ["evaluate=test", f"tracking.group={name}"]
+        # Trials evaluate on test so the table has test metrics; `--set evaluate=val` turns that off. Trials keep
+        # both checkpoints: the sweep's own retention (--keep) decides when the sweep ends.
+        defaults = ["evaluate=test", f"tracking.group={name}", "keep=all"]
         base = apply_overrides(base, defaults)
         tags = list((base.get("tracking") or {}).get("tags") or [])
         base["tracking"]["tags"] = [*tags, f"sweep:{name}"]
@@ -229,6 +242,8 @@ class TrialRunner:
         d = self.base_cfg.model_dump(mode="json")
         for k in _MACHINE_KEYS:
             d.pop(k, None)
+        if d.get("costly_class") == COSTLY_CLASS:  # reporting only (trains the same): studies from before it match
+            d.pop("costly_class")
         for k in ("enable_progress_bar", "log_every_n_steps"):
             d.get("trainer", {}).pop(k, None)
         if d.get("data"):

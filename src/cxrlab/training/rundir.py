@@ -8,6 +8,7 @@ import csv
 import logging
 import os
 import re
+import shutil
 import stat
 import time
 from collections.abc import Sequence
@@ -19,7 +20,10 @@ from cxrlab.config import Config, ConfigError, build_config, read_yaml
 from cxrlab.errors import RunError
 from cxrlab.inference.bundle import CheckpointError, read_checkpoint
 from cxrlab.runs import (
+    BUNDLE_DIR,
+    CKPT_DIR,
     CONFIG_FILE,
+    WEIGHTS_FILE,
     checkpoint_path,
     run_dir_of_checkpoint,
 )
@@ -210,3 +214,14 @@ def disk_usage(path: str | Path) -> int:
                 continue
             total += 0 if stat.S_ISLNK(st.st_mode) else st.st_size
     return total
+
+
+def apply_keep(run_dir: Path, keep: str) -> None:
+    """Retention of a finished run (``Config.keep``): last = delete ``best.ckpt`` (its weights are the bundle's),
+    bundle = delete ``checkpoints/``, all = keep both. Only once the bundle is on disk."""
+    if keep == "all" or not (run_dir / BUNDLE_DIR / WEIGHTS_FILE).is_file():
+        return
+    if keep == "bundle":
+        shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)
+    else:
+        checkpoint_path(run_dir, "best").unlink(missing_ok=True)

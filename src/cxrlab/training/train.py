@@ -4,7 +4,8 @@ Run directory ``<output_dir>/<run-id>/``::
 
     config.yaml          the resolved config (num_classes and data from the split)
     metrics.csv          one row per epoch: epoch, step, train/..., val/... (namespaced, macro-averaged)
-    checkpoints/         best.ckpt (max val/f1_macro, the seed's rule) and last.ckpt (for --resume)
+    checkpoints/         best.ckpt (max val/f1_macro, the seed's rule) and last.ckpt (for --resume); when the
+                         run finishes, ``keep`` decides what stays: last.ckpt only (default), nothing, or both
     bundle/              the best model as safetensors + bundle.json (what evaluate/predict/serve load)
     summary.json         run id, best epoch, metrics, data, dataset version, class names, timing
     wandb/               the W&B run (offline: sync later with ``wandb sync``), when tracking is on
@@ -40,6 +41,7 @@ import torch
 
 from cxrlab.atomic import write_json
 from cxrlab.config import Config, ConfigError, dump_config
+from cxrlab.data.classes import resolve_costly_class
 from cxrlab.errors import RunError
 from cxrlab.runs import (
     BUNDLE_DIR,
@@ -48,10 +50,13 @@ from cxrlab.runs import (
     METRICS_FILE,
     SUMMARY_FILE,
     WANDB_FILE,
+    WEIGHTS_FILE,
     checkpoint_path,
     read_metrics,
+    read_summary,
 )
 from cxrlab.training.rundir import (
+    apply_keep,
     check_resume_compatible,
     disk_usage,
     epoch_csv_logger,
@@ -136,7 +141,10 @@ def train(
             f"num_classes={cfg.num_classes} but the data has {len(info.classes)} classes {info.classes}; "
             "remove num_classes from the config (it is taken from the data)"
         )
-    cfg = cfg.model_copy(update={"num_classes": len(info.classes), "data": str(info.root)})
+    # the costly class as the data spells it (a name the user set that matches no class fails here, before any work)
+    costly = resolve_costly_class(info.classes, cfg.costly_class)
+    update = {"num_classes": len(info.classes), "data": str(info.root)} | ({"costly_class": costly} if costly else {})
+    cfg = cfg.model_copy(update=update)
 
     from cxrlab.training.model import check_model_name
 
@@ -197,6 +205,8 @@ def train(
         if os.environ.get(_DDP_RUN_DIR) == str(run_dir) and int(os.environ.get("LOCAL_RANK", "0")) == 0:
             os.environ.pop(_DDP_RUN_DIR, None)
     result.wall_s = round(time.perf_counter() - t0, 1)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        apply_keep(run_dir, cfg.keep)
     result.disk_bytes = disk_usage(run_dir)
     from lightning.pytorch.utilities import rank_zero_only
 
@@ -378,13 +388,22 @@ def _finish(
     from cxrlab.inference.bundle import BundleMeta, read_checkpoint, save_bundle
 
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else checkpoint_path(run_dir, "best")
-    if not best.is_file():
+    earlier = read_summary(run_dir).get("best_epoch")
+    if best.is_file():
+        state = read_checkpoint(best, lightning=True)
+        module.load_state_dict(state["state_dict"])
+        best_epoch = int(state["epoch"])
+    elif earlier is not None and (run_dir / BUNDLE_DIR / WEIGHTS_FILE).is_file():
+        # A resumed run whose best.ckpt the `keep` setting deleted, and no better epoch since: the best weights
+        # are the bundle's.
+        from cxrlab.inference.bundle import read_state_dict
+
+        module.model.load_state_dict(read_state_dict(run_dir / BUNDLE_DIR / WEIGHTS_FILE, error=RunError))
+        best_epoch = int(earlier)
+    else:
         raise RunError(
             f"no best checkpoint in {run_dir / CKPT_DIR}: validation never ran (check trainer.limit_val_batches)"
         )
-    state = read_checkpoint(best, lightning=True)
-    module.load_state_dict(state["state_dict"])
-    best_epoch = int(state["epoch"])
 
     rows = {int(r["epoch"]): r for r in read_metrics(run_dir)}
     best_row = rows.get(best_epoch, {})
@@ -461,7 +480,9 @@ def _log_model_artifact(
         description=f"best model bundle of run {run_id} (epoch {best_epoch}, by {MONITOR})",
         metadata={"best_epoch": best_epoch, "dataset_version": info.dataset_version, **metrics},
     )
-    art.add_dir(str(bundle_dir))
+    # immutable: W&B references the bundle's files instead of staging a copy of them (a second copy of the
+    # weights per run; the bundle is final once written); skip_cache: nor a third in W&B's cache
+    art.add_dir(str(bundle_dir), policy="immutable", skip_cache=True)
     experiment.log_artifact(art, aliases=["best", "latest"])
 
 
