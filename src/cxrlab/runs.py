@@ -20,6 +20,7 @@ A name written as a literal anywhere else is a second copy of this contract; imp
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from pathlib import Path
@@ -107,3 +108,30 @@ def read_run_config(run_dir: Path | None) -> dict[str, Any]:
     except yaml.YAMLError:
         return {}
     return cfg if isinstance(cfg, dict) else {}
+
+
+def read_metrics(path: str | Path) -> list[dict[str, float]]:
+    """A run's per-epoch ``metrics.csv`` (``path``: the run directory or the file) as rows in epoch order: floats,
+    ``epoch`` and ``step`` as ints, empty cells left out. Rows of one epoch are merged, later values winning
+    (Lightning's own CSV logger writes an epoch's train and val values on separate rows; ``cxrlab train`` writes one
+    row per epoch). [] when the file is absent, empty or has no ``epoch`` column; a cell that is not a number is
+    left out."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / METRICS_FILE
+    if not p.is_file():
+        return []
+    by_epoch: dict[int, dict[str, float]] = {}
+    with p.open(newline="") as f:
+        for r in csv.DictReader(f):
+            row: dict[str, float] = {}
+            for k, v in r.items():
+                if k is None or v in ("", None):
+                    continue
+                try:
+                    row[k] = int(float(v)) if k in ("epoch", "step") else float(v)
+                except (TypeError, ValueError):
+                    continue
+            if "epoch" in row:
+                by_epoch.setdefault(int(row["epoch"]), {}).update(row)
+    return [by_epoch[e] for e in sorted(by_epoch)]

@@ -1,9 +1,10 @@
 """Image transforms: one deterministic eval list; training adds random ops after the resize.
 
-Input to every transform is an HxWxC uint8 array made by ``to_channels`` from the 8-bit grayscale image
-that ``cxrlab.data.io.read_xray`` returns. Grayscale is replicated to 3 channels by default (``in_chans=3``)
-so ImageNet-pretrained stems are used unchanged; ``in_chans=1`` builds the model with a 1-channel stem
-(timm sums the pretrained RGB filters) and uses the mean of the RGB normalisation constants.
+Input to every transform is the 2-D 8-bit grayscale image that ``cxrlab.data.io.read_xray`` returns (after the
+bundle's ``cxrlab.preprocess``); the list resizes it (the head that training's image cache stores, see
+:func:`split_cached`), then makes it ``in_chans`` wide (``ToChannels``). Grayscale is replicated to 3 channels by
+default (``in_chans=3``) so ImageNet-pretrained stems are used unchanged; ``in_chans=1`` builds the model with a
+1-channel stem (timm sums the pretrained RGB filters) and uses the mean of the RGB normalisation constants.
 """
 
 from __future__ import annotations
@@ -42,31 +43,62 @@ def to_channels(gray: np.ndarray, in_chans: int) -> np.ndarray:
     return np.repeat(gray[:, :, None], in_chans, axis=2)
 
 
-def resize_gray(gray: np.ndarray, img_size: tuple[int, int]) -> np.ndarray:
-    """Resize a 2-D image to (height, width) exactly as the transforms' Resize does (INTER_AREA both ways).
+class ToChannels(A.ImageOnlyTransform):
+    """HxW (or HxWx1) uint8 grayscale -> HxWxC (C = ``in_chans``, see :func:`to_channels`); an image that already
+    has ``in_chans`` channels passes unchanged."""
 
-    Must stay bit-identical to ``eval_transform``'s Resize: training caches images resized by this function
-    while inference resizes with the transform, so any difference here is train/inference drift.
-    """
+    def __init__(self, in_chans: int = 3, p: float = 1.0) -> None:
+        super().__init__(p=p)
+        self.in_chans = in_chans
+
+    def apply(self, img: np.ndarray, **params: object) -> np.ndarray:
+        if img.ndim == 3 and img.shape[2] == self.in_chans:
+            return img
+        return to_channels(img[:, :, 0] if img.ndim == 3 and img.shape[2] == 1 else img, self.in_chans)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("in_chans",)
+
+
+def cached_ops(img_size: tuple[int, int]) -> list[A.BasicTransform]:
+    """The deterministic head of every transform list, on the 2-D gray image: Resize (INTER_AREA). Its output is
+    what training's decoded-image cache stores (:func:`split_cached`), so the resize runs once per image and run."""
     h, w = img_size
-    if gray.shape[:2] == (h, w):
-        return gray
-    return cv2.resize(gray, (w, h), interpolation=cv2.INTER_AREA)
+    return [A.Resize(height=h, width=w, interpolation=cv2.INTER_AREA)]
 
 
-def _deterministic(
-    img_size: tuple[int, int], mean: Sequence[float], std: Sequence[float]
-) -> tuple[list[A.BasicTransform], list[A.BasicTransform]]:
-    h, w = img_size
-    head = [A.Resize(height=h, width=w, interpolation=cv2.INTER_AREA)]
+def _compose(
+    img_size: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    in_chans: int | None,
+    random: Sequence[A.BasicTransform] = (),
+    seed: int | None = None,
+) -> A.Compose:
+    chans = in_chans if in_chans is not None else len(mean)
     tail = [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
-    return head, tail
+    return A.Compose([*cached_ops(img_size), ToChannels(chans), *random, *tail], seed=seed)
 
 
-def eval_transform(img_size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> A.Compose:
-    """Resize -> Normalize -> ToTensorV2: the whole preprocessing used by validation, test and inference."""
-    head, tail = _deterministic(img_size, mean, std)
-    return A.Compose([*head, *tail])
+def eval_transform(
+    img_size: tuple[int, int], mean: Sequence[float], std: Sequence[float], in_chans: int | None = None
+) -> A.Compose:
+    """Resize -> ToChannels -> Normalize -> ToTensorV2: the whole preprocessing used by validation, test and
+    inference, on the 2-D uint8 gray image (an image already made ``in_chans`` wide by :func:`to_channels` works
+    too). ``in_chans``: default one channel per ``mean`` value."""
+    return _compose(img_size, mean, std, in_chans)
+
+
+def split_cached(transform: A.Compose) -> tuple[A.Compose, A.Compose]:
+    """(head, rest) of a transform list made here: ``head`` is its :func:`cached_ops` prefix (deterministic, on the
+    gray image: what a cache stores), ``rest`` everything after it (channels, random ops, normalisation), to run per
+    item on the cached image. ``rest(head(x))`` is ``transform(x)``, random draws included: the ops of ``head``
+    draw no random numbers (p = 1)."""
+    ops = list(transform.transforms)
+    k = 0
+    while k < len(ops) and isinstance(ops[k], A.Resize):
+        k += 1
+    return A.Compose(ops[:k]), A.Compose(ops[k:], seed=transform.seed)
 
 
 def random_ops(aug: AugmentConfig) -> list[A.BasicTransform]:
@@ -90,8 +122,12 @@ def random_ops(aug: AugmentConfig) -> list[A.BasicTransform]:
 
 
 def train_transform(
-    img_size: tuple[int, int], mean: Sequence[float], std: Sequence[float], aug: AugmentConfig, seed: int | None = None
+    img_size: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    aug: AugmentConfig,
+    seed: int | None = None,
+    in_chans: int | None = None,
 ) -> A.Compose:
-    """The eval transform with ``random_ops`` inserted after the resize: Resize -> HorizontalFlip -> ... ."""
-    head, tail = _deterministic(img_size, mean, std)
-    return A.Compose([*head, *random_ops(aug), *tail], seed=seed)
+    """The eval transform with ``random_ops`` inserted after the resize: Resize -> ToChannels -> HorizontalFlip ..."""
+    return _compose(img_size, mean, std, in_chans, random_ops(aug), seed)

@@ -30,6 +30,7 @@ from cxrlab.data.classes import order_costly_first
 from cxrlab.data.items import resolve_items
 from cxrlab.errors import CxrlabError, EvalError
 from cxrlab.runs import (
+    ATTENTION_FILE,
     find_run_dir,
 )
 
@@ -87,7 +88,7 @@ def _read_attention(run_dir: Path | None, split: str) -> dict[str, float] | None
     if run_dir is None:
         return None
     docs = []
-    for f in run_dir.glob("explain*/attention.json"):
+    for f in run_dir.glob(f"explain*/{ATTENTION_FILE}"):
         try:
             doc = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError):

@@ -122,25 +122,18 @@ def predict_items_scored(
 ) -> tuple[np.ndarray, list[int], list[dict[str, str]], list[Any] | None]:
     """:func:`predict_items` plus, with a ``cxrlab.analysis.ood.OodScorer``, one ``OodResult`` per kept item
     (feature distance from the same forward pass, input checks on the decoded image)."""
-    import torch
-
-    from cxrlab.inference.infer import read_batches
+    from cxrlab.inference.infer import forward_pass, read_batches
 
     probs: list[np.ndarray] = []
     kept: list[int] = []
     skipped: list[dict[str, str]] = []
     ood: list[Any] | None = [] if scorer is not None else None
     with_feats = scorer is not None and scorer.has_features
-    for batch in read_batches(paths, batch_size, skipped, progress=progress, desc=desc, colour=scorer is not None):
-        feats = None
-        if with_feats:
-            from cxrlab.analysis.ood import features_and_probs
-
-            device = next(bundle.model.parameters()).device
-            x = torch.stack([bundle.preprocess(g) for g in batch.grays]).to(device)
-            feats, p = features_and_probs(bundle.model, x)
-        else:
-            p = bundle.predict_proba(batch.grays, batch_size=batch_size)
+    colour = scorer is not None
+    for batch in read_batches(paths, batch_size, skipped, progress, desc, colour, prepare=bundle.preprocess):
+        if not batch.indices:
+            continue
+        p, feats = forward_pass(bundle.model, batch.stack(), features=with_feats)
         probs.append(p)
         kept += batch.indices
         if ood is not None:

@@ -60,7 +60,7 @@ from cxrlab.analysis.cam import REGIONS, CamEngine, attention_share, image_regio
 from cxrlab.analysis.configs import ExplainConfig
 from cxrlab.atomic import json_safe, write_json
 from cxrlab.errors import ExplainError
-from cxrlab.inference.infer import read_batches, resolve_device
+from cxrlab.inference.infer import forward_pass, read_batches, resolve_device
 from cxrlab.report.explain_page import write_explain_page
 from cxrlab.runs import ATTENTION_CSV, ATTENTION_FILE, EXPLAIN_HTML, THUMBS_DIR, find_run_dir, read_summary, stage_dir
 from cxrlab.tracking import resumed_run, tracked_run_info
@@ -135,6 +135,7 @@ def explain(cfg: ExplainConfig) -> ExplainResult:
     from cxrlab.data.items import resolve_items
     from cxrlab.inference.bundle import load_bundle, resolve_bundle_dir
     from cxrlab.preprocess import apply_preprocess
+    from cxrlab.transforms import split_cached
 
     t0 = time.perf_counter()
     bundle_dir = resolve_bundle_dir(cfg.target)
@@ -160,24 +161,31 @@ def explain(cfg: ExplainConfig) -> ExplainResult:
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     n_seen = 0
+    resize = split_cached(bundle.transform())[0]  # the model input's resize, for the thumbnails
+
+    def prepare(gray: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:  # (preprocessed gray, model input)
+        pre = apply_preprocess(gray, spec)
+        return pre, bundle.model_input(pre)
+
     engine = CamEngine(bundle.model, cfg.target_layer, cfg.method, (1, meta.in_chans, *size), cfg.cam_target)
     desc = f"explain {cfg.split} ({cfg.method})"
     try:
-        for read in read_batches(paths, cfg.batch_size, skipped, progress=cfg.progress, desc=desc):
+        for read in read_batches(paths, cfg.batch_size, skipped, cfg.progress, desc, prepare=prepare):
             # (index, original gray, preprocessed gray)
-            batch = [(i, g, apply_preprocess(g, spec)) for i, g in zip(read.indices, read.grays, strict=True)]
-            x = torch.stack([bundle.model_input(p) for _, _, p in batch])
+            batch = [(i, g, pre) for i, g, (pre, _) in zip(read.indices, read.grays, read.inputs, strict=True)]
+            if not batch:
+                continue
+            x = torch.stack([t for _, t in read.inputs])
             n_seen += len(batch)
             if cfg.only_errors:  # a cheap forward first; CAMs only for the misclassified
-                with torch.no_grad():
-                    pr = torch.softmax(bundle.model(x.to(device)).float(), 1).argmax(1).cpu().numpy()
+                pr = forward_pass(bundle.model, x)[0].argmax(1)
                 wrong = [j for j, (i, _, _) in enumerate(batch) if pr[j] != cidx[labels[i]]]
                 batch, x = [batch[j] for j in wrong], x[wrong]
             if batch:
                 cams, probs = engine(x)
                 for (i, gray, pre), cam, p in zip(batch, cams, probs, strict=True):
                     rows.append(
-                        _row(i, paths[i], labels[i], classes, cam, p, gray, pre, size, cfg, thumbs, engine.cell)
+                        _row(i, paths[i], labels[i], classes, cam, p, gray, pre, size, cfg, thumbs, engine.cell, resize)
                     )
     finally:
         engine.close()
@@ -283,12 +291,11 @@ def _row(
     cfg: ExplainConfig,
     thumbs: Path,
     cell: float,
+    resize: Any,
 ) -> dict[str, Any]:
-    from cxrlab.transforms import resize_gray
-
     reg = image_regions(gray, size, cfg.border, cfg.text_dilate, min_dilate=cell / 2)
     pred = int(np.argmax(probs))
-    display = resize_gray(pre, size)
+    display = resize(image=pre)["image"]  # the model input's own resize
     g, ov = overlay(display, cam, reg, cfg.thumb_size)
     img_name, ov_name = f"{i:05d}_image.jpg", f"{i:05d}_cam.jpg"
     cv2.imwrite(str(thumbs / img_name), g, [cv2.IMWRITE_JPEG_QUALITY, 85])

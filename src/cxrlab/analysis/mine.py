@@ -42,6 +42,7 @@ from cxrlab.analysis.neighbours import make_index
 from cxrlab.atomic import write_json
 from cxrlab.errors import MineError
 from cxrlab.report.mine_page import write_mine_page
+from cxrlab.runs import WEIGHTS_FILE
 
 CACHE_DIR = "mine-cache"
 NEIGHBOURS_CSV = "neighbours.csv"
@@ -73,29 +74,12 @@ class MineResult:
 # ------------------------------------------------------------------------------------------- embeddings
 
 
-def penultimate(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(penultimate features, logits) of a timm classifier in one forward pass."""
-    if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
-        f = model.forward_head(model.forward_features(x), pre_logits=True)
-        return f.flatten(1), model.get_classifier()(f)
-    feats: list[torch.Tensor] = []
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if head is None:
-        raise MineError(f"{type(model).__name__} has no classifier head to take the penultimate layer from")
-    h = head.register_forward_hook(lambda _m, inp, _o: feats.append(inp[0]))
-    try:
-        logits = model(x)
-    finally:
-        h.remove()
-    return feats[0].flatten(1), logits
-
-
 def model_fingerprint(bundle: Any) -> str:
     """What the embeddings depend on: the weights and the preprocessing."""
     from cxrlab.inference.bundle import file_sha256
 
     meta = bundle.meta
-    w = bundle.weights_path or (Path(bundle.path) / "model.safetensors")
+    w = bundle.weights_path or (Path(bundle.path) / WEIGHTS_FILE)
     parts = [file_sha256(w) if Path(w).is_file() else str(w), meta.model_name, str(list(meta.img_size))]
     parts += [
         json.dumps(meta.preprocess, sort_keys=True, default=str),
@@ -170,70 +154,56 @@ def embed_files(
     desc: str = "embed",
     with_probs: bool = False,
 ) -> Embedded:
-    """Embed image files in batches (cached by content hash when ``cache`` is given)."""
-    from tqdm.auto import tqdm
-
+    """Embed image files in batches (cached by content hash when ``cache`` is given): the content hashes first, so
+    a file already embedded is not decoded; the others go through the one read loop and forward pass
+    (:mod:`cxrlab.inference.infer`)."""
     from cxrlab.data.grouping import image_phash
-    from cxrlab.data.io import ImageReadError, decode_xray
+    from cxrlab.inference.bundle import file_sha256
+    from cxrlab.inference.infer import forward_pass, read_batches
 
-    device = next(bundle.model.parameters()).device
-    out_p, out_s, out_h, vecs, probs, skipped = [], [], [], [], [], []
-    pending: list[tuple[int, np.ndarray]] = []  # (position in outputs, preprocessed tensor)
-    pend_meta: list[tuple[str, str]] = []
-    n_new = n_cached = 0
+    n = len(paths)
+    sha: list[str] = [""] * n
+    phash: list[str] = [""] * n
+    vecs: list[np.ndarray | None] = [None] * n
+    probs: list[np.ndarray | None] = [None] * n
+    skipped: list[dict[str, str]] = []
+    todo: list[int] = []
+    for i, path in enumerate(paths):
+        try:
+            sha[i] = file_sha256(path)
+        except OSError as e:
+            skipped.append({"path": path, "reason": e.strerror or str(e)})
+            continue
+        hit = cache.get(sha[i]) if (cache is not None and not with_probs) else None
+        if hit is None:
+            todo.append(i)
+        else:
+            vecs[i], phash[i] = hit
 
-    def run_batch() -> None:
-        if not pending:
-            return
-        x = torch.stack([t for _, t in pending]).to(device)
-        with torch.no_grad():
-            f, logits = penultimate(bundle.model, x)
-        f = torch.nn.functional.normalize(f.float(), dim=1).cpu().numpy()
-        p = torch.softmax(logits.float(), 1).cpu().numpy()
-        for (pos, _), v, pr, (sha, ph) in zip(pending, f, p, pend_meta, strict=True):
-            vecs[pos] = v
-            probs[pos] = pr
-            if cache is not None:
-                cache.put(sha, v, ph)
-        pending.clear()
-        pend_meta.clear()
+    def prepare(gray: np.ndarray) -> tuple[str, torch.Tensor]:
+        return image_phash(gray), bundle.preprocess(gray)
 
-    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress)
     try:
-        for path in paths:
-            bar.update(1)
-            try:
-                data = Path(path).read_bytes()
-            except OSError as e:
-                skipped.append({"path": path, "reason": e.strerror or str(e)})
+        for batch in read_batches([paths[i] for i in todo], batch_size, skipped, progress, desc, prepare=prepare):
+            if not batch.indices:
                 continue
-            sha = hashlib.sha256(data).hexdigest()
-            hit = cache.get(sha) if (cache is not None and not with_probs) else None
-            if hit is not None:
-                out_p.append(path), out_s.append(sha), out_h.append(hit[1]), vecs.append(hit[0]), probs.append(None)
-                n_cached += 1
-                continue
-            try:
-                gray, _ = decode_xray(data, Path(path).name)
-            except ImageReadError as e:
-                skipped.append({"path": path, "reason": str(getattr(e, "reason", None) or e)})
-                continue
-            ph = image_phash(gray)
-            out_p.append(path), out_s.append(sha), out_h.append(ph), vecs.append(None), probs.append(None)
-            pending.append((len(vecs) - 1, bundle.preprocess(gray)))
-            pend_meta.append((sha, ph))
-            n_new += 1
-            if len(pending) >= batch_size:
-                run_batch()
-        run_batch()
+            p, f = forward_pass(bundle.model, torch.stack([t for _, t in batch.inputs]), features=True)
+            f = torch.nn.functional.normalize(torch.from_numpy(f), dim=1).numpy()
+            for k, v, pr, (ph, _) in zip(batch.indices, f, p, batch.inputs, strict=True):
+                i = todo[k]
+                vecs[i], probs[i], phash[i] = v, pr, ph
+                if cache is not None:
+                    cache.put(sha[i], v, ph)
     finally:
-        bar.close()
         if cache is not None:
             cache.flush()
-    dim = next((len(v) for v in vecs if v is not None), 0)
-    mat = np.stack(vecs).astype(np.float32) if vecs else np.zeros((0, dim), np.float32)
-    pr = np.stack(probs) if with_probs and probs else None
-    return Embedded(out_p, out_s, out_h, mat, pr, skipped, n_new, n_cached)
+    keep = [i for i in range(n) if vecs[i] is not None]
+    dim = next((len(vecs[i]) for i in keep), 0)
+    mat = np.stack([vecs[i] for i in keep]).astype(np.float32) if keep else np.zeros((0, dim), np.float32)
+    pr = np.stack([probs[i] for i in keep]) if with_probs and keep else None
+    n_cached = sum(probs[i] is None for i in keep)
+    kept_paths, kept_sha, kept_phash = [paths[i] for i in keep], [sha[i] for i in keep], [phash[i] for i in keep]
+    return Embedded(kept_paths, kept_sha, kept_phash, mat, pr, skipped, len(keep) - n_cached, n_cached)
 
 
 # ------------------------------------------------------------------------------------------- inputs

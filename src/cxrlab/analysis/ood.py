@@ -1,7 +1,8 @@
 """Per-image out-of-distribution flags and the shift statistics behind them (see :mod:`cxrlab.analysis.shift` for
 the method): input checks (colour, constant, pixel noise, inverted polarity), the Mahalanobis feature score of
-:class:`OodScorer` and loading it from a bundle, and the penultimate features of a timm model. Fitting and storing
-the statistics is :mod:`cxrlab.analysis.shift_fit`."""
+:class:`OodScorer` and loading it from a bundle (the penultimate features come from the one forward pass,
+:func:`cxrlab.inference.infer.forward_pass`). Fitting and storing the statistics is
+:mod:`cxrlab.analysis.shift_fit`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from cxrlab.analysis.shift import (
     COLOUR_CHROMA,
@@ -169,16 +169,3 @@ def load_scorer(bundle_dir: str | Path, meta: Any) -> OodScorer | None:
         t = load_file(str(w))
         mean, precision = t["mean"].astype(np.float64), t["precision"].astype(np.float64)
     return OodScorer(sm, mean, precision)
-
-
-# ------------------------------------------------------------------------------------- model features
-
-
-def features_and_probs(model: torch.nn.Module, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(penultimate features (N, D), softmax probabilities (N, K)) of a timm model in one forward pass: the
-    feature map goes through the head twice, once stopping before the classifier (``pre_logits``)."""
-    with torch.inference_mode():
-        fmap = model.forward_features(x)
-        feats = model.forward_head(fmap, pre_logits=True).float()
-        logits = model.forward_head(fmap).float()
-    return feats.flatten(1).cpu().numpy(), torch.softmax(logits.double(), dim=1).cpu().numpy()

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cxrlab.analysis.ood import OodScorer, features_and_probs, polarity
+from cxrlab.analysis.ood import OodScorer, polarity
 from cxrlab.analysis.shift import MAX_FIT_IMAGES, OOD_QUANTILE, POLARITY_QUANTILE, SHIFT_WEIGHTS, ShiftError
 
 
@@ -21,12 +21,11 @@ def collect(
     model: torch.nn.Module, loader: Any, device: torch.device | str, channels_last: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features, probabilities, labels) of every batch of ``loader`` ((x, y) batches)."""
+    from cxrlab.inference.infer import forward_pass
+
     feats, probs, labels = [], [], []
     for x, y in loader:
-        x = x.to(device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        f, p = features_and_probs(model, x)
+        p, f = forward_pass(model, x.to(device), features=True, channels_last=channels_last)
         feats.append(f)
         probs.append(p)
         labels.append(np.asarray(y))

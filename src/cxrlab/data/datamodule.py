@@ -1,9 +1,11 @@
 """Dataset + LightningDataModule over a split, with a decoded-image cache.
 
-Each image is decoded (``cxrlab.data.io.read_xray``), preprocessed (``cxrlab.preprocess.apply_preprocess``) and
-resized to ``img_size`` once, then kept as uint8 in one shared-memory tensor: decoding is paid once per run, not
-once per epoch, and DataLoader workers read the same memory instead of copying it. Per item the cached image goes
-through ``to_channels`` and the eval transform (val/test) or the train transform (eval + random ops).
+Each item goes through one transform list (``cxrlab.transforms``: Resize -> ToChannels -> [random ops] ->
+Normalize -> ToTensorV2) after decoding (``cxrlab.data.io.read_xray``) and preprocessing
+(``cxrlab.preprocess.apply_preprocess``). The cache stores the output of the list's deterministic head (the resize,
+``cxrlab.transforms.split_cached``) as uint8 in one shared-memory tensor: decoding and resizing are paid once per
+run, not once per epoch, DataLoader workers read the same memory instead of copying it, and per item only the rest
+of the list runs. Without the cache the whole list runs per item, exactly as inference runs it.
 
 Randomness is a pure function of ``(cfg.seed, epoch, index)``: the train sampler's order and every item's
 augmentation are drawn from generators seeded with those numbers (no global seed), so a run gives the same batches
@@ -31,17 +33,19 @@ from cxrlab.config import Config, ConfigError
 from cxrlab.data.io import read_xray
 from cxrlab.data.manifest import ALL_SPLITS, DataError, SplitInfo, load_split
 from cxrlab.preprocess import apply_preprocess
-from cxrlab.transforms import norm_constants, resize_gray, to_channels
+from cxrlab.transforms import cached_ops, norm_constants, split_cached
 
 log = logging.getLogger(__name__)
 
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
-def load_image(path: str | Path, img_size: tuple[int, int] | None, preprocess: dict[str, Any] | None) -> np.ndarray:
-    """Decode -> preprocess -> (optionally) resize: the deterministic part shared with inference, in its order."""
+def load_image(
+    path: str | Path, preprocess: dict[str, Any] | None, head: Callable[..., dict[str, Any]] | None = None
+) -> np.ndarray:
+    """Decode -> preprocess -> (optionally) a transform list's deterministic ``head``: the 2-D uint8 image."""
     gray = apply_preprocess(read_xray(path), preprocess)
-    return resize_gray(gray, img_size) if img_size is not None else gray
+    return head(image=gray)["image"] if head is not None else gray
 
 
 # ------------------------------------------------------------------------------------------------ cache
@@ -49,7 +53,8 @@ def load_image(path: str | Path, img_size: tuple[int, int] | None, preprocess: d
 
 @dataclass
 class ImageCache:
-    """N decoded images resized to ``img_size``, as one (N, H, W) uint8 tensor in shared memory.
+    """N decoded images through a transform list's deterministic ``head`` (by default the one of every list made by
+    ``cxrlab.transforms``: the resize to ``img_size``), as one (N, H, W) uint8 tensor in shared memory.
 
     ``fill`` decodes everything up front (threads: OpenCV/PIL decoding releases the GIL) so unreadable images are
     found before training starts; their indices land in ``failed`` with the reason.
@@ -58,11 +63,16 @@ class ImageCache:
     paths: list[str]
     img_size: tuple[int, int]
     preprocess: dict[str, Any] | None = None
+    head: Callable[..., dict[str, Any]] | None = None
     data: torch.Tensor = field(init=False)
     failed: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        import albumentations as A
+
         h, w = self.img_size
+        if self.head is None:
+            self.head = A.Compose(cached_ops(self.img_size))
         # share_memory_: forked and spawned DataLoader workers map the same pages instead of copying them.
         self.data = torch.empty((len(self.paths), h, w), dtype=torch.uint8).share_memory_()
 
@@ -77,7 +87,7 @@ class ImageCache:
 
         def one(i: int) -> None:
             try:
-                arr[i] = load_image(self.paths[i], self.img_size, self.preprocess)
+                arr[i] = load_image(self.paths[i], self.preprocess, self.head)
             except (OSError, ValueError) as e:  # ImageReadError is a ValueError (CxrlabError)
                 self.failed[i] = str(getattr(e, "reason", None) or e)
 
@@ -121,6 +131,8 @@ class XrayDataset(Dataset):
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
+        # with a cache only the rest of the list runs per item: the cache holds the output of its head
+        self.per_item = split_cached(transform)[1] if cache is not None else transform
         self.in_chans = in_chans
         self.img_size = img_size
         self.preprocess = preprocess
@@ -138,16 +150,20 @@ class XrayDataset(Dataset):
         """The 2-D uint8 image at ``img_size`` (from the cache when there is one)."""
         if self.cache is not None:
             return self.cache[i]
-        return load_image(self.paths[i], self.img_size, self.preprocess)
+        return load_image(self.paths[i], self.preprocess, split_cached(self.transform)[0])
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, int]:
         epoch, i = key if isinstance(key, tuple) else (0, key)
-        if self.seed is not None and hasattr(self.transform, "set_random_state"):
+        tf = self.per_item
+        if self.seed is not None and hasattr(tf, "set_random_state"):
             # One generator shared by all ops (Compose.set_random_seed would give each op its own generator with
             # the same seed, correlating e.g. the flip and the zoom decisions).
             rng = np.random.default_rng([self.seed, epoch, i])
-            self.transform.set_random_state(rng, random.Random(int(rng.integers(2**63))))
-        out = self.transform(image=to_channels(self.image(i), self.in_chans))
+            tf.set_random_state(rng, random.Random(int(rng.integers(2**63))))
+        if self.cache is not None:
+            out = tf(image=self.cache[i])
+        else:
+            out = tf(image=load_image(self.paths[i], self.preprocess))
         if self.groups is not None:
             return out["image"], int(self.labels[i]), int(self.groups[i])
         return out["image"], int(self.labels[i])
@@ -311,9 +327,10 @@ class CXRDataModule(L.LightningDataModule):
     def _transform(self, train: bool) -> Callable[..., dict[str, Any]]:
         from cxrlab.transforms import eval_transform, train_transform
 
+        cfg = self.cfg
         if train:
-            return train_transform(self.cfg.img_size, self.mean, self.std, self.cfg.augment, seed=self.cfg.seed)
-        return eval_transform(self.cfg.img_size, self.mean, self.std)
+            return train_transform(cfg.img_size, self.mean, self.std, cfg.augment, cfg.seed, cfg.in_chans)
+        return eval_transform(cfg.img_size, self.mean, self.std, cfg.in_chans)
 
     def build_dataset(self, split: str, progress: bool | None = None) -> XrayDataset:
         cfg = self.cfg
@@ -324,10 +341,12 @@ class CXRDataModule(L.LightningDataModule):
         sources = tab["source"].astype(str).tolist() if "source" in tab.columns else None
         groups = self._group_index(tab) if split == "train" and cfg.loss == "groupdro" else None
         preprocess = cfg.preprocess.model_dump()
+        transform = self._transform(train=split == "train")
         cache = None
         if cfg.cache_images:
             show = cfg.trainer.enable_progress_bar if progress is None else progress
-            cache = ImageCache(paths, cfg.img_size, preprocess).fill(cfg.threads, show, desc=f"caching {split} images")
+            head = split_cached(transform)[0]
+            cache = ImageCache(paths, cfg.img_size, preprocess, head).fill(cfg.threads, show, f"caching {split} images")
             if cache.failed:
                 keep = [i for i in range(len(paths)) if i not in cache.failed]
                 for i, reason in cache.failed.items():
@@ -351,7 +370,7 @@ class CXRDataModule(L.LightningDataModule):
         return XrayDataset(
             paths,
             labels,
-            self._transform(train=split == "train"),
+            transform,
             cfg.in_chans,
             cfg.img_size,
             preprocess,

@@ -185,7 +185,7 @@ class Bundle:
     def _eval_transform(self):  # -> albumentations.Compose, built once per bundle
         from cxrlab.transforms import eval_transform
 
-        return eval_transform(self.meta.img_size, self.meta.mean, self.meta.std)
+        return eval_transform(self.meta.img_size, self.meta.mean, self.meta.std, self.meta.in_chans)
 
     def transform(self):  # -> albumentations.Compose
         return self._eval_transform
@@ -198,20 +198,18 @@ class Bundle:
 
     def model_input(self, preprocessed: np.ndarray) -> torch.Tensor:
         """The second half of :meth:`preprocess`, for a caller that keeps the preprocessed gray (explain shows it):
-        channels, resize, normalisation."""
-        from cxrlab.transforms import to_channels
+        the eval transform list (resize, channels, normalisation)."""
+        return self.transform()(image=preprocessed)["image"]
 
-        return self.transform()(image=to_channels(preprocessed, self.meta.in_chans))["image"]
-
-    @torch.no_grad()
     def predict_proba(self, grays: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
         """Softmax probabilities (N x num_classes) for 2-D uint8 grayscale images."""
-        device = next(self.model.parameters()).device
-        out = []
-        for i in range(0, len(grays), batch_size):
-            x = torch.stack([self.preprocess(g) for g in grays[i : i + batch_size]]).to(device)
-            out.append(torch.softmax(self.model(x).float(), dim=1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.meta.num_classes), dtype=np.float32)
+        from cxrlab.inference.infer import forward_pass
+
+        out = [
+            forward_pass(self.model, torch.stack([self.preprocess(g) for g in grays[i : i + batch_size]]))[0]
+            for i in range(0, len(grays), batch_size)
+        ]
+        return np.concatenate(out) if out else np.zeros((0, self.meta.num_classes))
 
 
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
@@ -219,6 +217,41 @@ CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 
 class UntrustedCheckpointError(BundleError):
     """A .ckpt/.pt file holds pickled objects that ``torch.load(weights_only=True)`` refuses to run."""
+
+
+class CheckpointError(BundleError):
+    """A .ckpt/.pt file cannot be read (missing, truncated, damaged) or is not what was asked for; ``.path`` names
+    it, ``.reason`` says why in one line and ``.untrusted`` is set when it holds pickled code."""
+
+    def __init__(self, path: str | Path, reason: str, untrusted: bool = False) -> None:
+        self.path, self.reason, self.untrusted = Path(path), reason, untrusted
+        super().__init__(f"{path} is not a readable PyTorch checkpoint: {reason}")
+
+
+def read_checkpoint(path: str | Path, lightning: bool = False) -> dict[str, Any]:
+    """The one reader of PyTorch checkpoint files (a Lightning ``.ckpt``, a ``.pt``/``.pth``): the dict in it, read
+    with ``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary pickled code.
+
+    Raises ``CheckpointError`` (with ``untrusted`` set for a file that needs more than ``weights_only`` allows);
+    ``lightning``: the dict must also be a Lightning checkpoint (``state_dict`` and ``epoch``: what resuming and
+    the best epoch's weights need)."""
+    import pickle
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(p, "file not found")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(p, first, untrusted=True) from None
+    except Exception as e:  # a truncated zip, an I/O error, a damaged record: all mean "cannot be read"
+        raise CheckpointError(p, f"{type(e).__name__}: {' '.join(str(e).split())[:160]}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(p, f"it holds a {type(obj).__name__}, not a dict of tensors")
+    if lightning and ("state_dict" not in obj or "epoch" not in obj):
+        raise CheckpointError(p, "not a Lightning checkpoint (no state_dict/epoch)")
+    return obj
 
 
 def read_state_dict(
@@ -232,12 +265,10 @@ def read_state_dict(
     state dict (also under a ``state_dict``/``model``/EMA key), with the ``model.``/``module.`` prefix of Lightning
     and DDP removed.
 
-    Torch files are read with ``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary
-    pickled code; a file that needs more is refused with ``untrusted`` (``advice`` says what to do instead). Any
-    other failure raises ``error`` (each caller passes its stage's error type).
+    Torch files are read by :func:`read_checkpoint` (``weights_only=True``); a file that needs more is refused with
+    ``untrusted`` (``advice`` says what to do instead). Any other failure raises ``error`` (each caller passes its
+    stage's error type).
     """
-    import pickle
-
     p = Path(path)
     if not p.is_file():
         raise error(f"weights file not found: {p}")
@@ -250,27 +281,25 @@ def read_state_dict(
             first = " ".join(str(e).split())[:200]
             raise error(f"{p} is not a readable safetensors file ({first}): it is truncated or damaged") from None
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise untrusted(
-            f"refusing to load {p}: it contains pickled Python objects other than tensors ({first}). Unpickling "
-            f"them could run arbitrary code, so they are never loaded. {advice}"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise error(f"{p} is not a readable PyTorch checkpoint: {e}") from None
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
-            inner = obj.get(key)
-            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-                obj = inner
-                break
-        tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if tensors:
-            for prefix in ("module.", "model."):  # DDP / Lightning (CXRClassifier.model) prefix every model key
-                if all(k.startswith(prefix) for k in tensors):
-                    tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
-            return tensors
+        obj = read_checkpoint(p)
+    except CheckpointError as e:
+        if e.untrusted:
+            raise untrusted(
+                f"refusing to load {p}: it contains pickled Python objects other than tensors ({e.reason}). "
+                f"Unpickling them could run arbitrary code, so they are never loaded. {advice}"
+            ) from None
+        raise error(str(e)) from None
+    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+        inner = obj.get(key)
+        if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            obj = inner
+            break
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if tensors:
+        for prefix in ("module.", "model."):  # DDP / Lightning (CXRClassifier.model) prefix every model key
+            if all(k.startswith(prefix) for k in tensors):
+                tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
+        return tensors
     raise error(f"{p} holds no model state_dict (expected a Lightning .ckpt or a dict of tensors)")
 
 
@@ -290,7 +319,7 @@ def _bundle_dir_for_checkpoint(ckpt: Path) -> Path:
         return resolve_bundle_dir(run_dir)
     except BundleError:
         raise BundleError(
-            f"{ckpt} has no bundle.json beside it (looked in {run_dir} and {run_dir / 'bundle'}): a checkpoint "
+            f"{ckpt} has no {META_FILE} beside it (looked in {run_dir} and {run_dir / BUNDLE_DIR}): a checkpoint "
             "needs its run's bundle metadata (model, classes, preprocessing); pass the run's bundle/ instead"
         ) from None
 

@@ -32,6 +32,7 @@ import torch
 
 from cxrlab.errors import CxrlabError
 from cxrlab.inference.bundle import WEIGHTS_FILE, Bundle, load_bundle
+from cxrlab.runs import META_FILE
 
 ExportFormat = Literal["onnx", "torchscript"]
 FORMATS: dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
@@ -195,7 +196,7 @@ def _export_torchscript(model: torch.nn.Module, x: torch.Tensor, path: Path, *, 
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         traced = torch.jit.trace(model, x, check_trace=False)
-        torch.jit.save(traced, str(path), _extra_files={"bundle.json": meta_json, "weights_sha256": digest})
+        torch.jit.save(traced, str(path), _extra_files={META_FILE: meta_json, "weights_sha256": digest})
 
 
 def onnx_session(path: str | Path, device: str = "cpu", intra_op_threads: int = 0):  # -> onnxruntime.InferenceSession

@@ -1,11 +1,13 @@
-"""The shared inference core: the device resolver and the batched read loop (every stage that runs a model
-over images uses them)."""
+"""The shared inference core: the device resolver, the one forward pass and the one batched read loop. Every stage
+that runs a model over images uses them: evaluate, explain, predict, serve (and shift fitting, mining)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,13 +38,55 @@ def resolve_device(device: str | torch.device = "auto", error: type[CxrlabError]
     return dev
 
 
+# ------------------------------------------------------------------------------------------ forward pass
+
+
+def softmax_rows(logits: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Class probabilities (float64 rows summing to 1) from a batch of logits, on the CPU."""
+    return torch.softmax(torch.as_tensor(logits).float().cpu().double(), dim=1).numpy()
+
+
+def forward_pass(
+    model: torch.nn.Module, x: torch.Tensor, features: bool = False, channels_last: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The one forward pass over a preprocessed batch (N x C x H x W) on ``model``'s device, without autograd:
+    (softmax probabilities N x classes as float64, penultimate features N x D as float32 or None).
+
+    ``features``: also the penultimate features of a timm model from the same pass (the feature map goes through
+    the head twice, once stopping before the classifier, ``pre_logits``). ``channels_last``: give the input that
+    memory format (for a model converted to it: measured 1.5-1.9x faster eager inference for timm CNNs here).
+    Grad-CAM (``cxrlab.analysis.cam``) is the one other forward pass: it needs gradients."""
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        x = x.to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if not features:
+            return softmax_rows(model(x)), None
+        fmap = model.forward_features(x)
+        feats = model.forward_head(fmap, pre_logits=True).float().flatten(1).cpu().numpy()
+        logits = model.forward_head(fmap)
+    return softmax_rows(logits), feats
+
+
+# --------------------------------------------------------------------------------------------- read loop
+
+
 @dataclass
 class ReadBatch:
-    """Decoded images of one batch: ``indices`` into the path list and the 2-D uint8 ``grays`` in that order."""
+    """One batch of the read loop: the readable images (``indices`` into the path list, in order, with the decoded
+    2-D uint8 ``grays``, their ``colours`` and ``inputs``) and the unreadable ones (``failed``: (index, reason)).
+    A batch may hold no readable image at all."""
 
     indices: list[int]
     grays: list[np.ndarray]
     colours: list[float] = field(default_factory=list)  # share of coloured pixels per image (``colour=True``)
+    inputs: list[Any] = field(default_factory=list)  # ``prepare(gray)`` per readable image (``prepare`` given)
+    failed: list[tuple[int, str]] = field(default_factory=list)
+
+    def stack(self) -> torch.Tensor:
+        """The prepared inputs as one batch tensor (``prepare`` must return tensors)."""
+        return torch.stack(self.inputs)
 
 
 _GREY_MODES = ("1", "L", "LA", "I", "F")
@@ -61,38 +105,78 @@ def read_gray_colour(path: str | Path, need_colour: bool) -> tuple[np.ndarray, f
     return gray, colour_share(Path(path).read_bytes())
 
 
+def read_failure(e: Exception) -> str:
+    """Why a file could not be read, in one printable line (an ``ImageReadError``'s own reason)."""
+    from cxrlab.data.walk import display_path
+
+    if isinstance(e, FileNotFoundError):
+        return "file not found"
+    # display_path: a message that quotes a non-UTF-8 file name must still print and go into a UTF-8 table
+    return display_path(str(getattr(e, "reason", None) or f"{type(e).__name__}: {e}"))
+
+
 def read_batches(
-    paths: Sequence[str],
+    paths: Sequence[str | Path],
     batch_size: int,
     skipped: list[dict[str, str]],
-    progress: bool = True,
+    progress: bool | None = True,
     desc: str = "predict",
     colour: bool = False,
+    prepare: Callable[[np.ndarray], Any] | None = None,
+    workers: int = 2,
+    problems: Sequence[str | None] | None = None,
 ) -> Iterator[ReadBatch]:
-    """The batched read loop every data-set stage runs a model over (evaluate, explain): decode each path with
-    ``read_xray``, append an unreadable or missing file to ``skipped`` as ``{path, reason}`` and go on, yield the
-    readable ones ``batch_size`` at a time, with one progress bar over all paths. With ``colour`` each batch also
-    carries the share of coloured pixels of every image (:func:`read_gray_colour`, for the OOD input check)."""
+    """The one batched read loop: decode each path (``read_xray``), ``batch_size`` at a time, in path order, with
+    one progress bar over all paths (``progress`` None: only when stderr is a terminal).
+
+    ``prepare`` (e.g. ``Bundle.preprocess``) runs on each decoded image in the reader threads; its results are the
+    batch's ``inputs``. With ``workers`` >= 1 a pool of that many threads decodes and prepares the next batch while
+    the caller runs the model on this one (PIL/pydicom/OpenCV release the GIL; at most two batches are held); 0
+    reads in the calling thread. ``colour``: each batch also carries the share of coloured pixels of every image
+    (:func:`read_gray_colour`, for the OOD input check). ``problems``: a known reason per path (None = read it),
+    e.g. the walker's dangling symlinks: such a path is not opened.
+
+    A file that fails (missing, corrupt, unsupported, a decoder bug) never ends a run over thousands of files: it
+    goes into its batch's ``failed`` and into ``skipped`` as ``{path, reason}``, and the loop goes on.
+    """
     from tqdm.auto import tqdm
 
-    from cxrlab.data.io import ImageReadError
+    def one(i: int) -> tuple[np.ndarray | None, float, Any, str | None]:
+        if problems is not None and problems[i] is not None:
+            return None, 0.0, None, problems[i]
+        try:
+            gray, col = read_gray_colour(paths[i], colour)
+            return gray, col, (prepare(gray) if prepare is not None else None), None
+        except Exception as e:
+            return None, 0.0, None, read_failure(e)
 
-    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
-    try:
-        for start in range(0, len(paths), batch_size):
-            batch = ReadBatch([], [])
-            for i in range(start, min(start + batch_size, len(paths))):
-                try:
-                    gray, col = read_gray_colour(paths[i], colour)
-                    batch.grays.append(gray)
-                    batch.colours.append(col)
-                    batch.indices.append(i)
-                except ImageReadError as e:
-                    skipped.append({"path": paths[i], "reason": str(getattr(e, "reason", None) or e)})
-                except FileNotFoundError:
-                    skipped.append({"path": paths[i], "reason": "file not found"})
-            if batch.indices:
+    def assemble(chunk: range, done: list[tuple[np.ndarray | None, float, Any, str | None]]) -> ReadBatch:
+        batch = ReadBatch([], [])
+        for i, (gray, col, inp, why) in zip(chunk, done, strict=True):
+            if why is not None:
+                batch.failed.append((i, why))
+                skipped.append({"path": str(paths[i]), "reason": why})
+                continue
+            batch.indices.append(i)
+            batch.grays.append(gray)
+            batch.colours.append(col)
+            if prepare is not None:
+                batch.inputs.append(inp)
+        return batch
+
+    chunks = [range(s, min(s + batch_size, len(paths))) for s in range(0, len(paths), batch_size)]
+    disable = None if progress is None else not progress  # None: tqdm shows the bar only on a terminal
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=disable, leave=False) as bar:
+        if workers < 1 or not chunks:
+            for chunk in chunks:
+                batch = assemble(chunk, [one(i) for i in chunk])
+                bar.update(len(chunk))
                 yield batch
-            bar.update(min(batch_size, len(paths) - start))
-    finally:
-        bar.close()
+            return
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending = [pool.submit(one, i) for i in chunks[0]]
+            for k, chunk in enumerate(chunks):
+                done = [f.result() for f in pending]
+                pending = [pool.submit(one, i) for i in chunks[k + 1]] if k + 1 < len(chunks) else []
+                bar.update(len(chunk))
+                yield assemble(chunk, done)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +33,7 @@ import torch
 
 from cxrlab.errors import CxrlabError
 from cxrlab.inference.bundle import Bundle, load_bundle
-from cxrlab.inference.infer import read_gray_colour, resolve_device
+from cxrlab.inference.infer import forward_pass, read_batches, resolve_device, softmax_rows
 
 Backend = Literal["torch", "onnx", "onnx-int8"]
 BACKENDS = ("torch", "onnx", "onnx-int8")
@@ -124,13 +123,6 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[tuple[Path, str | None]]:
     return collect_inputs(paths).items
 
 
-def _reason(e: Exception) -> str:
-    from cxrlab.data.walk import display_path
-
-    # display_path: a message that quotes a non-UTF-8 file name must still print and go into a UTF-8 table
-    return display_path(str(getattr(e, "reason", None) or f"{type(e).__name__}: {e}"))
-
-
 class Predictor:
     """Load a bundle once; classify images in batches.
 
@@ -207,28 +199,21 @@ class Predictor:
         return self.bundle.preprocess(gray)
 
     def forward(self, x: torch.Tensor) -> np.ndarray:
-        """Softmax probabilities (N x classes, float64 rows summing to 1) for a preprocessed batch."""
+        """Softmax probabilities (N x classes, float64 rows summing to 1) for a preprocessed batch: ONNX Runtime,
+        or the torch model through :func:`cxrlab.inference.infer.forward_pass`."""
         if self._session is not None:
             from cxrlab.inference.export import INPUT_NAME, OUTPUT_NAME
 
             logits = self._session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x.numpy(), np.float32)})[0]
-            logits = torch.from_numpy(logits)
-        else:
-            with torch.inference_mode():
-                x = x.to(self.device).contiguous(memory_format=torch.channels_last)
-                logits = self.bundle.model(x).float().cpu()
-        return torch.softmax(logits.double(), dim=1).numpy()
+            return softmax_rows(logits)
+        return forward_pass(self.bundle.model, x, channels_last=True)[0]
 
     def forward_scored(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """(probabilities, penultimate features or None): features when the bundle has feature statistics and
         the torch backend runs (one forward pass either way); ONNX gives probabilities only."""
         if self._session is not None or self.ood is None or not self.ood.has_features:
             return self.forward(x), None
-        from cxrlab.analysis.ood import features_and_probs
-
-        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
-        feats, probs = features_and_probs(self.bundle.model, x)
-        return probs, feats
+        return forward_pass(self.bundle.model, x, features=True, channels_last=True)
 
     def flag(
         self,
@@ -293,68 +278,44 @@ class Predictor:
 
         With ``cam_dir``, a Grad-CAM overlay PNG per image is written there and named in ``cam_path``.
         """
-        from tqdm.auto import tqdm
-
         from cxrlab.data.walk import display_path
 
         found = collect_inputs([paths] if isinstance(paths, str | Path) else paths)
-        items = found.items
         self.ignored = [(display_path(p), why) for p, why in found.ignored]
-        if not items:
+        if not found.items:
             what = f" ({len(self.ignored)} file(s) there are not images)" if self.ignored else ""
             raise PredictError(f"no input images{what}: pass image files or folders that contain images")
+        files = [p for p, _ in found.items]
+        names = [display_path(p) for p in files]
         cam_out = Path(cam_dir) if cam_dir is not None else None
         if cam_out is not None:
             cam_out.mkdir(parents=True, exist_ok=True)
         cam_names: set[str] = set()
         results: list[Prediction] = []
-
-        need_colour = self.ood is not None
-        colour: dict[Path, float] = {}
-
-        def load(item: tuple[Path, str | None]) -> tuple[np.ndarray | None, torch.Tensor | None, str | None]:
-            path, problem = item
-            if problem is not None:
-                return None, None, problem
-            # A failure in one file (corrupt, unsupported, a decoder bug) must not end a run over thousands of
-            # files: its reason goes into that file's row and the batch goes on.
-            try:
-                gray, colour[path] = read_gray_colour(path, need_colour)
-                return gray, self.preprocess(gray), None
-            except Exception as e:
-                return None, None, _reason(e)
-
-        chunks = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
-        # disable=None: tqdm shows the bar only when stderr is a terminal
-        disable = None if self.progress is None else not self.progress
-        bar = tqdm(total=len(items), unit="img", desc="predict", disable=disable)
-        # Decoding and resizing the next batch (PIL/pydicom/OpenCV release the GIL) overlaps the forward pass of
-        # the current one; at most two batches of images are held in memory.
-        with ThreadPoolExecutor(max_workers=self.num_workers) as pool, bar:
-            pending = [pool.submit(load, it) for it in chunks[0]]
-            for ci, chunk in enumerate(chunks):
-                loaded = [f.result() for f in pending]
-                pending = [pool.submit(load, it) for it in chunks[ci + 1]] if ci + 1 < len(chunks) else []
-                good = [i for i, (_, t, _) in enumerate(loaded) if t is not None]
-                probs, feats = self.forward_scored(torch.stack([loaded[i][1] for i in good])) if good else (None, None)
-                cams = self.cam_overlays([loaded[i][0] for i in good]) if (good and cam_out is not None) else None
-                batch_preds: list[Prediction] = []
-                for i, ((path, _), (_, _, err)) in enumerate(zip(chunk, loaded, strict=True)):
-                    if err is not None:
-                        results.append(Prediction(path=display_path(path), label=None, probabilities={}, error=err))
-                        continue
-                    k = good.index(i)
-                    pred = self.to_prediction(display_path(path), probs[k])
-                    if cams is not None and pred.ok:
-                        out = _unique(cam_out, path, cam_names)
-                        out.write_bytes(encode_png(cams[k]))
-                        pred.cam_path = str(out)
-                    results.append(pred)
-                    batch_preds.append(pred)
-                if good:
-                    paths_ok = [chunk[i][0] for i in good]
-                    self.flag(batch_preds, feats, [loaded[i][0] for i in good], [colour.get(p, 0.0) for p in paths_ok])
-                bar.update(len(chunk))
+        batches = read_batches(
+            files,
+            self.batch_size,
+            [],
+            progress=self.progress,
+            colour=self.ood is not None,
+            prepare=self.preprocess,
+            workers=self.num_workers,
+            problems=[why for _, why in found.items],
+        )
+        for batch in batches:
+            rows = {i: Prediction(path=names[i], label=None, probabilities={}, error=why) for i, why in batch.failed}
+            if batch.indices:
+                probs, feats = self.forward_scored(batch.stack())
+                preds = [self.to_prediction(names[i], p) for i, p in zip(batch.indices, probs, strict=True)]
+                self.flag(preds, feats, batch.grays, batch.colours)
+                if cam_out is not None:
+                    for i, pred, cam in zip(batch.indices, preds, self.cam_overlays(batch.grays), strict=True):
+                        if pred.ok:
+                            out = _unique(cam_out, files[i], cam_names)
+                            out.write_bytes(encode_png(cam))
+                            pred.cam_path = str(out)
+                rows.update(zip(batch.indices, preds, strict=True))
+            results += [rows[i] for i in sorted(rows)]
         return results
 
     # ---------------------------------------------------------------------------------------- Grad-CAM

@@ -36,6 +36,7 @@ from cxrlab.inference.export import (
     read_onnx_metadata,
     weights_digest,
 )
+from cxrlab.inference.infer import read_batches, softmax_rows
 
 INT8_KEY = "cxrlab.int8"  # ONNX metadata of an INT8 export: calibration set and accuracy check (JSON)
 INT8_SUFFIX = ".int8.onnx"
@@ -101,17 +102,12 @@ def int8_path(bundle: Bundle) -> Path:
 
 
 def _images(bundle: Bundle, paths: list[str], labels: list[str]) -> tuple[torch.Tensor, list[str], list[str]]:
-    """Read and preprocess (``Bundle.preprocess``) ``paths``; unreadable files are left out."""
-    from cxrlab.data.io import ImageReadError, read_xray
-
+    """Read and preprocess (``Bundle.preprocess``) ``paths`` with the one read loop; unreadable files are left out."""
     xs, kept, kept_labels = [], [], []
-    for p, y in zip(paths, labels, strict=True):
-        try:
-            xs.append(bundle.preprocess(read_xray(p, dtype="uint8")))
-        except ImageReadError:
-            continue
-        kept.append(p)
-        kept_labels.append(y)
+    for batch in read_batches(paths, 64, [], progress=False, prepare=bundle.preprocess):
+        xs += batch.inputs
+        kept += [paths[i] for i in batch.indices]
+        kept_labels += [labels[i] for i in batch.indices]
     if not xs:
         raise ExportError(f"none of the {len(paths)} images could be read (first: {paths[0] if paths else '-'})")
     return torch.stack(xs), kept, kept_labels
@@ -300,8 +296,7 @@ def export_int8(
         cidx = {c: i for i, c in enumerate(b.meta.class_names)}
         y = np.array([cidx[c] for c in test_labels])
         k = b.meta.num_classes
-        p_ref = torch.softmax(torch.from_numpy(ref).double(), 1).numpy()
-        p_got = torch.softmax(torch.from_numpy(got).double(), 1).numpy()
+        p_ref, p_got = softmax_rows(ref), softmax_rows(got)
         report = Int8Report(
             path=None,
             calibration=calibration,

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cxrlab.report import html as rh
+from cxrlab.runs import REPORT_FILE
 
 if TYPE_CHECKING:
     from cxrlab.analysis.compare import CompareResult
@@ -65,6 +66,9 @@ def write_compare_report(r: CompareResult, path: Path) -> Path:
         errors=rh.table(r.errors.rename(columns=lambda x: x.replace("_", " "))),
         confusion=rh.png_file(r.out_dir / "confusion_matrices.png", "confusion matrices"),
         attention=None if r.attention is None else rh.table(r.attention, float_fmt="{:.3f}"),
-        links=[("baseline/report.html", "baseline evaluation"), ("challenger/report.html", "challenger evaluation")],
+        links=[
+            (f"baseline/{REPORT_FILE}", "baseline evaluation"),
+            (f"challenger/{REPORT_FILE}", "challenger evaluation"),
+        ],
     )
     return rh.write_page(path, html)

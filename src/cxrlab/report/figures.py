@@ -15,6 +15,7 @@ from cxrlab.runs import (
     CONFUSION_PNG,
     RELIABILITY_PNG,
     ROC_PNG,
+    read_metrics,
 )
 
 if TYPE_CHECKING:
@@ -119,9 +120,10 @@ def training_curves_figure(
     metrics_csv: Path, best_epoch: int | None = None, costly: str = COSTLY_CLASS
 ) -> Figure | None:
     """Loss and validation scores per epoch from a run's ``metrics.csv`` (with the recall of the ``costly`` class)."""
-    df = read_epoch_metrics(metrics_csv)
-    if df is None or df.empty:
+    rows = read_metrics(metrics_csv)
+    if not rows:
         return None
+    df = pd.DataFrame(rows)
     loss_cols = [c for c in df.columns if c.endswith("/loss")]
     score_cols = [
         c
@@ -159,21 +161,6 @@ def training_curves_figure(
         if a.lines:
             a.legend(fontsize=7)
     return fig
-
-
-def read_epoch_metrics(metrics_csv: Path) -> pd.DataFrame | None:
-    """One row per epoch (Lightning's CSV logger may write several partial rows per epoch: merge them)."""
-    p = Path(metrics_csv)
-    if not p.is_file():
-        return None
-    try:
-        df = pd.read_csv(p)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError):
-        return None
-    if "epoch" not in df.columns or df.empty:
-        return None
-    num = df.select_dtypes("number")
-    return num.groupby("epoch", as_index=False).agg(lambda s: s.dropna().iloc[-1] if s.notna().any() else np.nan)
 
 
 def write_eval_figures(result: EvalResult, out: Path) -> dict[str, Path]:

@@ -22,6 +22,7 @@ from cxrlab.runs import (
     ATTENTION_FILE,
     CONFUSION_PNG,
     EVAL_METRICS_FILE,
+    EXPLAIN_HTML,
     METRICS_FILE,
     PREDICTIONS_FILE,
     RELIABILITY_PNG,
@@ -262,7 +263,7 @@ def _rel(target: Path, base: Path) -> str:
 
 def _explain_context(rd: Path, base: Path) -> dict[str, Any] | None:
     """Links to the run's explanation pages and their mean attention shares (from attention.json)."""
-    explains = sorted(rd.glob("explain*/explain.html"), key=lambda p: p.stat().st_mtime)
+    explains = sorted(rd.glob(f"explain*/{EXPLAIN_HTML}"), key=lambda p: p.stat().st_mtime)
     if not explains:
         return None
     rows = []

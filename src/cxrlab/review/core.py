@@ -73,14 +73,18 @@ def _run_identity(run: Path) -> tuple[Path, str]:
     if not run.exists():
         raise ReviewError(f"run not found: {run} (pass a run directory runs/<id> that `cxrlab explain` was run on)")
     run_dir = find_run_dir(run) or run
-    summary = read_summary(run_dir) if (run_dir / "summary.json").is_file() else {}
+    summary = read_summary(run_dir)
     return run_dir, str(summary.get("run_id") or run_dir.resolve().name)
 
 
 def find_explain_dir(run_dir: Path, split: str, explain_dir: Path | None) -> Path:
-    from cxrlab.runs import ATTENTION_CSV
+    from cxrlab.runs import ATTENTION_CSV, stage_dir
 
-    cands = [Path(explain_dir)] if explain_dir else [run_dir / f"explain-{split}", run_dir / f"explain-{split}-errors"]
+    cands = (
+        [Path(explain_dir)]
+        if explain_dir
+        else [stage_dir(run_dir, "explain", split), stage_dir(run_dir, "explain", split, tail="-errors")]
+    )
     for c in cands:
         if (c / ATTENTION_CSV).is_file():
             return c
@@ -108,11 +112,11 @@ def stratified_order(labels: list[str], k: int, seed: int) -> list[int]:
 
 def load_queue(cfg: ReviewConfig) -> ReviewQueue:
     """The run's explained images in review order (errors first, then a stratified sample of the rest)."""
-    from cxrlab.runs import ATTENTION_FILE
+    from cxrlab.runs import ATTENTION_CSV, ATTENTION_FILE
 
     run_dir, run_id = _run_identity(cfg.run)
     ed = find_explain_dir(run_dir, cfg.split, cfg.explain_dir)
-    csv = ed / "attention.csv"
+    csv = ed / ATTENTION_CSV
     try:
         df = pd.read_csv(csv, keep_default_na=False)
     except Exception as e:
@@ -240,8 +244,6 @@ def cam_region_overlap(
     from cxrlab.analysis.cam import CamEngine, attention_share
     from cxrlab.data.io import ImageReadError, read_xray
     from cxrlab.inference.bundle import load_bundle, resolve_bundle_dir
-    from cxrlab.preprocess import apply_preprocess
-    from cxrlab.transforms import to_channels
 
     drawn = [r for r in rows if r.get("region") and r["run_id"] == queue.run_id]
     if not drawn:
@@ -249,7 +251,6 @@ def cam_region_overlap(
     bundle = load_bundle(resolve_bundle_dir(queue.run_dir), device=device)
     meta = bundle.meta
     size = tuple(meta.img_size)
-    tf = bundle.transform()
     out: dict[tuple[str, str], float] = {}
     cams: dict[str, np.ndarray] = {}
     cam = queue.cam or {}
@@ -264,10 +265,10 @@ def cam_region_overlap(
             img = r["image"]
             if img not in cams:
                 try:
-                    gray = apply_preprocess(read_xray(img), meta.preprocess)
+                    gray = read_xray(img)
                 except (ImageReadError, FileNotFoundError):
                     continue
-                x = tf(image=to_channels(gray, meta.in_chans))["image"][None]
+                x = bundle.preprocess(gray)[None]
                 cams[img] = engine(x)[0][0]
             c = cams[img]
             out[(img, r["reader"])] = attention_share(c, box_mask(r["region"], c.shape))

@@ -1,6 +1,6 @@
-"""A training run's directory over its life: a new run id and folder, the per-epoch ``metrics.csv`` logger and
-reader, finding what to resume from (``last.ckpt``, falling back to ``best.ckpt``) and with which config, and
-the bytes a run holds. File names come from ``cxrlab.runs``."""
+"""A training run's directory over its life: a new run id and folder, the per-epoch ``metrics.csv`` logger (its
+reader is ``cxrlab.runs.read_metrics``), finding what to resume from (``last.ckpt``, falling back to
+``best.ckpt``) and with which config, and the bytes a run holds. File names come from ``cxrlab.runs``."""
 
 from __future__ import annotations
 
@@ -15,19 +15,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from cxrlab.atomic import atomic_open
 from cxrlab.config import Config, ConfigError, build_config, read_yaml
 from cxrlab.errors import RunError
+from cxrlab.inference.bundle import CheckpointError, read_checkpoint
 from cxrlab.runs import (
     BUNDLE_DIR,
     CKPT_DIR,
     CONFIG_FILE,
-    METRICS_FILE,
     WEIGHTS_FILE,
     checkpoint_path,
     run_dir_of_checkpoint,
 )
+from cxrlab.runs import read_metrics as read_metrics  # re-exported: the reader lives in cxrlab.runs
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,8 @@ def epoch_csv_logger(path: Path) -> Any:
             self.path = path
             self.rows: dict[int, dict[str, Any]] = {}
             self._touched: set[int] = set()
-            if path.is_file():
-                with path.open(newline="") as f:
-                    for r in csv.DictReader(f):
-                        self.rows[int(r["epoch"])] = {k: v for k, v in r.items() if v != ""}
+            for r in read_metrics(path):  # a resumed run: its earlier epochs
+                self.rows[int(r["epoch"])] = dict(r)
 
         @property
         def name(self) -> str:
@@ -88,32 +86,17 @@ def epoch_csv_logger(path: Path) -> Any:
                 return
             keys = sorted({k for r in self.rows.values() for k in r} - {"epoch", "step"})
             cols = ["epoch", "step"] + sorted(keys, key=lambda k: (not k.startswith("train/"), k))
-            tmp = self.path.with_suffix(".csv.tmp")
-            with tmp.open("w", newline="") as f:
+            with atomic_open(self.path, "w", newline="") as f:  # a crash mid-write keeps the previous file
                 w = csv.DictWriter(f, fieldnames=cols)
                 w.writeheader()
                 for e in sorted(self.rows):
                     w.writerow(self.rows[e])
-            tmp.replace(self.path)
 
         @rank_zero_only
         def finalize(self, status: str) -> None:
             self.save()
 
     return EpochCSVLogger()
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
-    """``metrics.csv`` as a list of rows (floats; epoch and step as ints)."""
-    rows = []
-    with (Path(run_dir) / METRICS_FILE).open(newline="") as f:
-        for r in csv.DictReader(f):
-            row: dict[str, float] = {}
-            for k, v in r.items():
-                if v not in ("", None):
-                    row[k] = int(float(v)) if k in ("epoch", "step") else float(v)
-            rows.append(row)
-    return rows
 
 
 # ------------------------------------------------------------------------------------------- run dirs
@@ -154,14 +137,12 @@ def locate_resume(resume: str | Path) -> tuple[Path, Path]:
 
 
 def _unreadable_checkpoint(path: Path) -> str | None:
-    """None when ``path`` loads (``weights_only``, as Lightning will load it), else why not, in one line."""
+    """None when ``path`` loads as a Lightning checkpoint (``weights_only``, as Lightning will load it), else why not,
+    in one line."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated zip, a pickle error, an I/O error: all mean "cannot resume from it"
-        first = " ".join(str(e).split())[:160] or type(e).__name__
-        return f"{type(e).__name__}: {first}"
-    if not isinstance(obj, dict) or "state_dict" not in obj or "epoch" not in obj:
-        return "not a Lightning checkpoint (no state_dict/epoch)"
+        read_checkpoint(path, lightning=True)
+    except CheckpointError as e:
+        return e.reason
     return None
 
 
@@ -179,7 +160,7 @@ def resume_checkpoint(run_dir: Path, ckpt: Path, explicit: bool = False) -> tupl
     best_ok = best.is_file() and best.resolve() != ckpt.resolve() and _unreadable_checkpoint(best) is None
     restart = f"cxrlab train --config {run_dir / CONFIG_FILE} (a new run from the stored config)"
     if best_ok and not explicit:
-        epoch = int(torch.load(best, map_location="cpu", weights_only=True)["epoch"])
+        epoch = int(read_checkpoint(best, lightning=True)["epoch"])
         msg = (
             f"{ckpt} is damaged ({why}); resuming from {best} (epoch {epoch}) instead: the epochs after it are "
             "trained again"

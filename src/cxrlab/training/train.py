@@ -15,8 +15,8 @@ optimizer, scheduler, loop and callback state come from the checkpoint, and the 
 dropout streams are functions of ``(seed, epoch)`` (see ``cxrlab.data.datamodule`` and ``CXRClassifier``), so the
 resumed run sees the batches the uninterrupted run would have seen.
 
-Checkpoints are read with ``torch.load(weights_only=True)`` (no pickle code execution): Lightning's checkpoints of
-this module hold only tensors and plain containers.
+Checkpoints are read by ``cxrlab.inference.bundle.read_checkpoint`` (``weights_only=True``: no pickle code
+execution): Lightning's checkpoints of this module hold only tensors and plain containers.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from cxrlab.runs import (
     WANDB_FILE,
     WEIGHTS_FILE,
     checkpoint_path,
+    read_metrics,
     read_summary,
 )
 from cxrlab.training.rundir import (
@@ -61,7 +62,6 @@ from cxrlab.training.rundir import (
     epoch_csv_logger,
     locate_resume,
     new_run_dir,
-    read_metrics,
     resume_checkpoint,
     safe_name,
 )
@@ -385,12 +385,12 @@ def _finish(
     run_id: str,
     wandb_logger: Any,
 ) -> RunResult:
-    from cxrlab.inference.bundle import BundleMeta, save_bundle
+    from cxrlab.inference.bundle import BundleMeta, read_checkpoint, save_bundle
 
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else checkpoint_path(run_dir, "best")
     earlier = read_summary(run_dir).get("best_epoch")
     if best.is_file():
-        state = torch.load(best, map_location="cpu", weights_only=True)
+        state = read_checkpoint(best, lightning=True)
         module.load_state_dict(state["state_dict"])
         best_epoch = int(state["epoch"])
     elif earlier is not None and (run_dir / BUNDLE_DIR / WEIGHTS_FILE).is_file():
@@ -405,7 +405,7 @@ def _finish(
             f"no best checkpoint in {run_dir / CKPT_DIR}: validation never ran (check trainer.limit_val_batches)"
         )
 
-    rows = {int(r["epoch"]): r for r in read_metrics(run_dir)} if (run_dir / METRICS_FILE).is_file() else {}
+    rows = {int(r["epoch"]): r for r in read_metrics(run_dir)}
     best_row = rows.get(best_epoch, {})
     metrics = {k: float(v) for k, v in best_row.items() if k.startswith("val/")}
     best_score = float(metrics.get(MONITOR, float("nan")))
