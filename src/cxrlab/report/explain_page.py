@@ -96,7 +96,7 @@ def write_explain_page(path: Path, table: pd.DataFrame, doc: dict[str, Any], cla
             }
         )
     html = rh.render(
-        "explain.html",
+        "explain_page.html",
         title=f"Explanations: {model['name']} {model.get('run_id') or ''}".strip(),
         subtitle=f"{doc['split']} · {len(table)} images · accuracy {_fmt(doc['summary'].get('accuracy'))}",
         meta=meta,
