@@ -175,7 +175,7 @@ def child(worker: str, args: argparse.Namespace) -> None:
             batches = list(islice(iter(dm.train_dataloader()), args.steps + 1))
             data["premade"] = {"train_dataloaders": DataLoader(batches, batch_size=None)}
 
-    fetches: list[tuple[float, float]] = []  # (start, end) of each real-loader fetch in a paired chunk
+    fetches: list[float] = []  # when each real-loader fetch of a paired chunk started
 
     class Alternating:
         """Real-loader batches and pre-made batches taking turns, step by step, in one fit: every other step's
@@ -188,10 +188,8 @@ def child(worker: str, args: argparse.Namespace) -> None:
             real = iter(self.dm.train_dataloader())
             for i in range(self.n):
                 if i % 2 == 0:
-                    t = time.perf_counter()
-                    batch = next(real)
-                    fetches.append((t, time.perf_counter()))
-                    yield batch
+                    fetches.append(time.perf_counter())
+                    yield next(real)
                 else:
                     yield self.made[(i // 2) % len(self.made)]
 
@@ -227,7 +225,7 @@ def child(worker: str, args: argparse.Namespace) -> None:
             # loader overhead = steps/s with loading / steps/s without = mean interval without / mean with a fetch
             with_fetch, without = [], []
             for a, b in zip(stamps, stamps[1:], strict=False):
-                (with_fetch if any(a <= f0 < b for f0, _ in fetches) else without).append(b - a)
+                (with_fetch if any(a <= f < b for f in fetches) else without).append(b - a)
             if not with_fetch or not without:
                 raise RuntimeError(f"paired: {len(with_fetch)} intervals with a fetch, {len(without)} without")
             return statistics.fmean(without) / statistics.fmean(with_fetch)

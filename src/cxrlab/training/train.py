@@ -388,12 +388,13 @@ def _finish(
     from cxrlab.inference.bundle import BundleMeta, read_checkpoint, save_bundle
 
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else checkpoint_path(run_dir, "best")
-    earlier = read_summary(run_dir).get("best_epoch")
     if best.is_file():
         state = read_checkpoint(best, lightning=True)
         module.load_state_dict(state["state_dict"])
         best_epoch = int(state["epoch"])
-    elif earlier is not None and (run_dir / BUNDLE_DIR / WEIGHTS_FILE).is_file():
+    elif (run_dir / BUNDLE_DIR / WEIGHTS_FILE).is_file() and (
+        earlier := read_summary(run_dir).get("best_epoch")
+    ) is not None:
         # A resumed run whose best.ckpt the `keep` setting deleted, and no better epoch since: the best weights
         # are the bundle's.
         from cxrlab.inference.bundle import read_state_dict
