@@ -134,6 +134,7 @@ class _Payload:
         return (print, ("pwned",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch names the protocol, then refuses
 def test_untrusted_pickle_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "evil.ckpt"
     with open(bad, "wb") as f:

@@ -116,6 +116,7 @@ def test_default_retention_keeps_the_bundle_and_last_ckpt(runs: dict[str, RunRes
 
 
 @pytest.mark.trains
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # Lightning notes the copied run dir; expected here
 def test_resuming_a_finished_run_without_best_ckpt_keeps_its_bundle(runs: dict[str, RunResult], tmp_path: Path) -> None:
     """A keep=last run resumed with nothing left to train (no epoch can beat the best): the best weights come from
     the bundle, which stays as it was, instead of failing for want of best.ckpt."""
