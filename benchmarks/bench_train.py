@@ -13,28 +13,32 @@ Two ratios (targets from issue 3), each printed as min / median / max over inter
   albumentations, ``cv2.imread`` + RGB + ``Resize -> HorizontalFlip -> Normalize -> ToTensorV2`` for every image
   every epoch, NCHW, OpenMP defaults -- with the same model, image size, batch size and threads (target >= 1.3x).
 
-Variants (one long-lived worker process per OpenMP setting, because OMP_WAIT_POLICY only takes effect before
-torch loads; each worker builds its model and data once and then runs one chunk per round):
+Variants, one worker process per OpenMP setting (OMP_WAIT_POLICY only takes effect before torch loads):
 
     seed          the seed-style script (OpenMP defaults: idle threads spin)
-    nocache_nchw  cxrlab's datamodule decoding every image every step (grayscale read), NCHW
-    cache_nchw    + decoded-image cache (images resized once to img_size, kept as uint8)
-    cxrlab_spin   + channels_last
-    cxrlab        + OMP_WAIT_POLICY=PASSIVE (idle threads sleep), as `cxrlab train` sets it: cxrlab's default
-    premade       in cxrlab's worker: the same module fed pre-made batches (chunk-level loader reference)
+    cxrlab        cxrlab's datamodule + module as `cxrlab train` runs them: decoded-image cache (grayscale read,
+                  resized once to img_size, kept as uint8), channels_last, OMP_WAIT_POLICY=PASSIVE
     paired        in cxrlab's worker: real-loader and pre-made batches alternating in one fit (the loader overhead)
+  with --levers, the steps between the two:
+    nocache_nchw  cxrlab's datamodule decoding every image every step (grayscale read), NCHW, OpenMP defaults
+    cache_nchw    + decoded-image cache
+    cxrlab_spin   + channels_last (cxrlab is this + OMP_WAIT_POLICY=PASSIVE)
+    premade       in cxrlab's worker: the same module fed pre-made batches (chunk-level loader reference)
     cxrlab_t1     in cxrlab's worker: cxrlab with 1 thread instead of --threads
 
-A chunk is one ``Trainer.fit`` of ``--steps`` timed training steps after one untimed warm-up step; the timed window
-covers loading + forward + backward + optimizer step of each batch. Every round runs every variant once, in an
-order reversed on alternate rounds (cxrlab and premade always adjacent), so slow drifts of background load fall on
-all variants alike; each ratio is computed within a round. The load average is printed before and after.
+Every round starts fresh worker processes, one at a time (each builds its model and data, runs its chunks, and
+exits), in an order reversed on alternate rounds. Fresh processes because a process's speed is partly its own:
+with long-lived workers the seed-style one ran at 0.48 steps/s through all 5 rounds of one run and at 0.61
+through all 5 of the next, so the medians of cxrlab vs seed in four quiet runs were 1.61, 1.49, 1.63 and 1.17x;
+one process per run is one sample, however many rounds it runs. A chunk is one ``Trainer.fit`` of ``--steps``
+timed training steps after one untimed warm-up step; the timed window covers loading + forward + backward +
+optimizer step of each batch. Each ratio is computed within a round. The load average is printed before and after.
 
     .venv/bin/python benchmarks/bench_train.py [--model efficientnet_lite0] [--size 192] [--batch 32]
-        [--steps 8] [--rounds 5] [--threads 2]
+        [--steps 8] [--rounds 9] [--threads 2] [--levers]
 
-Cost: about rounds x 7 x (steps + 1) training steps of ~1.5 s each on 2 quiet cores (the defaults: ~8 minutes),
-plus ~1 minute of start-up.
+Cost on 2 quiet cores: about 65 s per round (two process starts of ~5 s, 8 + 8 + 16 timed steps of 0.7-1.5 s):
+~10 minutes for the defaults; --levers about doubles it.
 """
 
 from __future__ import annotations
@@ -51,16 +55,21 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("CXRLAB_SHARED_DATA", REPO.parent / "shared" / "data")) / "cxr-tiny"
-# worker -> the variants it runs; the first four workers keep the OpenMP defaults (spinning)
-WORKERS = {
-    "seed": ("seed",),
-    "nocache_nchw": ("nocache_nchw",),
-    "cache_nchw": ("cache_nchw",),
-    "cxrlab_spin": ("cxrlab_spin",),
-    "cxrlab": ("cxrlab", "premade", "paired", "cxrlab_t1"),
-}
+# worker -> the variants it runs, in this order, in one fresh process per round
+WORKERS = {"seed": ("seed",), "cxrlab": ("cxrlab", "paired")}
+# --levers: the steps between the two, one worker each (the first three keep the OpenMP defaults: spinning)
+LEVER_WORKERS = {"nocache_nchw": ("nocache_nchw",), "cache_nchw": ("cache_nchw",), "cxrlab_spin": ("cxrlab_spin",)}
+LEVER_VARIANTS = ("premade", "cxrlab_t1")  # also in cxrlab's worker, after its own two
 PASSIVE = ("cxrlab",)
-VARIANTS = tuple(v for vs in WORKERS.values() for v in vs)
+
+
+def plan(levers: bool) -> dict[str, tuple[str, ...]]:
+    """worker -> its variants, in the order a round runs them."""
+    if not levers:
+        return dict(WORKERS)
+    return {"seed": WORKERS["seed"], **LEVER_WORKERS, "cxrlab": WORKERS["cxrlab"] + LEVER_VARIANTS}
+
+
 RESULT = "@@bench_train "
 
 
@@ -169,7 +178,7 @@ def child(worker: str, args: argparse.Namespace) -> None:
         dm = CXRDataModule(cfg(*sets.get(worker, ())), split)
         dm.setup("fit")  # the cache fill is a one-time cost, reported separately
         module = CXRClassifier(dm.cfg, classes)
-        data = {v: {"datamodule": dm} for v in WORKERS[worker]}
+        data = {v: {"datamodule": dm} for v in plan(args.levers)[worker]}
         if worker == "cxrlab":
             # the reference: this datamodule's own batches, collated once and held in memory (on the device: CPU)
             batches = list(islice(iter(dm.train_dataloader()), args.steps + 1))
@@ -293,9 +302,10 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=192)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=8, help="timed training steps per variant and round")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9, help="rounds, each in fresh worker processes")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--child", choices=tuple(WORKERS), help=argparse.SUPPRESS)
+    ap.add_argument("--levers", action="store_true", help="also time the steps between the seed and cxrlab")
+    ap.add_argument("--child", choices=tuple(plan(levers=True)), help=argparse.SUPPRESS)
     ap.add_argument("--split", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -313,24 +323,27 @@ def main() -> int:
     base_env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     common = ["--model", args.model, "--size", str(args.size), "--batch", str(args.batch)]
     common += ["--steps", str(args.steps), "--threads", str(args.threads), "--split", str(split)]
+    common += ["--levers"] if args.levers else []
 
-    workers: dict[str, Worker] = {}
-    rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    try:
-        # started one after another: start-up (imports, cache fill) would otherwise compete with itself
-        for name in WORKERS:
+    workers = plan(args.levers)
+    variants = tuple(v for vs in workers.values() for v in vs)
+    rates: dict[str, list[float]] = {v: [] for v in variants}
+    t_setup = 0.0
+    for r in range(args.rounds):
+        # fresh processes every round, one at a time: a process's speed is partly its own (the seed-style worker
+        # ran at 0.48 steps/s all through one run and 0.61 all through the next), so each round samples anew
+        for name in list(workers) if r % 2 == 0 else list(workers)[::-1]:
             env = {**base_env, "OMP_WAIT_POLICY": "PASSIVE"} if name in PASSIVE else dict(base_env)
-            workers[name] = Worker(name, common, env, tmp / f"{name}.log")
-            workers[name].ready()
-        t_setup = time.perf_counter() - t_start
-        order = [(w, v) for w, vs in WORKERS.items() for v in vs]
-        for r in range(args.rounds):
-            for w, v in order if r % 2 == 0 else order[::-1]:
-                rates[v].append(workers[w].run(v))
-            print(f"round {r + 1}: " + ", ".join(f"{v} {rates[v][-1]:.3f}" for v in VARIANTS), flush=True)
-    finally:
-        for w in workers.values():
-            w.close()
+            t0 = time.perf_counter()
+            w = Worker(name, common, env, tmp / f"{name}-{r + 1}.log")
+            try:
+                w.ready()
+                t_setup += time.perf_counter() - t0
+                for v in workers[name]:
+                    rates[v].append(w.run(v))
+            finally:
+                w.close()
+        print(f"round {r + 1}: " + ", ".join(f"{v} {rates[v][-1]:.3f}" for v in variants), flush=True)
     t_rounds = time.perf_counter() - t_start - t_setup
     load_end = os.getloadavg()
 
@@ -350,28 +363,35 @@ def main() -> int:
     print(
         f"model {args.model}, {args.size}x{args.size}, batch {args.batch}, threads {args.threads} (cpu count "
         f"{os.cpu_count()}), {args.steps} timed steps per variant x {args.rounds} interleaved rounds "
-        f"({args.steps * args.rounds} timed steps per variant); set-up {t_setup:.0f} s, rounds {t_rounds:.0f} s"
+        f"({args.steps * args.rounds} timed steps per variant), fresh worker processes every round; process starts "
+        f"{t_setup:.0f} s, timed chunks {t_rounds:.0f} s"
     )
     print(
         f"load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end on {os.cpu_count()} cores"
         + ("" if load < 2 else ": MEASURED UNDER LOAD (other processes held the cores)")
     )
     print(f"{'variant':<14} {'steps/s: median (min, max)':>34} {'img/s':>7}")
-    for v in VARIANTS:
+    for v in variants:
         if v != "paired":  # a ratio, printed below
             print(f"{v:<14} {spread(rates[v]):>34} {statistics.median(rates[v]) * args.batch:7.1f}")
     print()
     print("ratios, each within a round: median (min, max) over rounds")
     lines = [
         ("loader overhead  paired steps in one fit     ", rates["paired"], 3, "", "  (target >= 0.95)"),
-        ("  (chunk by chunk: cxrlab / premade)          ", ratio("cxrlab", "premade"), 3, "", ""),
         ("cxrlab vs seed   cxrlab / seed               ", ratio("cxrlab", "seed"), 2, "x", "  (target >= 1.3x)"),
-        ("  lever grayscale decode  nocache_nchw / seed ", ratio("nocache_nchw", "seed"), 2, "x", ""),
-        ("  lever cache             cache_nchw / nocache", ratio("cache_nchw", "nocache_nchw"), 2, "x", ""),
-        ("  lever channels_last     cxrlab_spin / cache ", ratio("cxrlab_spin", "cache_nchw"), 2, "x", ""),
-        ("  lever OMP passive wait  cxrlab / cxrlab_spin", ratio("cxrlab", "cxrlab_spin"), 2, "x", ""),
-        (f"  threads 1 vs {args.threads}          cxrlab_t1 / cxrlab  ", ratio("cxrlab_t1", "cxrlab"), 2, "x", ""),
     ]
+    lines += (
+        [
+            ("  loader overhead chunk by chunk: cxrlab / premade", ratio("cxrlab", "premade"), 3, "", ""),
+            ("  lever grayscale decode  nocache_nchw / seed ", ratio("nocache_nchw", "seed"), 2, "x", ""),
+            ("  lever cache             cache_nchw / nocache", ratio("cache_nchw", "nocache_nchw"), 2, "x", ""),
+            ("  lever channels_last     cxrlab_spin / cache ", ratio("cxrlab_spin", "cache_nchw"), 2, "x", ""),
+            ("  lever OMP passive wait  cxrlab / cxrlab_spin", ratio("cxrlab", "cxrlab_spin"), 2, "x", ""),
+            (f"  threads 1 vs {args.threads}          cxrlab_t1 / cxrlab  ", ratio("cxrlab_t1", "cxrlab"), 2, "x", ""),
+        ]
+        if args.levers
+        else []
+    )
     for label, xs, digits, unit, target in lines:
         print(f"{label} = {spread(xs, digits, unit)}{target}")
     print(
