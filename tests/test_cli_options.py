@@ -31,6 +31,7 @@ from cxrlab.cli import train as cli_train
 from cxrlab.cli.options import comma_list, from_field
 from cxrlab.config import Config, StrictModel, field_default
 from cxrlab.data.configs import AuditConfig, IngestConfig, SplitConfig, SynthConfig
+from cxrlab.inference.settings import ModelExportSettings, PredictSettings
 from cxrlab.pipeline import RunConfig
 from cxrlab.review.config import ExportConfig, ReviewConfig, ReviewSettings
 from cxrlab.serve.settings import ServeSettings
@@ -52,11 +53,11 @@ COMMANDS: dict[str, list[type[BaseModel]]] = {
     "run": [RunConfig],
     "explain": [ExplainConfig],
     "sweep": [SweepConfig],
-    "predict": [],
-    "export": [],
+    "predict": [PredictSettings],
+    "export": [ModelExportSettings],
     "serve": [ServeSettings],
     "validate": [ValidateConfig],
-    "fit-shift": [],
+    "fit-shift": [PredictSettings],
     "review": [ReviewConfig, ExportConfig, ReviewSettings],
     "mine": [MineConfig],
 }

@@ -183,12 +183,23 @@ def test_check_refuses_with_the_figures_and_leaves_no_file(run_copy: Path, limit
         ensure_int8(load_bundle(run_copy))
 
 
-def test_cli_export_int8_and_refusal(run_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_export_int8_and_refusal(
+    run_copy: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from cxrlab.cli import main
+    from cxrlab.inference import quantize
 
+    # a limit outside 0..1 is an option error, named before any work
     assert main(["export", str(run_copy), "--format", "onnx", "--int8", "--min-agreement", "1.5"]) == 2
     err = " ".join(capsys.readouterr().err.split())
+    assert "--min-agreement" in err and "less than or equal to 1" in err
+    # a refusal: the real check with a limit no model can meet (above the CLI's bounds, so passed underneath)
+    real = quantize.export_int8
+    monkeypatch.setattr(quantize, "export_int8", lambda *a, **k: real(*a, **{**k, "min_agreement": 1.01}))
+    assert main(["export", str(run_copy), "--format", "onnx", "--int8"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
     assert "INT8 export refused" in err and "agreement" in err and "macro-F1" in err
+    monkeypatch.undo()
     assert not (run_copy / "bundle" / "model.int8.onnx").exists()
     assert main(["export", str(run_copy), "--format", "torchscript", "--int8"]) == 2
     assert "--int8 needs --format onnx" in capsys.readouterr().err

@@ -15,6 +15,8 @@ import torch
 
 from cxrlab.analysis.ood import OodScorer, polarity
 from cxrlab.analysis.shift import MAX_FIT_IMAGES, OOD_QUANTILE, POLARITY_QUANTILE, SHIFT_WEIGHTS, ShiftError
+from cxrlab.config import field_default
+from cxrlab.inference.settings import PredictSettings
 
 
 def collect(
@@ -120,7 +122,9 @@ def fit_from_datamodule(model: torch.nn.Module, dm: Any, device: torch.device | 
     return fit_statistics(dm.classes, tf, dm.class_counts("train"), vf, vp, vy, pol)
 
 
-def fit_bundle(target: str | Path, data: str | Path | None = None, device: str = "auto") -> dict[str, Any]:
+def fit_bundle(
+    target: str | Path, data: str | Path | None = None, device: str = field_default(PredictSettings, "device")
+) -> dict[str, Any]:
     """Fit and store the shift statistics of an existing bundle (``train`` does this itself; this is for bundles
     trained before, or with ``shift_stats: false``) from its training split or ``data`` (a split directory).
     Returns the ``shift`` dict written into the bundle."""

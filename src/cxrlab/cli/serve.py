@@ -14,6 +14,7 @@ import json
 import sys
 from enum import StrEnum
 from pathlib import Path
+from typing import get_args
 
 import typer
 from rich.console import Console
@@ -21,6 +22,7 @@ from rich.table import Table
 
 import cxrlab
 from cxrlab.cli.options import from_field
+from cxrlab.inference.settings import Exporter, ModelExportSettings, PredictSettings
 from cxrlab.serve.settings import ServeSettings
 
 console = Console()
@@ -126,14 +128,9 @@ def predict_cmd(
     paths: list[Path] = typer.Argument(..., help="Image files (PNG/JPEG/TIFF/DICOM ...) and folders (recursive)."),
     cam: Path | None = typer.Option(None, "--cam", help="Write a Grad-CAM overlay PNG per image into this folder."),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="Output format."),
-    backend: BackendName = typer.Option(
-        BackendName.torch,
-        "--backend",
-        help="torch, onnx (ONNX Runtime; exports to <bundle>/model.onnx once) or onnx-int8 (the checked INT8 "
-        "export from `cxrlab export RUN --format onnx --int8`).",
-    ),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N."),
+    backend: BackendName = from_field(PredictSettings, "backend", "--backend"),
+    batch_size: int = from_field(PredictSettings, "batch_size", "--batch-size"),
+    device: str = from_field(PredictSettings, "device", "--device"),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the output here instead of stdout."),
     strict: bool = typer.Option(
         False, "--strict", help="Exit 1 when any input could not be read (default: only when none could)."
@@ -218,24 +215,20 @@ def export_cmd(
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Output file or folder (default: model.onnx / model.torchscript.pt in the bundle)."
     ),
-    opset: int = typer.Option(17, "--opset", min=11, help="ONNX opset."),
-    exporter: str = typer.Option("torchscript", "--exporter", help="ONNX exporter: torchscript (fast) or dynamo."),
+    opset: int = from_field(ModelExportSettings, "opset", "--opset"),
+    exporter: str = from_field(ModelExportSettings, "exporter", "--exporter"),
     int8: bool = typer.Option(
         False,
         "--int8",
         help="ONNX only: INT8 static quantization calibrated on the run's training split; refused when test "
         "accuracy drops (see --max-f1-drop, --min-agreement). Writes model.int8.onnx beside model.onnx.",
     ),
-    calib_n: int = typer.Option(300, "--calib-n", min=1, help="--int8: training images to calibrate on."),
+    calib_n: int = from_field(ModelExportSettings, "calib_n", "--calib-n"),
     data: Path | None = typer.Option(
         None, "--data", help="--int8: split directory to take train/test images from (default: the run's own)."
     ),
-    max_f1_drop: float = typer.Option(
-        0.01, "--max-f1-drop", help="--int8: refuse when test macro-F1 drops by more than this (0.01 = 1 point)."
-    ),
-    min_agreement: float = typer.Option(
-        0.98, "--min-agreement", help="--int8: refuse when top-1 agreement with float32 on test is below this."
-    ),
+    max_f1_drop: float = from_field(ModelExportSettings, "max_f1_drop", "--max-f1-drop"),
+    min_agreement: float = from_field(ModelExportSettings, "min_agreement", "--min-agreement"),
 ) -> None:
     """Export the bundle's network (input: the preprocessed batch, dynamic batch axis; output: logits).
 
@@ -245,8 +238,8 @@ def export_cmd(
     from cxrlab.inference.bundle import load_bundle
     from cxrlab.inference.export import ExportError, export, max_abs_diff, probe_batch
 
-    if exporter not in ("torchscript", "dynamo"):
-        raise ExportError(f"unknown --exporter {exporter!r}; choose torchscript or dynamo")
+    if exporter not in get_args(Exporter):
+        raise ExportError(f"unknown --exporter {exporter!r}; choose {' or '.join(get_args(Exporter))}")
     if int8 and fmt is not ExportFormatName.onnx:
         raise ExportError("--int8 needs --format onnx")
     b = load_bundle(bundle, device="cpu")

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from cxrlab.analysis.configs import ValidateConfig
 from cxrlab.cli.options import comma_list, from_field
+from cxrlab.inference.settings import PredictSettings
 
 console = Console()
 err_console = Console(stderr=True)
@@ -29,7 +30,7 @@ def register(app: typer.Typer) -> None:
 def fit_shift_cmd(
     target: Path = typer.Argument(..., help="Run or bundle directory.", show_default=False),
     data: Path | None = typer.Option(None, "--data", help="Split directory [default: the run's training split]."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    device: str = from_field(PredictSettings, "device", "--device"),
 ) -> None:
     """Store the label-shift and out-of-distribution statistics in a bundle (validation confusion matrix, training
     prior, feature mean/covariance, thresholds). `train` does this itself; use this for older bundles."""

@@ -30,8 +30,10 @@ from typing import Literal
 import numpy as np
 import torch
 
+from cxrlab.config import field_default
 from cxrlab.errors import CxrlabError
 from cxrlab.inference.bundle import WEIGHTS_FILE, Bundle, load_bundle
+from cxrlab.inference.settings import Exporter, ModelExportSettings
 from cxrlab.runs import META_FILE
 
 ExportFormat = Literal["onnx", "torchscript"]
@@ -40,7 +42,7 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 META_KEY = "cxrlab.bundle"
 DIGEST_KEY = "cxrlab.weights_sha256"
-DEFAULT_OPSET = 17
+DEFAULT_OPSET: int = field_default(ModelExportSettings, "opset")
 DEFAULT_ATOL = 1e-4
 
 
@@ -89,7 +91,7 @@ def export(
     out: str | Path | None = None,
     *,
     opset: int = DEFAULT_OPSET,
-    exporter: Literal["torchscript", "dynamo"] = "torchscript",
+    exporter: Exporter = field_default(ModelExportSettings, "exporter"),
     check: bool = True,
     atol: float = DEFAULT_ATOL,
 ) -> Path:

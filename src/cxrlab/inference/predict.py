@@ -26,17 +26,16 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
+from cxrlab.config import field_default
 from cxrlab.errors import CxrlabError
 from cxrlab.inference.bundle import Bundle, load_bundle
 from cxrlab.inference.infer import forward_pass, read_batches, resolve_device, softmax_rows
-
-Backend = Literal["torch", "onnx", "onnx-int8"]
-BACKENDS = ("torch", "onnx", "onnx-int8")
+from cxrlab.inference.settings import BACKENDS, Backend, PredictSettings
 
 
 class PredictError(CxrlabError):
@@ -135,9 +134,9 @@ class Predictor:
     def __init__(
         self,
         bundle_path: str | Path,
-        backend: Backend = "torch",
-        device: str | torch.device = "auto",
-        batch_size: int = 32,
+        backend: Backend = field_default(PredictSettings, "backend"),
+        device: str | torch.device = field_default(PredictSettings, "device"),
+        batch_size: int = field_default(PredictSettings, "batch_size"),
         progress: bool | None = None,
         num_workers: int = 2,
     ) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cxrlab.config import field_default
 from cxrlab.inference.bundle import Bundle, load_bundle
 from cxrlab.inference.export import (
     DEFAULT_OPSET,
@@ -37,12 +38,14 @@ from cxrlab.inference.export import (
     weights_digest,
 )
 from cxrlab.inference.infer import read_batches, softmax_rows
+from cxrlab.inference.settings import ModelExportSettings
 
 INT8_KEY = "cxrlab.int8"  # ONNX metadata of an INT8 export: calibration set and accuracy check (JSON)
 INT8_SUFFIX = ".int8.onnx"
-DEFAULT_CALIB_N = 300  # "a few hundred" training images: enough for min/max ranges, ~1 s of preprocessing
-DEFAULT_MAX_F1_DROP = 0.01  # 1 point of test macro-F1
-DEFAULT_MIN_AGREEMENT = 0.98  # top-1 agreement with float32 on the test split
+# "a few hundred" training images: enough for min/max ranges, ~1 s of preprocessing
+DEFAULT_CALIB_N: int = field_default(ModelExportSettings, "calib_n")
+DEFAULT_MAX_F1_DROP: float = field_default(ModelExportSettings, "max_f1_drop")  # 1 point of test macro-F1
+DEFAULT_MIN_AGREEMENT: float = field_default(ModelExportSettings, "min_agreement")  # top-1, float32 vs INT8, test
 
 
 class Int8GateError(ExportError):

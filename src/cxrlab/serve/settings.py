@@ -10,7 +10,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from cxrlab.config import StrictModel
+from cxrlab.config import StrictModel, field_default
+from cxrlab.inference.settings import Backend, PredictSettings
 
 ImageFormat = Literal["PNG", "JPEG", "DICOM", "TIFF", "BMP"]
 
@@ -24,10 +25,13 @@ class ServeSettings(StrictModel):
     max_upload_mb: float = Field(20.0, gt=0, description="largest accepted upload in MiB (413 above)")
     max_pixels: int = Field(40_000_000, gt=0, description="largest accepted width*height (413 above)")
     formats: tuple[ImageFormat, ...] = Field(("PNG", "JPEG", "DICOM"), description="accepted sniffed formats")
-    backend: Literal["torch", "onnx", "onnx-int8"] = Field(
-        "torch", description="torch, onnx (ONNX Runtime) or onnx-int8 (needs export --int8)"
+    backend: Backend = Field(
+        field_default(PredictSettings, "backend"),
+        description="torch, onnx (ONNX Runtime) or onnx-int8 (needs export --int8)",
     )
-    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
+    device: str = Field(
+        field_default(PredictSettings, "device"), description="auto (CUDA when available), cpu, cuda, cuda:N"
+    )
     max_batch: int = Field(
         8, ge=1, le=256, description="most queued requests merged into one forward pass (1 = one at a time)"
     )
