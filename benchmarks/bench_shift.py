@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     table = pd.DataFrame(rows).astype(object).fillna("")
     print(table.to_string(index=False))
     print()
-    print(adult.per_source[["source", "n", "accuracy"] + [c for c in adult.per_source if c.startswith("predicted_")]])
+    cols = ["source", "n", "accuracy", *(c for c in adult.per_source if c.startswith("predicted_"))]
+    per_source = adult.per_source[cols]
+    print(per_source.to_string(index=False))  # whole: a wide frame's repr elides the middle columns
     for w in adult.warnings:
         print("cxr-adult warning:", w)
     for p in preds:
