@@ -213,6 +213,19 @@ def test_names_from_the_data_are_escaped(name: str, tmp_path: Path) -> None:
     assert html.rstrip().endswith("</html>") and "onerror=alert" not in html.replace("onerror=alert(2)&gt;", "")
 
 
+def test_sweep_page_without_importances_is_our_template_without_the_panel() -> None:
+    """The W&B backend computes no importances: its page is the same template, minus the importance panel (it
+    used to be plotly's own page, outside the templates)."""
+    import plotly.graph_objects as go
+
+    from cxrlab.sweep.importance import page
+
+    bare = page(go.Figure(), None, None, f"sweep {NAME}")
+    assert "id='importance'" not in bare and bare.rstrip().endswith("</html>")
+    assert_escaped(bare, NAME)
+    assert "id='importance'" in page(go.Figure(), None, "not computed", "t")
+
+
 @pytest.mark.browser
 @pytest.mark.parametrize("name", ["eval", "run", "explain", "mine", "validate", "audit"])
 def test_hostile_names_show_as_text_in_chromium(name: str, browser, tmp_path: Path) -> None:

@@ -59,8 +59,9 @@ def importance_html(importances: dict[str, float] | None, note: str) -> str:
     return str(fig.to_html(full_html=False, include_plotlyjs=False))
 
 
-def page(parcoords: Any, importances: dict[str, float] | None, note: str, title: str) -> str:
-    """One self-contained page: the parallel coordinates (plotly.js inlined) beside the importance chart."""
+def page(parcoords: Any, importances: dict[str, float] | None, note: str | None, title: str) -> str:
+    """One self-contained page: the parallel coordinates (plotly.js inlined) beside the importance chart, or the
+    note saying why there is none; ``note=None``: no importance panel at all."""
     from cxrlab.report import html as rh
 
     return rh.render(
@@ -68,5 +69,5 @@ def page(parcoords: Any, importances: dict[str, float] | None, note: str, title:
         title=title,
         # plotly's own HTML (chart divs and plotly.js): library output, inserted as it is
         parcoords=rh.trusted(parcoords.to_html(full_html=False, include_plotlyjs=True)),
-        importance=rh.trusted(importance_html(importances, note)),
+        importance=rh.trusted(importance_html(importances, note)) if note is not None else None,
     )

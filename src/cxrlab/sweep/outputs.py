@@ -225,12 +225,9 @@ def write_parcoords(
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    if importance is not None:
-        from cxrlab.sweep.importance import page
+    from cxrlab.sweep.importance import page
 
-        tmp.write_text(page(fig, importance[0], importance[1], title), encoding="utf-8")
-    else:
-        fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)  # True = plotly.js inlined: opens offline
+    tmp.write_text(page(fig, *(importance or (None, None)), title), encoding="utf-8")  # None: no importance panel
     tmp.replace(path)
     return path
 
