@@ -18,6 +18,23 @@ TEST_MODEL = "test_efficientnet"  # timm's tiny test model: fast on 2 cores
 TEST_SEED = int(os.environ.get("CXRLAB_TEST_SEED", "1"))
 
 
+def tiny_train_sets(data: Path, out: Path, *extra: str) -> list[str]:
+    """``load_config`` overrides for a training test: ``TEST_MODEL`` from scratch at 64 px, batch 8, one thread,
+    no W&B, no progress bar, on the split ``data`` into ``out``; ``extra`` comes last, so it overrides these."""
+    return [
+        f"model_name={TEST_MODEL}",
+        "pre_trained=false",
+        "img_size=[64,64]",
+        "batch_size=8",
+        "threads=1",
+        f"data={data}",
+        f"output_dir={out}",
+        "tracking.wandb=off",
+        "trainer.enable_progress_bar=false",
+        *extra,
+    ]
+
+
 @pytest.fixture(autouse=True)
 def _wandb_sandbox(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """W&B offline with every directory it touches inside a temp dir."""

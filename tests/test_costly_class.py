@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import TEST_MODEL
+from conftest import tiny_train_sets
 from cxrlab.analysis.evaluate import EvalConfig, evaluate
 from cxrlab.config import Config, ConfigError, build_config, load_config
 from cxrlab.data.classes import COSTLY_CLASS, UnknownClassError, costly_recall_key, resolve_costly_class
@@ -126,23 +126,8 @@ def test_compare_puts_the_costly_class_first(tiny_bundle: Path, split_dir: Path,
 
 
 def _sets(split: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        f"model_name={TEST_MODEL}",
-        "pre_trained=false",
-        "img_size=[64,64]",
-        "batch_size=8",
-        "epochs=1",
-        "threads=1",
-        f"data={split}",
-        f"output_dir={out}",
-        "tracking.wandb=off",
-        "trainer.enable_progress_bar=false",
-        "trainer.limit_train_batches=1",
-        "trainer.limit_val_batches=1",
-        "trainer.limit_test_batches=1",
-        "shift_stats=false",
-        *extra,
-    ]
+    one_batch = ("trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")
+    return tiny_train_sets(split, out, "epochs=1", *one_batch, "shift_stats=false", *extra)
 
 
 def test_train_refuses_an_unknown_costly_class_before_any_work(phantom_split: Path, tmp_path: Path, capsys) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TEST_MODEL, TEST_SEED
+from conftest import TEST_SEED, tiny_train_sets
 from cxrlab.data.io import read_xray
 from cxrlab.data.manifest import load_split
 from cxrlab.inference.bundle import load_bundle, save_bundle
@@ -57,20 +57,7 @@ def run_dir(phantom_run_split: Path, tmp_path_factory: pytest.TempPathFactory) -
     from cxrlab.training.train import train
 
     out = tmp_path_factory.mktemp("int8-runs")
-    sets = [
-        f"model_name={TEST_MODEL}",
-        "pre_trained=false",
-        "img_size=[64,64]",
-        "batch_size=8",
-        "epochs=8",
-        "learning_rate=3e-3",
-        "threads=1",
-        f"data={phantom_run_split}",
-        f"output_dir={out}",
-        "run_name=int8",
-        "tracking.wandb=off",
-        "trainer.enable_progress_bar=false",
-    ]
+    sets = tiny_train_sets(phantom_run_split, out, "epochs=8", "learning_rate=3e-3", "run_name=int8")
     return train(load_config(None, sets)).run_dir
 
 

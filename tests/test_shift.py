@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import cxrlab.cli.evaluate
 import cxrlab.cli.serve
-from conftest import TEST_MODEL, TEST_SEED
+from conftest import TEST_SEED, tiny_train_sets
 from cxrlab.analysis.ood import colour_share, input_problems, polarity
 from cxrlab.analysis.shift import (
     SHIFT_WEIGHTS,
@@ -155,20 +155,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     generate(SynthConfig(out=base / "img", n_per_class=50, size=64, seed=TEST_SEED))
     ingest(IngestConfig(src=base / "img", out=base / "m", workers=0, progress=False))
     split(SplitConfig(manifest=base / "m", out=base / "s", fractions=(0.6, 0.2, 0.2), progress=False))
-    sets = [
-        f"model_name={TEST_MODEL}",
-        "pre_trained=false",
-        "img_size=[64,64]",
-        "batch_size=16",
-        "epochs=10",
-        "learning_rate=0.003",
-        "threads=1",
-        f"data={base / 's'}",
-        f"output_dir={base / 'runs'}",
-        "tracking.wandb=off",
-        "trainer.enable_progress_bar=false",
-        "run_name=r",
-    ]
+    sets = tiny_train_sets(base / "s", base / "runs", "batch_size=16", "epochs=10", "learning_rate=0.003", "run_name=r")
     res = train(load_config(None, sets))
     return {"run": res.run_dir, "img": base / "img", "base": base}
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file as load_safetensors
 
-from conftest import REPO, TEST_MODEL
+from conftest import REPO, TEST_MODEL, tiny_train_sets
 from cxrlab.cli import main
 from cxrlab.config import load_config
 from cxrlab.data.io import read_xray
@@ -33,20 +33,7 @@ CLASSES = ["COVID19", "NORMAL", "PNEUMONIA"]
 
 
 def _sets(split: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        f"model_name={TEST_MODEL}",
-        "pre_trained=false",
-        "img_size=[64,64]",
-        "batch_size=8",
-        "epochs=3",
-        "threads=1",
-        "augment.scale=[0.9,1.1]",
-        f"data={split}",
-        f"output_dir={out}",
-        "tracking.wandb=off",
-        "trainer.enable_progress_bar=false",
-        *extra,
-    ]
+    return tiny_train_sets(split, out, "epochs=3", "augment.scale=[0.9,1.1]", *extra)
 
 
 class Crash(L.Callback):
