@@ -41,6 +41,21 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int]:
     return out, cfg, rc
 
 
+def _rerun(out: Path, cfg: Path, **kw: object) -> RunConfig:
+    """The ``demo`` fixture's run as a RunConfig, with ``kw`` on top: the same run again."""
+    return RunConfig(
+        demo=True,
+        out=out,
+        config=cfg,
+        demo_n_per_class=10,
+        demo_size=64,
+        demo_seed=TEST_SEED,
+        n_boot=100,
+        progress=False,
+        **kw,
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.trains
 def test_demo_pipeline_writes_every_stage(demo: tuple[Path, Path, int]) -> None:
@@ -72,38 +87,13 @@ def _n_test(out: Path) -> int:
 def test_second_run_redoes_nothing_and_force_redoes_from_a_stage(demo: tuple[Path, Path, int]) -> None:
     out, cfg, _ = demo
     before = _mtimes(out / "runs")
-    res = run_pipeline(
-        RunConfig(
-            demo=True,
-            out=out,
-            config=cfg,
-            demo_n_per_class=10,
-            demo_size=64,
-            demo_seed=TEST_SEED,
-            n_boot=100,
-            progress=False,
-        ),
-        log=lambda *_: None,
-    )
+    res = run_pipeline(_rerun(out, cfg), log=lambda *_: None)
     names = [s.name for s in res.stages]
     assert names == ["synth", "ingest", "split", "audit", "train", "evaluate", "explain", "report"], names
     assert {s.name: s.status for s in res.stages} == dict.fromkeys(names, "skipped (up to date)")
     assert _mtimes(out / "runs") == before  # not one file rewritten
     # --force evaluate: evaluate and what follows are redone, training is not
-    res = run_pipeline(
-        RunConfig(
-            demo=True,
-            out=out,
-            config=cfg,
-            demo_n_per_class=10,
-            demo_size=64,
-            demo_seed=TEST_SEED,
-            n_boot=100,
-            force=["evaluate"],
-            progress=False,
-        ),
-        log=lambda *_: None,
-    )
+    res = run_pipeline(_rerun(out, cfg, force=["evaluate"]), log=lambda *_: None)
     st = {s.name: s.status for s in res.stages}
     assert st["train"] == "skipped (up to date)" and st["evaluate"] == "done" and st["report"] == "done"
     after = _mtimes(out / "runs")
@@ -136,17 +126,7 @@ def test_costly_class_changes_the_headline_without_retraining(demo: tuple[Path, 
     out, cfg, _ = demo
     assert "test/recall_COVID19" in json.loads((out / "pipeline.json").read_text())["headline"]  # the default
     ckpts = {p: t for p, t in _mtimes(out / "runs").items() if "/checkpoints/" in p}
-    run = RunConfig(
-        demo=True,
-        out=out,
-        config=cfg,
-        demo_n_per_class=10,
-        demo_size=64,
-        demo_seed=TEST_SEED,
-        n_boot=100,
-        progress=False,
-        overrides=["costly_class=normal"],
-    )
+    run = _rerun(out, cfg, overrides=["costly_class=normal"])
     res = run_pipeline(run, log=lambda *_: None)
     st = {s.name: s.status for s in res.stages}
     assert st["train"] == "skipped (up to date)" and st["evaluate"] == "done"
